@@ -1,0 +1,27 @@
+"""hflows_jax: Hyperflows pruning as an optax transformation."""
+
+from hflows_jax import pressure
+from hflows_jax.hyperflows import HyperflowsState, hyperflows, pressure_value
+from hflows_jax.masking import (
+    apply_masks,
+    default_is_prunable,
+    finalize,
+    find_pruner_state,
+    layer_sparsity,
+    masks,
+    sparsity,
+)
+
+__all__ = [
+    "HyperflowsState",
+    "apply_masks",
+    "default_is_prunable",
+    "finalize",
+    "find_pruner_state",
+    "hyperflows",
+    "layer_sparsity",
+    "masks",
+    "pressure",
+    "pressure_value",
+    "sparsity",
+]

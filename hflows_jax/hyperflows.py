@@ -1,0 +1,144 @@
+"""Hyperflows as one optax transformation.
+
+Each prunable weight W has a presence score T; the network runs on ``W * [T >= 0]``.
+The transformation receives the gradient of the task loss with respect to those
+effective weights and, per step:
+
+1. computes the flow ``ste_scale * W * grad`` (the straight-through gradient of the task
+   loss with respect to T, defined for present and pruned weights alike);
+2. adds the pressure ``gamma / N`` (N = number of prunable entries), i.e. the gradient of
+   ``gamma * mean(T)``;
+3. steps T with its own optimizer, then steps the pressure controller on the new density;
+4. passes ``grad * M`` down the chain, so a pruned weight receives no task gradient.
+
+All of it is optimizer state, updated by pure functions: it jits, pmaps and checkpoints
+like any optax state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hflows_jax import masking
+from hflows_jax.pressure import PressureController
+
+PyTree = Any
+
+
+class HyperflowsState(NamedTuple):
+    """Everything Hyperflows knows. The mask is derived: ``presence >= 0``."""
+
+    count: jax.Array  # int32: steps applied (finite gradients)
+    presence: PyTree  # T, float32, shaped like params; None for non-prunable leaves
+    presence_opt_state: optax.OptState
+    pressure: NamedTuple  # controller state; its ``gamma`` is the pressure of the next step
+    skipped: jax.Array  # int32: steps skipped because the gradients held NaN or Inf
+
+    def pruning_masks(self) -> PyTree:
+        return masking.map_prunable(lambda t: t >= 0, self.presence)
+
+
+def hyperflows(
+    pressure: PressureController,
+    presence_optimizer: optax.GradientTransformation | None = None,
+    is_prunable: masking.IsPrunable = masking.default_is_prunable,
+    presence_init: tuple[float, float] = (0.2, 0.5),
+    ste_scale: float = 0.25,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """The Hyperflows pruner; chain it before the weight optimizer.
+
+    Args:
+      pressure: a controller from ``hf.pressure`` (``constant``, ``exponential``,
+        ``trajectory``).
+      presence_optimizer: optimizer of the presence scores T (default ``optax.adam(1e-3)``,
+        the reference).
+      is_prunable: ``(path, leaf) -> bool``; default: every leaf of rank >= 2.
+      presence_init: T starts uniform in this range (all weights present).
+      ste_scale: derivative of the step function in the straight-through estimator.
+      seed: seed of the presence initialization.
+    """
+    if not isinstance(pressure, PressureController):
+        raise ValueError("pressure must be a controller from hf.pressure (constant, "
+                         f"exponential or trajectory), got {type(pressure).__name__}.")
+    if presence_optimizer is None:
+        presence_optimizer = optax.adam(1e-3)
+    low, high = presence_init
+    if not low <= high:
+        raise ValueError(f"presence_init must be a (low, high) range, got {presence_init!r}.")
+    if not (math.isfinite(ste_scale) and ste_scale > 0):
+        raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
+
+    def init(params):
+        leaves, treedef = jax.tree.flatten_with_path(params)
+        key = jax.random.key(seed)
+        presence = [
+            jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, jnp.float32, low, high)
+            if is_prunable(path, leaf) else None
+            for i, (path, leaf) in enumerate(leaves)
+        ]
+        if all(t is None for t in presence):
+            raise ValueError("hyperflows found no prunable leaf in params (by default, leaves "
+                             "of rank >= 2: conv and dense kernels). Check is_prunable.")
+        presence = jax.tree.unflatten(treedef, presence)
+        return HyperflowsState(
+            count=jnp.zeros((), jnp.int32),
+            presence=presence,
+            presence_opt_state=presence_optimizer.init(presence),
+            pressure=pressure.init(),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def update(grads, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("hyperflows needs the params to compute flows: call "
+                             "tx.update(grads, opt_state, params).")
+        masking.check_same_structure("gradients", grads, params)
+        masking.check_same_structure("presence scores in the optimizer state",
+                                     state.presence, params)
+        num_prunable = sum(t.size for t in masking.prunable_leaves(state.presence))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+        push = state.pressure.gamma / num_prunable
+        presence_grads = masking.map_prunable(
+            lambda t, w, g: ste_scale * w.astype(jnp.float32) * g.astype(jnp.float32) + push,
+            state.presence, params, grads)
+        steps, presence_opt_state = presence_optimizer.update(
+            presence_grads, state.presence_opt_state, state.presence)
+        presence = masking.map_prunable(lambda t, s: t + s.astype(jnp.float32),
+                                        state.presence, steps)
+        count = optax.safe_increment(state.count)
+        density = masking.density_of(masking.map_prunable(lambda t: t >= 0, presence))
+        stepped = HyperflowsState(
+            count=count,
+            presence=presence,
+            presence_opt_state=presence_opt_state,
+            pressure=pressure.update(state.pressure, density, count),
+            skipped=state.skipped,
+        )
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
+        new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
+
+        def task_update(m, g):
+            g = g if m is None else g * m.astype(g.dtype)
+            return jnp.where(finite, g, jnp.zeros_like(g))
+
+        updates = jax.tree.map(task_update, state.pruning_masks(), grads,
+                               is_leaf=lambda x: x is None)
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def pressure_value(opt_state: PyTree) -> jax.Array:
+    """The pressure gamma the next step applies."""
+    state = masking.find_pruner_state(opt_state)
+    if not isinstance(state, HyperflowsState):
+        raise ValueError(f"pressure_value needs a Hyperflows state, got {type(state).__name__}.")
+    return state.pressure.gamma

@@ -1,0 +1,43 @@
+"""LeNet-300-100 and LeNet-5: the small networks of the MNIST experiments."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class LeNet300(nn.Module):
+    """Fully connected 784-300-100-classes (266 k params for MNIST)."""
+
+    num_classes: int = 10
+    width: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        for features in (300, 100):
+            x = nn.relu(nn.Dense(max(1, int(features * self.width)), dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class LeNet5(nn.Module):
+    """Two 5x5 convolutions with max-pooling, then dense 120-84-classes."""
+
+    num_classes: int = 10
+    width: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = x.astype(self.dtype)
+        for features in (6, 16):
+            x = nn.Conv(max(1, int(features * self.width)), (5, 5), padding="VALID",
+                        dtype=self.dtype)(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        for features in (120, 84):
+            x = nn.relu(nn.Dense(max(1, int(features * self.width)), dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

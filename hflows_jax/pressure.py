@@ -1,0 +1,157 @@
+"""Pressure controllers: how hard the global push on every presence score is.
+
+Each controller is a pair of pure functions, ``init() -> state`` and
+``update(state, density, step) -> state``. The state is a NamedTuple whose ``gamma``
+field is the pressure the next step applies, so the controller lives inside the
+optimizer state and jits, scans and checkpoints with it. ``density`` is the fraction of
+prunable weights that are present after the current step; ``step`` counts the steps
+taken so far, this one included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class PressureController(NamedTuple):
+    init: Callable[[], NamedTuple]
+    update: Callable[[NamedTuple, jax.Array, jax.Array], NamedTuple]
+
+
+class ConstantPressureState(NamedTuple):
+    gamma: jax.Array
+
+
+class ExponentialPressureState(NamedTuple):
+    gamma: jax.Array
+
+
+class TrajectoryPressureState(NamedTuple):
+    gamma: jax.Array  # applied pressure, g ** exponent (0 once the pruning phase is over)
+    g: jax.Array  # controller output before the exponent
+    inertia_up: jax.Array
+    inertia_down: jax.Array
+
+
+def _check_nonnegative(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite, non-negative pressure, got {value!r}.")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def constant(gamma: float) -> PressureController:
+    """The same pressure at every step: the setting of the pressure-law experiments."""
+    gamma = _check_nonnegative("gamma", gamma)
+
+    def init():
+        return ConstantPressureState(gamma=jnp.asarray(gamma, jnp.float32))
+
+    def update(state, density, step):
+        del density, step
+        return state
+
+    return PressureController(init, update)
+
+
+def exponential(gamma0: float, rate: float, every: int) -> PressureController:
+    """``gamma0 * rate ** (step // every)``: a fixed ramp that ignores the density."""
+    gamma0 = _check_nonnegative("gamma0", gamma0)
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"rate must be a finite, positive factor, got {rate!r}.")
+    every = _check_positive_int("every", every)
+
+    def init():
+        return ExponentialPressureState(gamma=jnp.asarray(gamma0, jnp.float32))
+
+    def update(state, density, step):
+        del state, density
+        exponent = (jnp.asarray(step) // every).astype(jnp.float32)
+        return ExponentialPressureState(gamma=jnp.float32(gamma0) * jnp.float32(rate) ** exponent)
+
+    return PressureController(init, update)
+
+
+def expected_density(target_sparsity: float, epochs: int, end_ratio: float = 0.999,
+                     steepness: float = 6.0) -> np.ndarray:
+    """The reference density trajectory, one entry per epoch 1..epochs (fractions of 1).
+
+    ``density(e) = prod_{k<=e} d(k)`` with ``d(k) = d0 + (end_ratio - d0) *
+    sigmoid((steepness / E) * (k - E / 2))``; ``d0`` is bisected so that
+    ``density(E) = 1 - target_sparsity``. Early epochs prune fast, late ones settle.
+    """
+    k = np.arange(1, epochs + 1, dtype=np.float64)
+    sig = 1.0 / (1.0 + np.exp(-(steepness / epochs) * (k - epochs / 2)))
+    target = math.log1p(-target_sparsity)
+
+    def log_final(d0):
+        return float(np.sum(np.log(d0 + (end_ratio - d0) * sig)))
+
+    lo, hi = 0.0, end_ratio  # log_final grows with d0
+    if log_final(hi) < target:
+        raise ValueError(
+            f"target_sparsity={target_sparsity} is too low to reach over {epochs} controller "
+            f"periods: even the slowest trajectory prunes more.")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if log_final(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    d0 = 0.5 * (lo + hi)
+    return np.exp(np.cumsum(np.log(d0 + (end_ratio - d0) * sig)))
+
+
+def trajectory(target_sparsity: float, total_steps: int, update_every: int,
+               step_size: float = 0.2, exponent: float = 1.5) -> PressureController:
+    """The reference controller (METHOD.md section 5): track the expected density.
+
+    Every ``update_every`` steps (one "epoch") the measured density is compared with the
+    expected trajectory: above it, ``g`` rises by ``step_size`` plus a growing inertia;
+    otherwise it falls likewise, floored at 0. The applied pressure is ``g ** exponent``
+    and drops to 0 once ``total_steps`` have passed, which opens the regrowth phase.
+    """
+    if not 0.0 < target_sparsity < 1.0:
+        raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}.")
+    total_steps = _check_positive_int("total_steps", total_steps)
+    update_every = _check_positive_int("update_every", update_every)
+    if update_every > total_steps:
+        raise ValueError(f"update_every={update_every} exceeds total_steps={total_steps}: "
+                         "the controller would never act.")
+    _check_nonnegative("step_size", step_size)
+    epochs = total_steps // update_every
+    table = jnp.asarray(expected_density(target_sparsity, epochs), jnp.float32)
+
+    def init():
+        zero = jnp.zeros((), jnp.float32)
+        return TrajectoryPressureState(gamma=zero, g=zero, inertia_up=zero, inertia_down=zero)
+
+    def update(state, density, step):
+        step = jnp.asarray(step, jnp.int32)
+        epoch = step // update_every
+        acts = (step % update_every == 0) & (epoch >= 1) & (epoch <= epochs)
+        expected = table[jnp.clip(epoch - 1, 0, epochs - 1)]
+        above = density > expected
+        g_up = state.g + step_size + state.inertia_up
+        g_down = jnp.maximum(state.g - step_size - state.inertia_down, 0.0)
+        stepped = TrajectoryPressureState(
+            gamma=state.gamma,
+            g=jnp.where(above, g_up, g_down),
+            inertia_up=jnp.where(above, state.inertia_up + step_size / 4, 0.0),
+            inertia_down=jnp.where(above, 0.0, state.inertia_down + step_size / 4),
+        )
+        new = jax.tree.map(lambda a, b: jnp.where(acts, a, b), stepped, state)
+        gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
+        return new._replace(gamma=gamma.astype(jnp.float32))
+
+    return PressureController(init, update)

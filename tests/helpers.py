@@ -1,0 +1,44 @@
+"""Small models and data shared by the tests."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TinyConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(3)(x)
+
+
+def mlp_params(key, sizes=(6, 8, 3)):
+    """A dict MLP: kernels are prunable, biases are not."""
+    params = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, sub = jax.random.split(key)
+        params[f"layer{i}"] = {"kernel": jax.random.normal(sub, (n_in, n_out)) / jnp.sqrt(n_in),
+                               "bias": jnp.zeros((n_out,))}
+    return params
+
+
+def mlp_apply(params, x):
+    layers = [params[k] for k in sorted(params)]
+    for i, layer in enumerate(layers):
+        x = x @ layer["kernel"] + layer["bias"]
+        if i < len(layers) - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+def classification_batch(key, n=32, features=6, classes=3):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (n, features))
+    y = jax.random.randint(ky, (n,), 0, classes)
+    return x, y
+
+
+def xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

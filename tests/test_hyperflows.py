@@ -1,0 +1,324 @@
+"""The transformation against an independent oracle, and its behaviour as an optax citizen."""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hflows_jax as hf
+from tests.helpers import TinyConvNet, classification_batch, mlp_apply, mlp_params, xent
+
+STE = 0.25
+GAMMA = 0.7
+
+
+# --- the oracle: autodiff through the loss that METHOD.md writes down ---------------------
+
+@jax.custom_vjp
+def step_ste(t):
+    return (t >= 0).astype(t.dtype)
+
+
+step_ste.defvjp(lambda t: (step_ste(t), None), lambda _, g: (STE * g,))
+
+
+def oracle_loss(weights, presence, task_loss):
+    """task_loss(W * step(T)) + gamma * mean(T), the mean over every prunable entry."""
+    effective = jax.tree.map(lambda w, t: w if t is None else w * step_ste(t),
+                             weights, presence, is_leaf=lambda x: x is None)
+    all_t = jnp.concatenate([t.ravel() for t in jax.tree.leaves(presence)])
+    return task_loss(effective) + GAMMA * jnp.mean(all_t)
+
+
+def check_against_oracle(params, task_loss, steps=3):
+    presence_opt = optax.adam(1e-2)
+    tx = hf.hyperflows(hf.pressure.constant(GAMMA), presence_optimizer=presence_opt,
+                       ste_scale=STE)
+    state = tx.init(params)
+    presence = state.presence
+    oracle_opt_state = presence_opt.init(presence)
+    for _ in range(steps):
+        # Library path: gradient w.r.t. the effective weights, then tx.update.
+        grads = jax.grad(task_loss)(hf.apply_masks(params, state))
+        updates, new_state = jax.jit(tx.update)(grads, state, params)
+        # Oracle path.
+        g_w, g_t = jax.grad(oracle_loss, argnums=(0, 1))(params, presence, task_loss)
+        t_steps, oracle_opt_state = presence_opt.update(g_t, oracle_opt_state, presence)
+        presence = optax.apply_updates(presence, t_steps)
+
+        chex.assert_trees_all_close(new_state.presence, presence, atol=1e-6, rtol=1e-6)
+        chex.assert_trees_all_close(updates, g_w, atol=1e-6, rtol=1e-5)
+        state = new_state
+        params = jax.tree.map(lambda p, u: p - 0.5 * u, params, updates)
+    return state
+
+
+def test_update_matches_autodiff_oracle_on_mlp():
+    params = mlp_params(jax.random.key(0))
+    x, y = classification_batch(jax.random.key(1))
+    state = check_against_oracle(params, lambda w: xent(mlp_apply(w, x), y), steps=4)
+    assert int(state.count) == 4
+
+
+def test_update_matches_autodiff_oracle_on_conv_net():
+    model = TinyConvNet()
+    x = jax.random.normal(jax.random.key(2), (8, 6, 6, 2))
+    y = jax.random.randint(jax.random.key(3), (8,), 0, 3)
+    params = model.init(jax.random.key(4), x)["params"]
+    check_against_oracle(params, lambda w: xent(model.apply({"params": w}, x), y))
+
+
+def test_oracle_check_sees_pruned_weights():
+    """With part of the network pruned, the oracle still agrees (flows of pruned weights)."""
+    params = mlp_params(jax.random.key(5))
+    x, y = classification_batch(jax.random.key(6))
+    tx = hf.hyperflows(hf.pressure.constant(GAMMA), presence_optimizer=optax.sgd(0.1))
+    state = tx.init(params)
+    presence = jax.tree.map(lambda t: t - 0.35, state.presence)  # roughly a third pruned
+    state = optax.tree.set(state, presence=presence)
+    assert 0.05 < float(hf.sparsity(state)) < 0.95
+    task_loss = lambda w: xent(mlp_apply(w, x), y)  # noqa: E731
+    grads = jax.grad(task_loss)(hf.apply_masks(params, state))
+    updates, new_state = tx.update(grads, state, params)
+    g_w, g_t = jax.grad(oracle_loss, argnums=(0, 1))(params, presence, task_loss)
+    chex.assert_trees_all_close(new_state.presence,
+                                jax.tree.map(lambda t, g: t - 0.1 * g, presence, g_t), atol=1e-6)
+    chex.assert_trees_all_close(updates, g_w, atol=1e-6)
+    pruned_updates = updates["layer0"]["kernel"][~hf.masks(state)["layer0"]["kernel"]]
+    assert pruned_updates.size > 0 and jnp.all(pruned_updates == 0)
+
+
+# --- regrowth and pressure ----------------------------------------------------------------
+
+def linear_problem():
+    """y = x @ (2 w): with w frozen, both weights are wanted, present or not (flows < 0)."""
+    x = jax.random.normal(jax.random.key(0), (64, 2))
+    w = jnp.array([[1.0], [-2.0]])
+    y = x @ (2 * w)
+    params = {"w": w}
+    loss = lambda p: jnp.mean((x @ p["w"] - y) ** 2)  # noqa: E731
+    return params, loss
+
+
+def run(tx, params, loss, steps, state=None):
+    state = tx.init(params) if state is None else state
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(hf.apply_masks(params, state))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+def test_needed_weight_regrows_when_flow_beats_pressure():
+    params, loss = linear_problem()
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(0.1), presence_optimizer=optax.sgd(0.05)),
+                     optax.set_to_zero())
+    state = tx.init(params)
+    state = optax.tree.set(state, presence={"w": jnp.array([[-0.05], [0.3]])})
+    assert not bool(hf.masks(state)["w"][0, 0])
+    _, state = run(tx, params, loss, steps=10, state=state)
+    assert bool(hf.masks(state)["w"][0, 0]), optax.tree.get(state, "presence")
+
+
+def test_pressure_alone_removes_weights():
+    params, _ = linear_problem()
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(1.0), presence_optimizer=optax.sgd(0.5)),
+                     optax.sgd(0.1))
+    _, state = run(tx, params, lambda p: 0.0 * jnp.sum(p["w"]), steps=3)
+    assert float(hf.sparsity(state)) == 1.0
+
+
+def test_higher_constant_pressure_gives_higher_sparsity():
+    params = mlp_params(jax.random.key(7), sizes=(6, 32, 3))
+    x, y = classification_batch(jax.random.key(8), n=128)
+    loss = lambda w: xent(mlp_apply(w, x), y)  # noqa: E731
+    sparsities = []
+    for gamma in (0.0, 0.05, 0.2, 0.8, 3.2):
+        tx = optax.chain(hf.hyperflows(hf.pressure.constant(gamma),
+                                       presence_optimizer=optax.adam(2e-2)),
+                         optax.sgd(0.1))
+        _, state = run(tx, params, loss, steps=60)
+        sparsities.append(float(hf.sparsity(state)))
+    assert all(a < b for a, b in zip(sparsities, sparsities[1:])), sparsities
+
+
+# --- optax citizenship --------------------------------------------------------------------
+
+class Params(NamedTuple):
+    kernel: jax.Array
+    bias: jax.Array
+
+
+@pytest.mark.parametrize("params", [
+    {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},
+    [jnp.ones((3, 4)), jnp.ones(4)],
+    Params(kernel=jnp.ones((3, 4)), bias=jnp.ones(4)),
+], ids=["dict", "list", "namedtuple"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tree_types_and_dtypes_under_jit_and_chain(params, dtype):
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(100.0),
+                                   presence_optimizer=optax.sgd(0.3)), optax.sgd(0.1))
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    step = jax.jit(tx.update)
+    for _ in range(3):
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
+        assert p.dtype == dtype and u.dtype == dtype
+    masks = hf.masks(state)
+    assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(params)
+    kernel_mask = [m for m in jax.tree.leaves(masks) if m is not None]
+    assert len(kernel_mask) == 1 and kernel_mask[0].shape == (3, 4)
+    assert float(hf.sparsity(state)) == 1.0  # pressure 100 prunes everything in 3 steps
+    pairs = zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(updates))
+    kernel_update, bias_update = (u for _, u in sorted(pairs, key=lambda mu: mu[0] is None))
+    assert jnp.all(kernel_update == 0) and jnp.all(bias_update != 0)  # pruned: no task gradient
+
+
+def test_init_on_shape_dtype_structs_matches_concrete_init():
+    params = mlp_params(jax.random.key(0))
+    tx = optax.chain(hf.hyperflows(hf.pressure.trajectory(0.9, 100, 10)), optax.sgd(0.1))
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    shapes = jax.eval_shape(tx.init, abstract)
+    concrete = tx.init(params)
+    assert jax.tree.structure(shapes) == jax.tree.structure(concrete)
+    for s, c in zip(jax.tree.leaves(shapes), jax.tree.leaves(concrete)):
+        assert s.shape == c.shape and s.dtype == c.dtype
+    direct = hf.hyperflows(hf.pressure.constant(1.0)).init(abstract)  # no eval_shape needed
+    chex.assert_trees_all_equal(direct.presence, concrete[0].presence)
+
+
+def test_multisteps_applies_once_every_k_and_helpers_find_the_state():
+    params = mlp_params(jax.random.key(1))
+    x, y = classification_batch(jax.random.key(2))
+    loss = lambda w: xent(mlp_apply(w, x), y)  # noqa: E731
+    inner = optax.chain(hf.hyperflows(hf.pressure.constant(5.0)), optax.sgd(0.1))
+    tx = optax.MultiSteps(inner, every_k_schedule=3)
+    _, state = run(tx, params, loss, steps=7)
+    hf_state = hf.find_pruner_state(state)
+    assert int(hf_state.count) == 2  # updates applied at steps 3 and 6
+    assert float(hf.pressure_value(state)) == 5.0
+    assert 0.0 <= float(hf.sparsity(state)) <= 1.0
+
+
+def test_state_is_findable_by_name():
+    params = mlp_params(jax.random.key(1))
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(1.0)), optax.sgd(0.1))
+    state = tx.init(params)
+    presence = optax.tree.get(state, "presence")
+    assert presence["layer0"]["bias"] is None and presence["layer0"]["kernel"].shape == (6, 8)
+    assert type(hf.find_pruner_state(state)).__name__ == "HyperflowsState"
+
+
+def test_masks_set_by_hand_through_presence():
+    params = mlp_params(jax.random.key(1))
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(1.0)), optax.sgd(0.1))
+    state = tx.init(params)
+    presence = jax.tree.map(lambda t: -jnp.ones_like(t), optax.tree.get(state, "presence"))
+    presence["layer1"]["kernel"] = jnp.ones_like(presence["layer1"]["kernel"])
+    state = optax.tree.set(state, presence=presence)
+    layers = hf.layer_sparsity(state)
+    assert set(layers) == {"layer0/kernel", "layer1/kernel"}
+    assert float(layers["layer0/kernel"]) == 1.0 and float(layers["layer1/kernel"]) == 0.0
+    assert float(hf.sparsity(state)) == pytest.approx(48 / (48 + 24))
+    effective = hf.apply_masks(params, state)
+    assert jnp.all(effective["layer0"]["kernel"] == 0)
+    chex.assert_trees_all_equal(effective["layer1"], params["layer1"])
+
+
+def test_pmap_matches_single_device_on_the_same_global_batch():
+    assert jax.local_device_count() >= 2, "conftest forces two host devices"
+    params = mlp_params(jax.random.key(3), sizes=(6, 16, 3))
+    x, y = classification_batch(jax.random.key(4), n=64)
+    tx = optax.chain(hf.hyperflows(hf.pressure.trajectory(0.8, 12, 2),
+                                   presence_optimizer=optax.adam(5e-2)),
+                     optax.sgd(0.2, momentum=0.9))
+
+    def step(params, state, x, y, axis_name=None):
+        grads = jax.grad(lambda w: xent(mlp_apply(w, x), y))(hf.apply_masks(params, state))
+        if axis_name:
+            grads = jax.lax.pmean(grads, axis_name)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    single = jax.jit(step)
+    multi = jax.pmap(lambda p, s, x, y: step(p, s, x, y, "batch"), axis_name="batch",
+                     devices=jax.local_devices()[:2])
+    p1, s1 = params, tx.init(params)
+    p2, s2 = jax.tree.map(lambda a: jnp.stack([a, a]), (params, s1))
+    xs, ys = x.reshape(2, 32, 6), y.reshape(2, 32)
+    for _ in range(12):
+        p1, s1 = single(p1, s1, x, y)
+        p2, s2 = multi(p2, s2, xs, ys)
+    assert 0.3 < float(hf.sparsity(s1)) < 1.0
+    unreplicate = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+    chex.assert_trees_all_close(unreplicate(p2), p1, atol=1e-5)
+    chex.assert_trees_all_equal(unreplicate(hf.masks(s2)), hf.masks(s1))
+
+
+def test_non_finite_gradients_skip_the_step():
+    params = mlp_params(jax.random.key(5))
+    tx = hf.hyperflows(hf.pressure.trajectory(0.5, 10, 1), presence_optimizer=optax.adam(0.1))
+    x, y = classification_batch(jax.random.key(6))
+    grads = jax.grad(lambda w: xent(mlp_apply(w, x), y))(params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # one good step moves the controller
+    bad = jax.tree.map(lambda g: g, grads)
+    bad["layer1"]["bias"] = bad["layer1"]["bias"].at[0].set(jnp.nan)
+    bad["layer0"]["kernel"] = bad["layer0"]["kernel"].at[0, 0].set(jnp.inf)
+    updates, skipped = jax.jit(tx.update)(bad, state, params)
+    chex.assert_trees_all_equal(skipped.presence, state.presence)
+    chex.assert_trees_all_equal(skipped.presence_opt_state, state.presence_opt_state)
+    chex.assert_trees_all_equal(skipped.pressure, state.pressure)
+    chex.assert_trees_all_equal(hf.masks(skipped), hf.masks(state))
+    assert int(skipped.count) == int(state.count) == 1
+    assert int(skipped.skipped) == 1
+    assert all(jnp.all(u == 0) for u in jax.tree.leaves(updates))
+    _, after = tx.update(grads, skipped, params)  # and training goes on
+    assert int(after.count) == 2 and int(after.skipped) == 1
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def test_clear_errors_for_bad_input():
+    params = mlp_params(jax.random.key(0))
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="target_sparsity"):
+            hf.pressure.trajectory(bad, 100, 10)
+    with pytest.raises(ValueError, match="pressure"):
+        hf.pressure.constant(-1.0)
+    with pytest.raises(ValueError, match="pressure"):
+        hf.pressure.exponential(-1.0, 1.1, 5)
+    tx = hf.hyperflows(hf.pressure.constant(1.0))
+    with pytest.raises(ValueError, match="no prunable leaf"):
+        tx.init({"bias": jnp.ones(3), "scale": jnp.ones(3)})
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="needs the params"):
+        tx.update(params, state)
+    with pytest.raises(ValueError, match="structure of params"):
+        tx.update({"layer0": params["layer0"]}, state, params)
+    with pytest.raises(ValueError, match="No pruning state"):
+        hf.sparsity(optax.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match="controller"):
+        hf.hyperflows(0.5)
+
+
+def test_custom_is_prunable_selects_leaves():
+    params = mlp_params(jax.random.key(0))
+    only_first = lambda path, leaf: "layer0" in jax.tree_util.keystr(path) and leaf.ndim == 2  # noqa: E731
+    state = hf.hyperflows(hf.pressure.constant(1.0), is_prunable=only_first).init(params)
+    assert state.presence["layer1"]["kernel"] is None
+    assert state.presence["layer0"]["kernel"].shape == (6, 8)
+    assert np.all((np.asarray(state.presence["layer0"]["kernel"]) >= 0.2)
+                  & (np.asarray(state.presence["layer0"]["kernel"]) <= 0.5))

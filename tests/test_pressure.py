@@ -1,0 +1,85 @@
+"""Pressure controllers against plain-Python re-statements of METHOD.md section 5."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hflows_jax import pressure
+
+
+def test_expected_density_ends_on_target_and_decreases():
+    for target, epochs in [(0.9, 10), (0.98, 40), (0.995, 100)]:
+        table = pressure.expected_density(target, epochs)
+        assert table.shape == (epochs,)
+        assert table[-1] == pytest.approx(1 - target, rel=1e-6)
+        assert np.all(np.diff(table) < 0) and table[0] < 1
+        # The per-epoch ratio follows the sigmoid from d0 up towards 0.999.
+        ratios = table[1:] / table[:-1]
+        assert np.all(np.diff(ratios) > 0) and ratios[-1] < 0.999
+
+
+def reference_controller(densities, expected, step=0.2):
+    """METHOD.md section 5, written out with Python floats."""
+    g, up, down, out = 0.0, 0.0, 0.0, []
+    for density, want in zip(densities, expected):
+        if density > want:
+            g += step + up
+            up += step / 4
+            down = 0.0
+        else:
+            g -= step + down
+            down += step / 4
+            up = 0.0
+            g = max(g, 0.0)
+        out.append(g ** 1.5)
+    return out
+
+
+def test_trajectory_controller_matches_reference_and_acts_once_per_period():
+    epochs, every = 12, 3
+    ctrl = pressure.trajectory(0.9, total_steps=epochs * every, update_every=every)
+    expected = pressure.expected_density(0.9, epochs)
+    rng = np.random.default_rng(0)
+    densities = expected * np.where(rng.random(epochs) < 0.6, 1.05, 0.95)
+    want = reference_controller(densities, expected)
+    update = jax.jit(ctrl.update)
+    state = ctrl.init()
+    for step in range(1, epochs * every + 1):
+        epoch = (step - 1) // every
+        state = update(state, jnp.float32(densities[epoch]), step)
+        if step % every == 0 and step < epochs * every:
+            assert float(state.gamma) == pytest.approx(want[epoch], rel=1e-5, abs=1e-6)
+        elif step % every:
+            previous = want[epoch - 1] if epoch else 0.0
+            assert float(state.gamma) == pytest.approx(previous, rel=1e-5, abs=1e-6)
+    assert float(state.gamma) == 0.0  # pruning phase over: regrowth at zero pressure
+    assert float(state.g) > 0.0
+    state = update(state, jnp.float32(1.0), epochs * every + every)
+    assert float(state.gamma) == 0.0
+
+
+def test_exponential_and_constant():
+    ctrl = pressure.exponential(2.0, 1.5, every=4)
+    state = ctrl.init()
+    assert float(state.gamma) == 2.0
+    for step, k in [(3, 0), (4, 1), (9, 2)]:
+        state = ctrl.update(state, jnp.float32(0.5), step)
+        assert float(state.gamma) == pytest.approx(2.0 * 1.5 ** k)
+    const = pressure.constant(0.3)
+    assert float(const.update(const.init(), jnp.float32(0.1), 100).gamma) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: pressure.trajectory(0.9, 10, 20), "update_every"),
+    (lambda: pressure.trajectory(0.9, 0, 1), "total_steps"),
+    (lambda: pressure.trajectory(0.001, 100, 10), "too low"),
+    (lambda: pressure.exponential(1.0, 0.0, 3), "rate"),
+    (lambda: pressure.exponential(1.0, 2.0, 0), "every"),
+    (lambda: pressure.constant(math.inf), "pressure"),
+])
+def test_bad_controller_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
