@@ -1,4 +1,9 @@
-"""Flax (linen) model definitions, created by ``--model`` name."""
+"""Flax (linen) model definitions, created by ``--model`` name.
+
+Every module is applied as ``module.apply(variables, images, train=...)`` on NHWC float
+images. Modules with BatchNorm take ``axis_name``: under pmap or shard_map, batch
+statistics are then averaged over that axis.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,30 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hflows_jax.models.lenet import LeNet5, LeNet300
+from hflows_jax.models.resnet import ResNet, ResNet18, ResNet20, ResNet50
+from hflows_jax.models.vgg import VGG
 
 MODELS = {
     "lenet300": LeNet300,
     "lenet5": LeNet5,
+    "resnet18": ResNet18,
+    "resnet20": ResNet20,
+    "resnet50": ResNet50,
+    "vgg19": VGG,
 }
+_HAS_BATCHNORM = {"resnet18", "resnet20", "resnet50", "vgg19"}
 
 
-def create(name: str, num_classes: int, width: float = 1.0,
-           dtype: jnp.dtype = jnp.float32) -> nn.Module:
-    """The linen module for a ``--model`` name; apply it as ``module.apply(v, x, train=...)``."""
+def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = jnp.float32,
+           axis_name: str | None = None) -> nn.Module:
+    """The linen module for a ``--model`` name."""
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}: known models are {sorted(MODELS)}.")
-    return MODELS[name](num_classes=num_classes, width=width, dtype=dtype)
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width!r}.")
+    kwargs = {"axis_name": axis_name} if name in _HAS_BATCHNORM else {}
+    return MODELS[name](num_classes=num_classes, width=width, dtype=dtype, **kwargs)
 
 
-__all__ = ["MODELS", "LeNet300", "LeNet5", "create"]
+__all__ = ["MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
+           "VGG", "create"]

@@ -1,0 +1,67 @@
+"""Batches from in-memory arrays: deterministic order, per-process shards, augmentation.
+
+The order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, so a resumed
+run replays the same batches, and every process agrees on it without talking. Each
+process takes its own contiguous slice of every global batch (``jax.process_index()``),
+so multi-host runs read disjoint data. Augmentation runs on the host in NumPy with its
+own ``(seed, epoch, step, process)`` stream, before the batch is split over devices:
+the device count never changes what a global batch looks like.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return pixels.mean(axis=0).astype(np.float32), pixels.std(axis=0).astype(np.float32)
+
+
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Random crop after zero-padding by ``pad`` pixels, then a random horizontal flip."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    cols = dx[:, None] + np.arange(w)[None, :]
+    flip = rng.random(n) < 0.5
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    rows = dy[:, None] + np.arange(h)[None, :]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def epoch_order(num_examples: int, global_batch: int, seed: int, epoch: int) -> np.ndarray:
+    """Example indices of one epoch, shaped (steps, global_batch); the remainder is dropped."""
+    steps = num_examples // global_batch
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    return order[:steps * global_batch].reshape(steps, global_batch)
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, seed: int,
+                  epoch: int, mean: np.ndarray, std: np.ndarray, augment: bool = True,
+                  process_index: int = 0, process_count: int = 1,
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's (normalized images, labels) for every step of one epoch."""
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the "
+                         f"{process_count} processes.")
+    local = global_batch // process_count
+    order = epoch_order(len(images), global_batch, seed, epoch)
+    for step, idx in enumerate(order[:, process_index * local:(process_index + 1) * local]):
+        batch = images[idx]
+        if augment:
+            rng = np.random.default_rng((seed, epoch, step, process_index, 1))
+            batch = random_crop_flip(batch, rng)
+        yield normalize(batch, mean, std), labels[idx]
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    return num_examples // global_batch

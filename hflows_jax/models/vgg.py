@@ -1,0 +1,37 @@
+"""VGG-19 for CIFAR: 16 conv 3x3 layers with BatchNorm and ReLU, then one dense layer."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                512, 512, 512, 512, "M", 512, 512, 512, 512)
+
+
+class VGG(nn.Module):
+    """The CIFAR VGG of the reference: features, global average pool, dense 512 -> classes."""
+
+    layers: Sequence[int | str] = VGG19_LAYERS
+    num_classes: int = 10
+    width: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+    axis_name: str | None = None  # BatchNorm statistics are averaged over this axis
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
+        x = x.astype(self.dtype)
+        for layer in self.layers:
+            if layer == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                x = nn.Conv(max(1, int(layer * self.width)), (3, 3), use_bias=False,
+                            dtype=self.dtype)(x)
+                x = nn.relu(norm()(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

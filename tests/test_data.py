@@ -1,0 +1,77 @@
+"""Data sources (tfds via mock_data, npz) and the batch pipeline."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from hflows_jax import data
+
+
+def test_random_crop_flip_matches_a_per_image_oracle():
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    out = data.random_crop_flip(images, np.random.default_rng(7), pad=2)
+    rng = np.random.default_rng(7)  # same draws, in the same order, applied one at a time
+    dy, dx, flips = rng.integers(0, 5, 16), rng.integers(0, 5, 16), rng.random(16) < 0.5
+    for i in range(16):
+        padded = np.pad(images[i], ((2, 2), (2, 2), (0, 0)))
+        crop = padded[dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        np.testing.assert_array_equal(out[i], crop[:, ::-1] if flips[i] else crop)
+    assert 0 < flips.sum() < 16
+
+
+def test_epoch_order_is_deterministic_and_process_shards_partition_each_batch():
+    a = data.epoch_order(100, 16, seed=3, epoch=2)
+    np.testing.assert_array_equal(a, data.epoch_order(100, 16, seed=3, epoch=2))
+    assert not np.array_equal(a, data.epoch_order(100, 16, seed=3, epoch=3))
+    assert a.shape == (6, 16) and len(np.unique(a)) == 96
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    labels = np.arange(100, dtype=np.int32)
+    mean, std = np.zeros(1, np.float32), np.ones(1, np.float32)
+    shards = [list(data.train_batches(images, labels, 16, 3, 2, mean, std, augment=False,
+                                      process_index=p, process_count=4)) for p in range(4)]
+    for step in range(6):
+        got = np.concatenate([shards[p][step][1] for p in range(4)])
+        np.testing.assert_array_equal(got, a[step])
+    with pytest.raises(ValueError, match="not divisible"):
+        next(data.train_batches(images, labels, 10, 0, 0, mean, std, process_count=4))
+
+
+def test_channel_stats_and_normalize():
+    images = np.random.default_rng(1).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    mean, std = data.channel_stats(images)
+    x = data.normalize(images, mean, std)
+    np.testing.assert_allclose(x.reshape(-1, 3).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(x.reshape(-1, 3).std(0), 1, atol=1e-4)
+
+
+def test_load_npz_real_files(mnist_npz, cifar_npz):
+    mnist = data.load_npz(str(mnist_npz))
+    assert mnist.x_train.shape == (60000, 28, 28, 1) and mnist.num_classes == 10
+    cifar = data.load_npz(str(cifar_npz))
+    assert cifar.x_train.shape == (5085, 32, 32, 3) and cifar.x_test.shape == (1017, 32, 32, 3)
+    assert cifar.y_train.dtype == np.int32 and set(np.unique(cifar.y_train)) == set(range(10))
+
+
+def test_load_npz_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_dataset(f"npz:{tmp_path}/missing.npz")
+    np.savez(tmp_path / "partial.npz", x_train=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="lacks the arrays"):
+        data.load_dataset(f"npz:{tmp_path}/partial.npz")
+    with pytest.raises(ValueError, match="Unknown dataset 'svhn'"):
+        data.load_dataset("svhn")
+
+
+@pytest.mark.parametrize("name, shape, classes", [("cifar10", (32, 32, 3), 10),
+                                                   ("cifar100", (32, 32, 3), 100),
+                                                   ("mnist", (28, 28, 1), 10)])
+def test_tfds_through_data_source_on_mock_data(name, shape, classes):
+    with tfds.testing.mock_data(num_examples=24):
+        ds = data.load_dataset(name)
+    assert ds.x_train.shape == (24,) + shape and ds.x_train.dtype == np.uint8
+    assert ds.num_classes == classes and ds.y_test.shape == (24,)
+
+
+def test_unprepared_tfds_fails_fast_with_instructions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="(?s)not.*download_and_prepare.*npz:PATH"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))

@@ -1,0 +1,175 @@
+"""The training stack: steps over devices, runs end to end, resume, reports, errors."""
+
+import json
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+import hflows_jax as hf
+from hflows_jax import models
+from hflows_jax.training import Config, TrainState, make_train_step, parallel, run
+from hflows_jax.training.checkpoint import Checkpoints
+from hflows_jax.training.report import forward_macs
+
+TINY = dict(model="resnet20", width=0.25, batch_size=16, lr=0.05, log_every=2)
+
+
+@pytest.fixture
+def small_cifar(cifar_npz, tmp_path):
+    """96 training and 40 test images of the real CIFAR-10 subset."""
+    with np.load(cifar_npz) as f:
+        arrays = dict(x_train=f["x_train"][:96], y_train=f["y_train"][:96],
+                      x_test=f["x_test"][:40], y_test=f["y_test"][:40])
+    path = tmp_path / "small_cifar.npz"
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def pruning_setup(devices):
+    model = models.create("resnet20", 10, width=0.25, axis_name="batch")
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(1), (8,), 0, 10)
+    variables = model.init(jax.random.key(2), x[:1])
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(5.0), presence_init=(-0.1, 0.3),
+                                   presence_optimizer=optax.adam(0.05)),
+                     optax.sgd(0.05, momentum=0.9))
+    state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
+                       variables["batch_stats"], tx.init(variables["params"]))
+    return make_train_step(model, tx, pruned=True, label_smoothing=0.1), state, np.asarray(x), \
+        np.asarray(y)
+
+
+def run_pmapped(step, state, x, y, num_devices, steps=4):
+    fn = parallel.pmapped(step)
+    replicated = parallel.replicate(state, num_devices)
+    for _ in range(steps):
+        replicated, metrics = fn(replicated, parallel.split_for_devices(x, num_devices),
+                                 parallel.split_for_devices(y, num_devices))
+    return parallel.unreplicate(replicated), parallel.unreplicate(metrics)
+
+
+def test_pmap_on_two_devices_equals_one_device():
+    step, state, x, y = pruning_setup(2)
+    one, m1 = run_pmapped(step, state, x, y, 1)
+    two, m2 = run_pmapped(step, state, x, y, 2)
+    assert 0.0 < float(hf.sparsity(one.opt_state)) < 1.0
+    chex.assert_trees_all_close(two.params, one.params, atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_close(two.batch_stats, one.batch_stats, atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_equal(hf.masks(two.opt_state), hf.masks(one.opt_state))
+    chex.assert_trees_all_close(m2, m1, atol=1e-5)
+
+
+def test_the_same_step_runs_under_shard_map():
+    step, state, x, y = pruning_setup(2)
+    reference, _ = run_pmapped(step, state, x, y, 2, steps=2)
+    fn = parallel.shard_mapped(step, parallel.batch_mesh(jax.devices()[:2]), num_batch_args=2)
+    for _ in range(2):
+        state, _ = fn(state, x, y)
+    chex.assert_trees_all_close(state.params, reference.params, atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_equal(hf.masks(state.opt_state), hf.masks(reference.opt_state))
+
+
+def check_outputs(workdir, report, epochs):
+    on_disk = json.loads((workdir / "report.json").read_text())
+    for key in ("test_accuracy", "sparsity", "layer_sparsity", "params_total",
+                "params_remaining", "flops_dense", "flops_sparse", "config"):
+        assert key in on_disk, key
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert report["flops_sparse"] <= report["flops_dense"]
+    assert report["params_remaining"] <= report["params_total"]
+    lines = (workdir / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == epochs + 1 and lines[0].startswith("phase,epoch,loss")
+    assert (workdir / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_step_run_on_mock_tfds(tmp_path):
+    with tfds.testing.mock_data(num_examples=16):
+        report = run(Config(dataset="cifar10", dense_epochs=0, pruning_epochs=1,
+                            regrowth_epochs=0, workdir=str(tmp_path), **TINY))
+    check_outputs(tmp_path, report, epochs=1)
+    assert report["history"][0]["phase"] == "pruning"
+
+
+def test_two_epoch_run_on_npz_arrays(small_cifar, tmp_path):
+    report = run(Config(dataset=small_cifar, dense_epochs=1, pruning_epochs=1,
+                        regrowth_epochs=0, workdir=str(tmp_path), **TINY))
+    check_outputs(tmp_path, report, epochs=2)
+    assert [r["phase"] for r in report["history"]] == ["dense", "pruning"]
+    assert report["config"]["dataset"] == small_cifar
+
+
+def final_state(workdir):
+    """The last checkpointed state, read raw (as saved, without a target structure)."""
+    ckpt = Checkpoints(str(workdir / "checkpoints" / "pruning"))
+    path = f"{ckpt.directory}/{ckpt.latest()}/state"
+    ckpt.close()
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monkeypatch):
+    cfg = dict(dataset=small_cifar, dense_epochs=1, pruning_epochs=2, regrowth_epochs=1,
+               target_sparsity=0.5, presence_lr=0.1, **TINY)
+    whole = run(Config(workdir=str(tmp_path / "whole"), **cfg))
+
+    original_save = Checkpoints.save
+
+    def crash_after_epoch_2(self, epoch, state, record):
+        original_save(self, epoch, state, record)
+        if epoch == 2:
+            self._manager.wait_until_finished()
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Checkpoints, "save", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(Config(workdir=str(tmp_path / "resumed"), **cfg))
+    monkeypatch.setattr(Checkpoints, "save", original_save)
+    resumed = run(Config(workdir=str(tmp_path / "resumed"), **cfg))
+
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "resumed")
+    chex.assert_trees_all_close(b, a, atol=1e-6, rtol=1e-6)
+    assert resumed["sparsity"] == whole["sparsity"] > 0.0
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+
+    with pytest.raises(ValueError, match="another config.*target_sparsity"):
+        run(Config(workdir=str(tmp_path / "resumed"), **{**cfg, "target_sparsity": 0.9}))
+
+
+def test_forward_macs_against_hand_count():
+    model = models.create("lenet5", 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    # conv 5x5x1x6 at 24x24, conv 5x5x6x16 at 8x8, dense 256x120, 120x84, 84x10
+    dense = 150 * 576 + 2400 * 64 + 256 * 120 + 120 * 84 + 84 * 10
+    tx = hf.hyperflows(hf.pressure.constant(1.0))
+    state = tx.init(variables["params"])
+    presence = jax.tree.map(lambda t: t, state.presence)
+    presence["Conv_1"]["kernel"] = presence["Conv_1"]["kernel"].at[:, :, :3, :].set(-1.0)
+    presence["Dense_0"]["kernel"] = -jnp.ones_like(presence["Dense_0"]["kernel"])
+    masks = hf.masks(state._replace(presence=presence))
+    got_dense, got_sparse = forward_macs(model, variables, (28, 28, 1), masks)
+    assert got_dense == dense
+    assert got_sparse == dense - (5 * 5 * 3 * 16) * 64 - 256 * 120
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model=alexnet"], "invalid choice: 'alexnet'"),
+    (["--dataset=svhn"], "Unknown dataset 'svhn'"),
+    (["--batch_size=15"], "--batch_size=15 is not divisible by the 2 devices"),
+    (["--dtype=float16"], "invalid choice: 'float16'"),
+    (["--target_sparsity=0"], "--target_sparsity must lie in (0, 1)"),
+])
+def test_cli_errors_are_clear(flags, message, small_cifar, tmp_path):
+    args = [sys.executable, "-m", "experiments.cifar", "--model=resnet20",
+            f"--dataset={small_cifar}", f"--workdir={tmp_path}"] + flags
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
