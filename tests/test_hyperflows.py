@@ -237,36 +237,6 @@ def test_masks_set_by_hand_through_presence():
     chex.assert_trees_all_equal(effective["layer1"], params["layer1"])
 
 
-def test_pmap_matches_single_device_on_the_same_global_batch():
-    assert jax.local_device_count() >= 2, "conftest forces two host devices"
-    params = mlp_params(jax.random.key(3), sizes=(6, 16, 3))
-    x, y = classification_batch(jax.random.key(4), n=64)
-    tx = optax.chain(hf.hyperflows(hf.pressure.trajectory(0.8, 12, 2),
-                                   presence_optimizer=optax.adam(5e-2)),
-                     optax.sgd(0.2, momentum=0.9))
-
-    def step(params, state, x, y, axis_name=None):
-        grads = jax.grad(lambda w: xent(mlp_apply(w, x), y))(hf.apply_masks(params, state))
-        if axis_name:
-            grads = jax.lax.pmean(grads, axis_name)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    single = jax.jit(step)
-    multi = jax.pmap(lambda p, s, x, y: step(p, s, x, y, "batch"), axis_name="batch",
-                     devices=jax.local_devices()[:2])
-    p1, s1 = params, tx.init(params)
-    p2, s2 = jax.tree.map(lambda a: jnp.stack([a, a]), (params, s1))
-    xs, ys = x.reshape(2, 32, 6), y.reshape(2, 32)
-    for _ in range(12):
-        p1, s1 = single(p1, s1, x, y)
-        p2, s2 = multi(p2, s2, xs, ys)
-    assert 0.3 < float(hf.sparsity(s1)) < 1.0
-    unreplicate = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
-    chex.assert_trees_all_close(unreplicate(p2), p1, atol=1e-5)
-    chex.assert_trees_all_equal(unreplicate(hf.masks(s2)), hf.masks(s1))
-
-
 def test_non_finite_gradients_skip_the_step():
     params = mlp_params(jax.random.key(5))
     tx = hf.hyperflows(hf.pressure.trajectory(0.5, 10, 1), presence_optimizer=optax.adam(0.1))

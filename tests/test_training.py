@@ -8,14 +8,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
 import hflows_jax as hf
 from hflows_jax import models
-from hflows_jax.training import Config, TrainState, make_train_step, parallel, run
+from hflows_jax.training import Config, run
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.report import forward_macs
 
@@ -31,50 +30,6 @@ def small_cifar(cifar_npz, tmp_path):
     path = tmp_path / "small_cifar.npz"
     np.savez(path, **arrays)
     return f"npz:{path}"
-
-
-def pruning_setup(devices):
-    model = models.create("resnet20", 10, width=0.25, axis_name="batch")
-    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-    y = jax.random.randint(jax.random.key(1), (8,), 0, 10)
-    variables = model.init(jax.random.key(2), x[:1])
-    tx = optax.chain(hf.hyperflows(hf.pressure.constant(5.0), presence_init=(-0.1, 0.3),
-                                   presence_optimizer=optax.adam(0.05)),
-                     optax.sgd(0.05, momentum=0.9))
-    state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
-                       variables["batch_stats"], tx.init(variables["params"]))
-    return make_train_step(model, tx, pruned=True, label_smoothing=0.1), state, np.asarray(x), \
-        np.asarray(y)
-
-
-def run_pmapped(step, state, x, y, num_devices, steps=4):
-    fn = parallel.pmapped(step)
-    replicated = parallel.replicate(state, num_devices)
-    for _ in range(steps):
-        replicated, metrics = fn(replicated, parallel.split_for_devices(x, num_devices),
-                                 parallel.split_for_devices(y, num_devices))
-    return parallel.unreplicate(replicated), parallel.unreplicate(metrics)
-
-
-def test_pmap_on_two_devices_equals_one_device():
-    step, state, x, y = pruning_setup(2)
-    one, m1 = run_pmapped(step, state, x, y, 1)
-    two, m2 = run_pmapped(step, state, x, y, 2)
-    assert 0.0 < float(hf.sparsity(one.opt_state)) < 1.0
-    chex.assert_trees_all_close(two.params, one.params, atol=2e-5, rtol=2e-4)
-    chex.assert_trees_all_close(two.batch_stats, one.batch_stats, atol=2e-5, rtol=2e-4)
-    chex.assert_trees_all_equal(hf.masks(two.opt_state), hf.masks(one.opt_state))
-    chex.assert_trees_all_close(m2, m1, atol=1e-5)
-
-
-def test_the_same_step_runs_under_shard_map():
-    step, state, x, y = pruning_setup(2)
-    reference, _ = run_pmapped(step, state, x, y, 2, steps=2)
-    fn = parallel.shard_mapped(step, parallel.batch_mesh(jax.devices()[:2]), num_batch_args=2)
-    for _ in range(2):
-        state, _ = fn(state, x, y)
-    chex.assert_trees_all_close(state.params, reference.params, atol=2e-5, rtol=2e-4)
-    chex.assert_trees_all_equal(hf.masks(state.opt_state), hf.masks(reference.opt_state))
 
 
 def check_outputs(workdir, report, epochs):
@@ -162,7 +117,6 @@ def test_forward_macs_against_hand_count():
 @pytest.mark.parametrize("flags, message", [
     (["--model=alexnet"], "invalid choice: 'alexnet'"),
     (["--dataset=svhn"], "Unknown dataset 'svhn'"),
-    (["--batch_size=15"], "--batch_size=15 is not divisible by the 2 devices"),
     (["--dtype=float16"], "invalid choice: 'float16'"),
     (["--target_sparsity=0"], "--target_sparsity must lie in (0, 1)"),
 ])
