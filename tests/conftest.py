@@ -20,17 +20,18 @@ collect_ignore = [] if os.environ.get("HFLOWS_JAX_MULTIDEVICE") else ["multidevi
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture
-def mnist_npz() -> pathlib.Path:
-    path = SHARED_DATA / "mnist.npz"
+def shared_file(name: str) -> pathlib.Path:
+    path = SHARED_DATA / name
     if not path.exists():
         pytest.fail(f"{path} is missing: CI places ../shared beside the checkout.")
     return path
+
+
+@pytest.fixture
+def mnist_npz() -> pathlib.Path:
+    return shared_file("mnist.npz")
 
 
 @pytest.fixture
 def cifar_npz() -> pathlib.Path:
-    path = SHARED_DATA / "cifar10_5k.npz"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: CI places ../shared beside the checkout.")
-    return path
+    return shared_file("cifar10_5k.npz")
