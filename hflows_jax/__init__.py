@@ -12,7 +12,10 @@ from hflows_jax.masking import (
     sparsity,
 )
 
+from hflows_jax import baselines  # noqa: E402  (after the core: baselines build on it)
+
 __all__ = [
+    "baselines",
     "HyperflowsState",
     "apply_masks",
     "default_is_prunable",

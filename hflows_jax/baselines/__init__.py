@@ -1,0 +1,22 @@
+"""Baseline pruners behind the Hyperflows interface: masks in the optax state.
+
+``hf.apply_masks``, ``hf.masks``, ``hf.sparsity``, ``hf.layer_sparsity`` and
+``hf.finalize`` work on their states, and each chains into any optax optimizer.
+"""
+
+from hflows_jax.baselines.distributions import layer_densities, masks_from_scores
+from hflows_jax.baselines.magnitude_pruning import MagnitudeState, magnitude
+from hflows_jax.baselines.oneshot import (
+    OneShotState,
+    grasp,
+    grasp_scores,
+    hessian_gradient_product,
+    random,
+    snip,
+    snip_scores,
+)
+from hflows_jax.baselines.rigl_pruning import RigLState, rigl
+
+__all__ = ["MagnitudeState", "OneShotState", "RigLState", "grasp", "grasp_scores",
+           "hessian_gradient_product", "layer_densities", "magnitude", "masks_from_scores",
+           "random", "rigl", "snip", "snip_scores"]

@@ -1,0 +1,78 @@
+"""How a sparsity budget is spread over layers, and how scores become masks.
+
+Layer densities are static Python floats computed from shapes: ``uniform`` gives every
+layer the same density; ``erk`` (Erdos-Renyi-Kernel, Evci et al. 2020) gives each layer a
+density proportional to ``sum(shape) / prod(shape)``, so small layers stay denser, with
+layers that would exceed 1 capped at dense and the rest rescaled. ``global`` ranks all
+prunable entries together. ``masks_from_scores`` keeps the highest scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hflows_jax import masking
+
+DISTRIBUTIONS = ("global", "uniform", "erk")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in (0, 1), got {sparsity!r}.")
+    return float(sparsity)
+
+
+def check_distribution(distribution: str, allowed=DISTRIBUTIONS) -> str:
+    if distribution not in allowed:
+        raise ValueError(f"Unknown sparsity distribution {distribution!r}: use one of "
+                         f"{list(allowed)}.")
+    return distribution
+
+
+def layer_densities(shapes: list[tuple[int, ...]], density: float, distribution: str
+                    ) -> list[float]:
+    """Per-layer densities whose entry-weighted mean is ``density``."""
+    sizes = [math.prod(s) for s in shapes]
+    if distribution == "uniform":
+        return [density] * len(shapes)
+    if distribution != "erk":
+        raise ValueError(f"layer_densities takes 'uniform' or 'erk', got {distribution!r}.")
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    dense: set[int] = set()
+    while True:
+        budget = density * sum(sizes) - sum(sizes[i] for i in dense)
+        free = sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+        eps = budget / free
+        over = {i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1.0}
+        if not over:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
+        dense |= over
+
+
+def keep_top(scores: jax.Array, keep: jax.Array | int) -> jax.Array:
+    """Boolean mask of the ``keep`` highest entries of ``scores`` (exactly ``keep``)."""
+    flat = scores.ravel()
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[jnp.argsort(-flat)].set(
+        jnp.arange(flat.size, dtype=jnp.int32))
+    return (ranks < keep).reshape(scores.shape)
+
+
+def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str) -> Any:
+    """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves."""
+    leaves = masking.prunable_leaves(scores)
+    if distribution == "global":
+        flat = jnp.concatenate([s.ravel().astype(jnp.float32) for s in leaves])
+        keep = jnp.round((1.0 - sparsity) * flat.size).astype(jnp.int32)
+        kept = keep_top(flat, keep)
+        sizes = [s.size for s in leaves]
+        pieces = jnp.split(kept, list(itertools.accumulate(sizes))[:-1])
+        it = iter(p.reshape(s.shape) for p, s in zip(pieces, leaves))
+        return masking.map_prunable(lambda _: next(it), scores)
+    densities = iter(layer_densities([s.shape for s in leaves], 1.0 - sparsity, distribution))
+    return masking.map_prunable(
+        lambda s: keep_top(s, jnp.round(next(densities) * s.size).astype(jnp.int32)), scores)

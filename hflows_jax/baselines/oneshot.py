@@ -1,0 +1,101 @@
+"""One-shot pruning at initialization: SNIP, GraSP and random masks, fixed for good.
+
+The masks are computed in ``init`` from the params it is given (and, for SNIP and
+GraSP, a loss and a few batches captured at construction), then never change. Scores
+follow the three importance families of Lubana and Dick (2021): loss preservation
+``|W * g|`` (SNIP) and gradient-norm preservation ``W * (H g)`` (GraSP), with magnitude
+pruning in ``magnitude_pruning.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hflows_jax import masking
+from hflows_jax.baselines import common, distributions
+
+LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> scalar
+
+
+class OneShotState(NamedTuple):
+    masks: Any
+
+    def pruning_masks(self):
+        return self.masks
+
+
+def mean_gradient(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
+    grads = [jax.grad(loss_fn)(params, b) for b in batches]
+    return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+
+
+def snip_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
+    """``|W * g|``: the first-order loss change from removing each weight."""
+    g = mean_gradient(loss_fn, params, batches)
+    return jax.tree.map(lambda w, gw: jnp.abs(w * gw), params, g)
+
+
+def hessian_gradient_product(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
+    """``H g``, averaged over batches: one extra backward pass (a jvp of the gradient)."""
+    g = mean_gradient(loss_fn, params, batches)
+    products = [jax.jvp(lambda p, b=b: jax.grad(loss_fn)(p, b), (params,), (g,))[1]
+                for b in batches]
+    return jax.tree.map(lambda *h: sum(h) / len(h), *products)
+
+
+def grasp_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
+    """``W * (H g)``: GraSP removes the weights with the largest ``-W * (H g)``, so the
+    keep-score is its negation; keeping high ``W * (H g)`` preserves gradient flow."""
+    hg = hessian_gradient_product(loss_fn, params, batches)
+    return jax.tree.map(lambda w, h: w * h, params, hg)
+
+
+def _from_scores(score_fn: Callable[[Any], Any], sparsity: float, distribution: str,
+                 is_prunable: masking.IsPrunable) -> optax.GradientTransformationExtraArgs:
+    sparsity = distributions.check_sparsity(sparsity)
+    distributions.check_distribution(distribution)
+
+    def init(params):
+        selected = common.prunable_like(params, is_prunable, lambda p: p)
+        scores = masking.map_prunable(lambda _, s: s, selected, score_fn(params))
+        return OneShotState(distributions.masks_from_scores(scores, sparsity, distribution))
+
+    def update(grads, state, params=None, **extra_args):
+        del extra_args
+        common.check_update_args(grads, params, state.masks)
+        return common.gate(grads, state.masks), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def snip(sparsity: float, loss_fn: LossFn, batches: Sequence[Any], distribution: str = "global",
+         is_prunable: masking.IsPrunable = masking.default_is_prunable):
+    """SNIP (Lee et al. 2019): keep the largest ``|W * g|`` at initialization."""
+    return _from_scores(lambda p: snip_scores(loss_fn, p, batches), sparsity, distribution,
+                        is_prunable)
+
+
+def grasp(sparsity: float, loss_fn: LossFn, batches: Sequence[Any], distribution: str = "global",
+          is_prunable: masking.IsPrunable = masking.default_is_prunable):
+    """GraSP (Wang et al. 2020): keep the largest ``W * (H g)`` at initialization."""
+    return _from_scores(lambda p: grasp_scores(loss_fn, p, batches), sparsity, distribution,
+                        is_prunable)
+
+
+def random(sparsity: float, distribution: str = "erk", seed: int = 0,
+           is_prunable: masking.IsPrunable = masking.default_is_prunable):
+    """Random masks with the layer-wise densities of ``distribution`` (uniform or ERK)."""
+    distributions.check_distribution(distribution, ("uniform", "erk"))
+
+    def scores(params):
+        leaves, treedef = jax.tree.flatten(params)
+        key = jax.random.key(seed)
+        return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(key, i),
+                                                               p.shape)
+                                            for i, p in enumerate(leaves)])
+
+    return _from_scores(scores, sparsity, distribution, is_prunable)

@@ -1,0 +1,73 @@
+"""RigL (Evci et al. 2020): dynamic sparse training at a fixed density.
+
+Masks start random with the layer densities of ``distribution``. Every ``update_every``
+steps before ``end_step``, each layer drops the fraction ``alpha/2 * (1 + cos(pi t / T))``
+of its active weights with the smallest ``|W|`` and grows as many inactive ones with the
+largest dense-gradient magnitude. The gradient this transformation receives is taken
+with respect to ``W * M``, so it is already dense: pruned positions carry the gradient
+they would have if present. A regrown weight returns with its stored value (in the
+reference RigL it restarts at zero; an optax transformation placed before the weight
+optimizer cannot set params). Layer densities never change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hflows_jax import masking
+from hflows_jax.baselines import common, distributions
+from hflows_jax.baselines.oneshot import random as random_masks
+
+
+class RigLState(NamedTuple):
+    count: jax.Array
+    masks: Any
+
+    def pruning_masks(self):
+        return self.masks
+
+
+def drop_fraction(step, alpha: float, end_step: int) -> jax.Array:
+    return alpha / 2 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, end_step) / end_step))
+
+
+def rigl(sparsity: float, end_step: int, update_every: int = 100, alpha: float = 0.3,
+         distribution: str = "erk", seed: int = 0,
+         is_prunable: masking.IsPrunable = masking.default_is_prunable,
+         ) -> optax.GradientTransformationExtraArgs:
+    sparsity = distributions.check_sparsity(sparsity)
+    distributions.check_distribution(distribution, ("uniform", "erk"))
+    if end_step < 1 or update_every < 1:
+        raise ValueError("rigl needs end_step >= 1 and update_every >= 1.")
+    initial = random_masks(sparsity, distribution, seed, is_prunable)
+
+    def init(params):
+        return RigLState(jnp.zeros((), jnp.int32), initial.init(params).masks)
+
+    def swap(mask, w, g, fraction):
+        active = jnp.sum(mask)
+        k = jnp.floor(fraction * active).astype(jnp.int32)
+        magnitude = jnp.where(mask, jnp.abs(w.astype(jnp.float32)), jnp.inf)
+        dropped = distributions.keep_top(-magnitude, k)  # the k smallest active |W|
+        kept = mask & ~dropped
+        growth = jnp.where(kept, -jnp.inf, jnp.abs(g.astype(jnp.float32)))
+        return kept | distributions.keep_top(growth, k)
+
+    def update(grads, state, params=None, **extra_args):
+        del extra_args
+        common.check_update_args(grads, params, state.masks)
+        updates = common.gate(grads, state.masks)
+        step = state.count + 1
+        due = (step % update_every == 0) & (step < end_step)
+        fraction = drop_fraction(step, alpha, end_step)
+        masks = jax.lax.cond(
+            due, lambda m: masking.map_prunable(lambda mm, w, g: swap(mm, w, g, fraction),
+                                                m, params, grads),
+            lambda m: m, state.masks)
+        return updates, RigLState(step, masks)
+
+    return optax.GradientTransformationExtraArgs(init, update)
