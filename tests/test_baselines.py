@@ -145,7 +145,8 @@ def test_magnitude_keeps_the_largest_weights():
     state = tx.init(params)
     grads = jax.tree.map(jnp.zeros_like, params)
     _, state = tx.update(grads, state, params)
-    w, m = np.abs(np.asarray(params["layer0"]["kernel"])), np.asarray(state.masks["layer0"]["kernel"])
+    w = np.abs(np.asarray(params["layer0"]["kernel"]))
+    m = np.asarray(state.masks["layer0"]["kernel"])
     assert m.sum() == 48 and w[m].min() >= w[~m].max()
 
 
