@@ -61,6 +61,17 @@ def test_two_epoch_run_on_npz_arrays(small_cifar, tmp_path):
     assert report["config"]["dataset"] == small_cifar
 
 
+@pytest.mark.parametrize("method", ["magnitude", "snip", "grasp", "random", "rigl"])
+def test_baseline_methods_run_end_to_end_on_target(method, small_cifar, tmp_path):
+    report = run(Config(model="lenet5", dataset=small_cifar, method=method, batch_size=16,
+                        target_sparsity=0.9, dense_epochs=1, pruning_epochs=2,
+                        regrowth_epochs=1, workdir=str(tmp_path)))
+    assert report["sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert report["config"]["method"] == method
+    assert [r["phase"] for r in report["history"]] == ["dense", "pruning", "pruning",
+                                                       "regrowth"]
+
+
 def final_state(workdir):
     """The last checkpointed state, read raw (as saved, without a target structure)."""
     ckpt = Checkpoints(str(workdir / "checkpoints" / "pruning"))

@@ -12,9 +12,12 @@ import sys
 
 from hflows_jax import models
 from hflows_jax.training.loop import DTYPES, Config, run
+from hflows_jax.training.pruners import METHODS
 
 HELP = {
     "model": "model name",
+    "method": "pruner: hyperflows, or a baseline (magnitude, snip, grasp, random, rigl)",
+    "distribution": "baselines: global, uniform or erk (default: the method's own)",
     "dataset": "cifar10, cifar100, mnist (tfds) or npz:PATH (local arrays)",
     "data_dir": "tfds data directory",
     "dense_epochs": "dense training first, when no --init_checkpoint is given",
@@ -48,6 +51,8 @@ def parser(defaults: Config, prog: str, doc: str) -> argparse.ArgumentParser:
         kwargs = {"default": default, "help": HELP.get(field.name)}
         if field.name == "model":
             kwargs["choices"] = sorted(models.MODELS)
+        elif field.name == "method":
+            kwargs["choices"] = list(METHODS)
         elif field.name == "dtype":
             kwargs["choices"] = sorted(DTYPES)
         elif isinstance(default, bool):

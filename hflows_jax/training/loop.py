@@ -25,7 +25,8 @@ from hflows_jax.data import ArrayDataset, channel_stats, load_dataset, normalize
 from hflows_jax.training import parallel, report
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.state import TrainState
-from hflows_jax.training.step import make_eval_step, make_train_step
+from hflows_jax.training.pruners import METHODS, make_pruner
+from hflows_jax.training.step import make_eval_step, make_train_step, smoothed_cross_entropy
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Config fields that may change between a run and its resumption.
@@ -37,6 +38,8 @@ class Config:
     model: str = "vgg19"
     dataset: str = "cifar10"
     data_dir: str | None = None
+    method: str = "hyperflows"  # or a baseline: magnitude, snip, grasp, random, rigl
+    distribution: str | None = None  # baselines: global, uniform or erk (None: the method's)
     target_sparsity: float = 0.98
     dense_epochs: int = 160
     init_checkpoint: str | None = None
@@ -62,6 +65,8 @@ class Config:
             raise ValueError(f"--target_sparsity must lie in (0, 1), got {self.target_sparsity}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}: use one of {list(METHODS)}.")
         if self.model not in models.MODELS:
             raise ValueError(f"Unknown model {self.model!r}: known models are "
                              f"{sorted(models.MODELS)}.")
@@ -144,13 +149,11 @@ class Run:
         dense_lr = optax.cosine_decay_schedule(cfg.lr, max(dense_epochs * spe, 1))
         weight_lr = recipe.weight_learning_rate(cfg.lr, pruning_steps, regrowth_steps)
         presence_lr = recipe.presence_learning_rate(cfg.presence_lr, pruning_steps, spe)
+        pruner = make_pruner(cfg.method, cfg.target_sparsity, pruning_steps, spe, presence_lr,
+                             cfg.regrowth_allowance, cfg.seed, cfg.distribution,
+                             scoring=self.scoring)
         prune_tx = optax.chain(
-            hf.hyperflows(
-                pressure=hf.pressure.trajectory(
-                    recipe.pruning_phase_sparsity(cfg.target_sparsity, cfg.regrowth_allowance),
-                    pruning_steps, update_every=spe),
-                presence_optimizer=optax.adam(presence_lr),
-                seed=cfg.seed),
+            pruner,
             optax.add_decayed_weights(cfg.weight_decay),
             optax.sgd(weight_lr, momentum=0.9),
         )
@@ -163,8 +166,28 @@ class Run:
         return [
             dense,
             Phase("pruning", list(range(dense_epochs + 1, last + 1)), prune_tx, True,
-                  lambda s: {"lr": float(weight_lr(s)), "presence_lr": float(presence_lr(s))}),
+                  lambda s: {"lr": float(weight_lr(s))} | (
+                      {"presence_lr": float(presence_lr(s))} if cfg.method == "hyperflows"
+                      else {})),
         ]
+
+    def scoring(self, num_batches: int = 4) -> tuple[Callable, list]:
+        """A loss and a few training batches for the one-shot scores of SNIP and GraSP.
+
+        BatchNorm runs in training mode (batch statistics), so no running averages and
+        no device axis are needed.
+        """
+        model = models.create(self.cfg.model, self.data.num_classes, self.cfg.width)
+        _, batch_stats = self.initial_weights()
+
+        def loss_fn(params, batch):
+            logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch[0],
+                                    train=True, mutable=["batch_stats"])
+            return smoothed_cross_entropy(logits, batch[1], self.cfg.label_smoothing)
+
+        batches = train_batches(self.data.x_train, self.data.y_train, self.cfg.batch_size,
+                                self.cfg.seed, 0, self.mean, self.std, augment=False)
+        return loss_fn, [b for _, b in zip(range(num_batches), batches)]
 
     def record(self, epoch: int) -> dict:
         config = {k: v for k, v in dataclasses.asdict(self.cfg).items()
@@ -252,7 +275,8 @@ class Run:
             row["test_accuracy"] = (self.evaluate(eval_step, replicated)
                                     if epoch % cfg.eval_every == 0 or is_last else None)
             row["sparsity"] = float(hf.sparsity(state.opt_state)) if phase.pruned else 0.0
-            row["pressure"] = float(hf.pressure_value(state.opt_state)) if phase.pruned else 0.0
+            with_pressure = phase.pruned and cfg.method == "hyperflows"
+            row["pressure"] = float(hf.pressure_value(state.opt_state)) if with_pressure else 0.0
             row.update(phase.learning_rates(int(state.step)))
             row["images_per_s"] = self.steps_per_epoch * cfg.batch_size / seconds
             row["time_s"] = time.time() - self.start_time
