@@ -1,0 +1,174 @@
+"""Hyperflows beside the baseline pruners, at equal epochs, on real data.
+
+    python -m experiments.compare --setting=mnist --out=results/compare_mnist
+    python -m experiments.compare --setting=cifar10_5k --quick --out=/tmp/compare
+
+Methods x target sparsities x seeds. Hyperflows and gradual magnitude pruning train
+dense, prune, then fine-tune (Hyperflows regrows there); SNIP, GraSP, random and RigL
+prune at initialization and train sparse for the same total number of epochs. Each run
+is an ordinary training run (its own workdir under OUT/runs, resumable); finished runs
+are reused. Writes compare.json, compare.md and compare.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+from tqdm import tqdm
+
+from hflows_jax.training import Config, report, run
+from hflows_jax.training.pruners import METHODS
+
+SHARED = os.path.join("..", "shared", "data")
+SETTINGS = {
+    "mnist": Config(model="lenet300", dataset=f"npz:{SHARED}/mnist.npz", lr=0.05,
+                    weight_decay=0.0, label_smoothing=0.0, augment=False),
+    "cifar10_5k": Config(model="resnet20", width=0.5, dataset=f"npz:{SHARED}/cifar10_5k.npz",
+                         presence_lr=0.01),
+}
+# (dense, pruning, regrowth) epochs; methods that prune at initialization train sparse
+# for the same total.
+EPOCHS = {
+    ("mnist", False): (3, 20, 5), ("mnist", True): (1, 5, 1),
+    ("cifar10_5k", False): (4, 8, 2), ("cifar10_5k", True): (1, 2, 1),
+}
+AT_INIT = {"snip", "grasp", "random", "rigl"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", default="mnist", choices=sorted(SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sparsities", default="0.90,0.95,0.98,0.99")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--dataset", default=None, help="override the setting's npz:PATH")
+    p.add_argument("--quick", action="store_true",
+                   help="2 sparsities, 1 seed, short runs: under 5 minutes on 2 CPU cores")
+    p.add_argument("--out", default="workdir/compare")
+    args = p.parse_args(argv)
+    args.methods = args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}: choose from {list(METHODS)}")
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    if args.quick:
+        args.sparsities, args.seeds = [0.9, 0.98], 1
+    if any(not 0 < s < 1 for s in args.sparsities) or args.seeds < 1:
+        p.error("sparsities must lie in (0, 1) and --seeds be >= 1")
+    return args
+
+
+def run_config(args, method: str, sparsity: float, seed: int) -> Config:
+    dense, pruning, regrowth = EPOCHS[(args.setting, args.quick)]
+    if method in AT_INIT:
+        dense, pruning = 0, dense + pruning
+    name = f"{method}_s{sparsity}_seed{seed}"
+    return dataclasses.replace(
+        SETTINGS[args.setting], method=method, target_sparsity=sparsity, seed=seed,
+        dense_epochs=dense, pruning_epochs=pruning, regrowth_epochs=regrowth,
+        dataset=args.dataset or SETTINGS[args.setting].dataset,
+        workdir=os.path.join(args.out, "runs", name))
+
+
+def one_run(cfg: Config) -> dict:
+    """The report of a finished run with this config, else a fresh (or resumed) run."""
+    path = os.path.join(cfg.workdir, "report.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done["config"] == dataclasses.asdict(cfg):
+            return done
+    os.makedirs(cfg.workdir, exist_ok=True)
+    with open(os.path.join(cfg.workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
+        return run(cfg)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target_sparsity"]), []).append(r)
+    out = []
+    for (method, target), rs in groups.items():
+        acc = [r["test_accuracy"] for r in rs]
+        out.append({"method": method, "target_sparsity": target, "runs": len(rs),
+                    "acc_mean": statistics.mean(acc),
+                    "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "sparsity_mean": statistics.mean(r["sparsity"] for r in rs),
+                    "wall_time_mean_s": statistics.mean(r["wall_time_s"] for r in rs)})
+    return out
+
+
+def write_outputs(out: str, setting: str, rows: list[dict], env: dict) -> list[dict]:
+    summary = summarize(rows)
+    report.write_json(os.path.join(out, "compare.json"),
+                      {"setting": setting, "rows": rows, "summary": summary,
+                       "environment": env})
+    table = report.markdown_table(
+        ["method", "target", "runs", "test accuracy (mean ± std)", "sparsity", "wall time"],
+        [[s["method"], f"{s['target_sparsity']:.2f}", s["runs"],
+          f"{100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} %",
+          f"{100 * s['sparsity_mean']:.2f} %", f"{s['wall_time_mean_s']:.0f} s"]
+         for s in summary])
+    report.atomic_write(os.path.join(out, "compare.md"),
+                        f"# compare: {setting}\n\n{table}\nRan on {env['machine']}, "
+                        f"{env['cpu_count']} CPUs, devices {env['devices']}, {env['date']}.\n")
+    plot(os.path.join(out, "compare.png"), setting, summary)
+    return summary
+
+
+def plot(path: str, setting: str, summary: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        pts = sorted((s["target_sparsity"], s["acc_mean"], s["acc_std"]) for s in summary
+                     if s["method"] == method)
+        xs, ys, es = zip(*pts)
+        ax.errorbar([100 * x for x in xs], [100 * y for y in ys], [100 * e for e in es],
+                    marker="o", capsize=3, lw=2.5 if method == "hyperflows" else 1.2,
+                    label=method)
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"pruning methods at equal epochs: {setting}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    env = report.environment()
+    jobs = [(m, s, seed) for s in args.sparsities for seed in range(args.seeds)
+            for m in args.methods]
+    rows = []
+    for method, sparsity, seed in tqdm(jobs, desc="compare", file=sys.stderr):
+        result = one_run(run_config(args, method, sparsity, seed))
+        rows.append({"method": method, "target_sparsity": sparsity, "seed": seed,
+                     "test_accuracy": result["test_accuracy"], "sparsity": result["sparsity"],
+                     "wall_time_s": result["wall_time_s"]})
+        tqdm.write(f"{method:>10}  target {sparsity:.2f}  seed {seed}  "
+                   f"acc {result['test_accuracy']:.4f}  sparsity {result['sparsity']:.4f}  "
+                   f"{result['wall_time_s']:.0f}s", file=sys.stderr)
+    summary = write_outputs(args.out, args.setting, rows, env)
+    print(open(os.path.join(args.out, "compare.md")).read())
+    return {"setting": args.setting, "rows": rows, "summary": summary}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
