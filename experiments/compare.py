@@ -29,14 +29,18 @@ SHARED = os.path.join("..", "shared", "data")
 SETTINGS = {
     "mnist": Config(model="lenet300", dataset=f"npz:{SHARED}/mnist.npz", lr=0.05,
                     weight_decay=0.0, label_smoothing=0.0, augment=False),
-    "cifar10_5k": Config(model="resnet20", width=0.5, dataset=f"npz:{SHARED}/cifar10_5k.npz",
-                         presence_lr=0.01),
+    "cifar10_5k": Config(model="resnet20", width=0.5, dataset=f"npz:{SHARED}/cifar10_5k.npz"),
 }
-# (dense, pruning, regrowth) epochs; methods that prune at initialization train sparse
-# for the same total.
-EPOCHS = {
-    ("mnist", False): (3, 20, 5), ("mnist", True): (1, 5, 1),
-    ("cifar10_5k", False): (4, 8, 2), ("cifar10_5k", True): (1, 2, 1),
+# Per setting and preset: epochs of each phase, and the Hyperflows knobs that depend on
+# the run's length. Methods that prune at initialization train sparse for the same total.
+# Short pruning phases need a larger presence lr (the recipe's 1e-3 assumes tens of
+# thousands of pruning steps), more controller periods than one per epoch, and a smaller
+# regrowth allowance (a short regrowth phase regrows less).
+SCHEDULES = {  # (dense, pruning, regrowth epochs, presence lr, controller periods/epoch,
+    #             regrowth allowance)
+    ("mnist", False): (3, 20, 5, 2e-3, 2, 0.1), ("mnist", True): (1, 5, 1, 8e-3, 4, 0.05),
+    ("cifar10_5k", False): (4, 8, 2, 0.03, 4, 0.05),
+    ("cifar10_5k", True): (1, 2, 1, 0.1, 8, 0.05),
 }
 AT_INIT = {"snip", "grasp", "random", "rigl"}
 
@@ -66,13 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_config(args, method: str, sparsity: float, seed: int) -> Config:
-    dense, pruning, regrowth = EPOCHS[(args.setting, args.quick)]
+    dense, pruning, regrowth, presence_lr, periods, allowance = SCHEDULES[
+        (args.setting, args.quick)]
     if method in AT_INIT:
         dense, pruning = 0, dense + pruning
     name = f"{method}_s{sparsity}_seed{seed}"
     return dataclasses.replace(
         SETTINGS[args.setting], method=method, target_sparsity=sparsity, seed=seed,
         dense_epochs=dense, pruning_epochs=pruning, regrowth_epochs=regrowth,
+        presence_lr=presence_lr, pressure_updates_per_epoch=periods,
+        regrowth_allowance=allowance,
         dataset=args.dataset or SETTINGS[args.setting].dataset,
         workdir=os.path.join(args.out, "runs", name))
 

@@ -28,6 +28,8 @@ HELP = {
     "regrowth_allowance": "expected relative density gain of the regrowth phase; the pruning "
                           "phase aims that much below the target density",
     "dense_only": "the dense baseline: train --dense_epochs, no pruning",
+    "pressure_updates_per_epoch": "pressure-controller periods per epoch (the reference: 1); "
+                                  "more help short runs land on the target",
     "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",

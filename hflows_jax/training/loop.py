@@ -51,6 +51,7 @@ class Config:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     regrowth_allowance: float = 0.15
+    pressure_updates_per_epoch: int = 1  # controller periods per epoch (reference: 1)
     dense_only: bool = False  # the dense baseline: --dense_epochs of training, no pruning
     augment: bool = True
     width: float = 1.0
@@ -75,8 +76,10 @@ class Config:
         if min(self.dense_epochs, self.regrowth_epochs) < 0 or self.pruning_epochs < 1:
             raise ValueError("--dense_epochs and --regrowth_epochs must be >= 0, "
                              "--pruning_epochs >= 1.")
-        if self.batch_size < 1 or self.eval_every < 1 or self.log_every < 1:
-            raise ValueError("--batch_size, --eval_every and --log_every must be >= 1.")
+        if min(self.batch_size, self.eval_every, self.log_every,
+               self.pressure_updates_per_epoch) < 1:
+            raise ValueError("--batch_size, --eval_every, --log_every and "
+                             "--pressure_updates_per_epoch must be >= 1.")
         devices = jax.device_count()
         if self.batch_size % devices:
             raise ValueError(f"--batch_size={self.batch_size} is not divisible by the "
@@ -151,7 +154,8 @@ class Run:
         presence_lr = recipe.presence_learning_rate(cfg.presence_lr, pruning_steps, spe)
         pruner = make_pruner(cfg.method, cfg.target_sparsity, pruning_steps, spe, presence_lr,
                              cfg.regrowth_allowance, cfg.seed, cfg.distribution,
-                             scoring=self.scoring)
+                             scoring=self.scoring,
+                             controller_period=max(1, spe // cfg.pressure_updates_per_epoch))
         prune_tx = optax.chain(
             pruner,
             optax.add_decayed_weights(cfg.weight_decay),

@@ -22,15 +22,19 @@ def make_pruner(method: str, target_sparsity: float, pruning_steps: int, steps_p
                 presence_lr: optax.Schedule, regrowth_allowance: float, seed: int,
                 distribution: str | None = None,
                 scoring: Callable[[], tuple[Callable, Sequence[Any]]] | None = None,
-                ) -> optax.GradientTransformation:
-    """``scoring() -> (loss_fn, batches)`` feeds the one-shot scores of SNIP and GraSP."""
+                controller_period: int | None = None) -> optax.GradientTransformation:
+    """``scoring() -> (loss_fn, batches)`` feeds the one-shot scores of SNIP and GraSP.
+
+    The pressure controller steps every ``controller_period`` steps (default: once per
+    epoch, the reference); masks of magnitude pruning and RigL change once per epoch.
+    """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}: use one of {list(METHODS)}.")
     if method == "hyperflows":
         return hf.hyperflows(
             pressure=hf.pressure.trajectory(
                 recipe.pruning_phase_sparsity(target_sparsity, regrowth_allowance),
-                pruning_steps, update_every=steps_per_epoch),
+                pruning_steps, update_every=controller_period or steps_per_epoch),
             presence_optimizer=optax.adam(presence_lr), seed=seed)
     distribution = distribution or DEFAULT_DISTRIBUTION[method]
     if method == "magnitude":
