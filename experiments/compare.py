@@ -29,7 +29,8 @@ SHARED = os.path.join("..", "shared", "data")
 SETTINGS = {
     "mnist": Config(model="lenet300", dataset=f"npz:{SHARED}/mnist.npz", lr=0.05,
                     weight_decay=0.0, label_smoothing=0.0, augment=False),
-    "cifar10_5k": Config(model="resnet20", width=0.5, dataset=f"npz:{SHARED}/cifar10_5k.npz"),
+    "cifar10_5k": Config(model="resnet20", width=0.25,
+                         dataset=f"npz:{SHARED}/cifar10_5k.npz"),
 }
 # Per setting and preset: epochs of each phase, and the Hyperflows knobs that depend on
 # the run's length. Methods that prune at initialization train sparse for the same total.
@@ -39,7 +40,7 @@ SETTINGS = {
 SCHEDULES = {  # (dense, pruning, regrowth epochs, presence lr, controller periods/epoch,
     #             regrowth allowance)
     ("mnist", False): (3, 20, 5, 2e-3, 2, 0.1), ("mnist", True): (1, 5, 1, 8e-3, 4, 0.05),
-    ("cifar10_5k", False): (4, 8, 2, 0.03, 4, 0.05),
+    ("cifar10_5k", False): (3, 6, 1, 0.03, 4, 0.05),
     ("cifar10_5k", True): (1, 2, 1, 0.1, 8, 0.05),
 }
 AT_INIT = {"snip", "grasp", "random", "rigl"}
