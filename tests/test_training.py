@@ -72,6 +72,15 @@ def test_baseline_methods_run_end_to_end_on_target(method, small_cifar, tmp_path
                                                        "regrowth"]
 
 
+def test_dense_only_baseline_run(small_cifar, tmp_path):
+    report = run(Config(dataset=small_cifar, dense_only=True, dense_epochs=1,
+                        workdir=str(tmp_path), **TINY))
+    assert report["sparsity"] == 0.0 and report["layer_sparsity"] == {}
+    assert report["flops_sparse"] == report["flops_dense"]
+    assert report["params_remaining"] == report["params_total"]
+    assert [r["phase"] for r in report["history"]] == ["dense"]
+
+
 def final_state(workdir):
     """The last checkpointed state, read raw (as saved, without a target structure)."""
     ckpt = Checkpoints(str(workdir / "checkpoints" / "pruning"))

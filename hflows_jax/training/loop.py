@@ -134,22 +134,28 @@ class Run:
         if epoch is None:
             raise FileNotFoundError(f"--init_checkpoint={self.cfg.init_checkpoint} holds no "
                                     "checkpoint (pass a run's checkpoints/dense directory).")
-        tx = self.dense_tx()
+        tx = self.dense_tx(self.cfg.dense_epochs)
         like = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
         state, _ = ckpt.restore(epoch, like)
         ckpt.close()
         return state.params, state.batch_stats
 
-    def dense_tx(self) -> optax.GradientTransformation:
-        steps = max(self.cfg.dense_epochs * self.steps_per_epoch, 1)
+    def dense_learning_rate(self, epochs: int) -> optax.Schedule:
+        return optax.cosine_decay_schedule(self.cfg.lr, max(epochs * self.steps_per_epoch, 1))
+
+    def dense_tx(self, epochs: int) -> optax.GradientTransformation:
         return optax.chain(optax.add_decayed_weights(self.cfg.weight_decay),
-                           optax.sgd(optax.cosine_decay_schedule(self.cfg.lr, steps), 0.9))
+                           optax.sgd(self.dense_learning_rate(epochs), momentum=0.9))
 
     def phases(self) -> list[Phase]:
         cfg, spe = self.cfg, self.steps_per_epoch
         dense_epochs = 0 if cfg.init_checkpoint else cfg.dense_epochs
+        dense_lr = self.dense_learning_rate(dense_epochs)
+        dense = Phase("dense", list(range(1, dense_epochs + 1)), self.dense_tx(dense_epochs),
+                      False, lambda s: {"lr": float(dense_lr(s))})
+        if cfg.dense_only:
+            return [dense]
         pruning_steps, regrowth_steps = cfg.pruning_epochs * spe, cfg.regrowth_epochs * spe
-        dense_lr = optax.cosine_decay_schedule(cfg.lr, max(dense_epochs * spe, 1))
         weight_lr = recipe.weight_learning_rate(cfg.lr, pruning_steps, regrowth_steps)
         presence_lr = recipe.presence_learning_rate(cfg.presence_lr, pruning_steps, spe)
         pruner = make_pruner(cfg.method, cfg.target_sparsity, pruning_steps, spe, presence_lr,
@@ -163,10 +169,6 @@ class Run:
         )
         self.regrowth_from = dense_epochs + cfg.pruning_epochs + 1
         last = dense_epochs + cfg.pruning_epochs + cfg.regrowth_epochs
-        dense = Phase("dense", list(range(1, dense_epochs + 1)), self.dense_tx(), False,
-                      lambda s: {"lr": float(dense_lr(s))})
-        if cfg.dense_only:
-            return [dense]
         return [
             dense,
             Phase("pruning", list(range(dense_epochs + 1, last + 1)), prune_tx, True,
