@@ -35,3 +35,4 @@ def mnist_npz() -> pathlib.Path:
 @pytest.fixture
 def cifar_npz() -> pathlib.Path:
     return shared_file("cifar10_5k.npz")
+

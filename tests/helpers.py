@@ -1,8 +1,11 @@
 """Small models and data shared by the tests."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -42,3 +45,12 @@ def classification_batch(key, n=32, features=6, classes=3):
 
 def xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def subset_npz(source: pathlib.Path, target: pathlib.Path, train: int, test: int) -> str:
+    """The first images of a shared .npz, saved as a small one; returns its --dataset."""
+    with np.load(source) as f:
+        arrays = dict(x_train=f["x_train"][:train], y_train=f["y_train"][:train],
+                      x_test=f["x_test"][:test], y_test=f["y_test"][:test])
+    np.savez(target, **arrays)
+    return f"npz:{target}"

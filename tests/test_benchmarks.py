@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 
 from experiments import compare, overhead, pressure_law
+from tests.helpers import subset_npz
 
 
 @pytest.fixture
 def small_mnist(mnist_npz, tmp_path):
-    with np.load(mnist_npz) as f:
-        arrays = dict(x_train=f["x_train"][:1024], y_train=f["y_train"][:1024],
-                      x_test=f["x_test"][:256], y_test=f["y_test"][:256])
-    path = tmp_path / "small_mnist.npz"
-    np.savez(path, **arrays)
-    return f"npz:{path}"
+    return subset_npz(mnist_npz, tmp_path / "small_mnist.npz", train=1024, test=256)
 
 
 def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path):

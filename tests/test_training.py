@@ -7,7 +7,6 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -17,6 +16,7 @@ from hflows_jax import models
 from hflows_jax.training import Config, run
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.report import forward_macs
+from tests.helpers import subset_npz
 
 TINY = dict(model="resnet20", width=0.25, batch_size=16, lr=0.05, log_every=2)
 
@@ -24,12 +24,7 @@ TINY = dict(model="resnet20", width=0.25, batch_size=16, lr=0.05, log_every=2)
 @pytest.fixture
 def small_cifar(cifar_npz, tmp_path):
     """96 training and 40 test images of the real CIFAR-10 subset."""
-    with np.load(cifar_npz) as f:
-        arrays = dict(x_train=f["x_train"][:96], y_train=f["y_train"][:96],
-                      x_test=f["x_test"][:40], y_test=f["y_test"][:40])
-    path = tmp_path / "small_cifar.npz"
-    np.savez(path, **arrays)
-    return f"npz:{path}"
+    return subset_npz(cifar_npz, tmp_path / "small_cifar.npz", train=96, test=40)
 
 
 def check_outputs(workdir, report, epochs):
