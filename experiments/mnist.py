@@ -3,7 +3,7 @@
     python -m experiments.mnist --target_sparsity=0.98
     python -m experiments.mnist --dataset=npz:../shared/data/mnist.npz
 
-The quick CPU experiment (about a minute on 2 cores): the CIFAR training stack with
+The quick CPU experiment (one to two minutes on 2 cores): the CIFAR training stack with
 MNIST defaults (plain SGD, no augmentation, weight decay or label smoothing). Prints one
 line per epoch and writes report.json, metrics.csv and run.png to --workdir.
 """
