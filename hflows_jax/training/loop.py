@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 import hflows_jax as hf
 from hflows_jax import models, recipe
-from hflows_jax.data import ArrayDataset, channel_stats, load_dataset, normalize, train_batches
+from hflows_jax.data import (ArrayDataset, channel_stats, load_dataset, normalize,
+                             steps_per_epoch, train_batches)
 from hflows_jax.training import parallel, report
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.state import TrainState
@@ -109,7 +110,7 @@ class Run:
         self.mean, self.std = channel_stats(self.data.x_train)
         self.x_test = normalize(self.data.x_test, self.mean, self.std)
         self.num_devices = jax.local_device_count()
-        self.steps_per_epoch = len(self.data.x_train) // cfg.batch_size
+        self.steps_per_epoch = steps_per_epoch(len(self.data.x_train), cfg.batch_size)
         self.model = models.create(cfg.model, self.data.num_classes, cfg.width,
                                    DTYPES[cfg.dtype], axis_name="batch")
         self.history: list[dict] = []
