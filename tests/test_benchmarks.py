@@ -28,6 +28,13 @@ def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path):
     assert abs(on_disk["rows"][1]["sparsity"] - 0.9) < 0.005  # magnitude hits its target
     assert (tmp_path / "compare.md").read_text().startswith("# compare: mnist")
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # Both methods prune the same dense model, and their wall times include its training.
+    dense = json.loads((tmp_path / "runs" / "dense_seed0" / "report.json").read_text())
+    for method, row in zip(["hyperflows", "magnitude"], on_disk["rows"]):
+        run = json.loads((tmp_path / "runs" / f"{method}_s0.9_seed0" / "report.json").read_text())
+        assert run["config"]["init_checkpoint"] == str(tmp_path / "runs" / "dense_seed0" /
+                                                       "checkpoints" / "dense")
+        assert row["wall_time_s"] == pytest.approx(dense["wall_time_s"] + run["wall_time_s"])
     again = compare.main(argv)  # finished runs are read back, not retrained
     assert again["rows"] == result["rows"]
 
