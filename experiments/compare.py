@@ -3,11 +3,12 @@
     python -m experiments.compare --setting=mnist --out=results/compare_mnist
     python -m experiments.compare --setting=cifar10_5k --quick --out=/tmp/compare
 
-Methods x target sparsities x seeds. Hyperflows and gradual magnitude pruning start
-from a dense model (trained once per seed and shared), prune, then fine-tune
-(Hyperflows regrows there); SNIP, GraSP, random and RigL prune at initialization and
-train sparse for the same total number of epochs. A row's wall time includes the dense
-training it started from. Each run is an ordinary training run (its own workdir under
+Methods x target sparsities x seeds. Where the setting's schedule has dense epochs
+(mnist), Hyperflows and gradual magnitude pruning start from a dense model (trained once
+per seed and shared), prune, then fine-tune (Hyperflows regrows there), and a row's wall
+time includes that dense training; SNIP, GraSP, random and RigL prune at initialization
+and train sparse for the same total number of epochs. Where it has none (cifar10_5k),
+every method starts from the same initialization. Each run is an ordinary training run (its own workdir under
 OUT/runs, resumable); finished runs are reused. Writes compare.json, compare.md and
 compare.png to --out.
 """
@@ -41,11 +42,14 @@ SETTINGS = {
 # the run's length. Methods that prune at initialization train sparse for the same total.
 # Short pruning phases need a larger presence lr (the recipe's 1e-3 assumes tens of
 # thousands of pruning steps), more controller periods than one per epoch, and a smaller
-# regrowth allowance (a short regrowth phase regrows less).
+# regrowth allowance (a short regrowth phase regrows less). On cifar10_5k the whole budget
+# is 6 epochs, and every method starts from initialization (0 dense epochs): Hyperflows
+# then scored 1.6 to 6.3 points higher at 90 to 98 % than after one dense epoch and 4
+# pruning epochs, and landed the same (docs/RESULTS.md).
 SCHEDULES = {  # (dense, pruning, regrowth epochs, presence lr, controller periods/epoch,
     #             regrowth allowance)
     ("mnist", False): (3, 20, 5, 2e-3, 2, 0.1), ("mnist", True): (1, 5, 1, 8e-3, 4, 0.05),
-    ("cifar10_5k", False): (1, 4, 1, 0.1, 4, 0.05),
+    ("cifar10_5k", False): (0, 5, 1, 0.1, 4, 0.05),
     ("cifar10_5k", True): (1, 3, 1, 0.05, 8, 0.05),
 }
 # The quick CIFAR preset swaps the narrow VGG for LeNet-5, to stay under the 5-minute
@@ -82,7 +86,7 @@ def run_config(args, method: str, sparsity: float, seed: int) -> Config:
     dense, pruning, regrowth, presence_lr, periods, allowance = SCHEDULES[
         (args.setting, args.quick)]
     init_checkpoint = None
-    if method in AT_INIT:
+    if not starts_dense(args, method):
         dense, pruning = 0, dense + pruning
     else:
         init_checkpoint = os.path.join(dense_config(args, seed).workdir, "checkpoints", "dense")
@@ -92,6 +96,11 @@ def run_config(args, method: str, sparsity: float, seed: int) -> Config:
         regrowth_epochs=regrowth, presence_lr=presence_lr,
         pressure_updates_per_epoch=periods, regrowth_allowance=allowance,
         workdir=os.path.join(args.out, "runs", f"{method}_s{sparsity}_seed{seed}"))
+
+
+def starts_dense(args, method: str) -> bool:
+    """Whether this method prunes a shared dense model (else it starts from initialization)."""
+    return method not in AT_INIT and SCHEDULES[(args.setting, args.quick)][0] > 0
 
 
 def dense_config(args, seed: int) -> Config:
@@ -168,13 +177,15 @@ def plot(path: str, setting: str, summary: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(s["method"] for s in summary):
-        pts = sorted((s["target_sparsity"], s["acc_mean"], s["acc_std"]) for s in summary
+        # At the sparsity reached, not the one asked for: a method that overshoots its
+        # target is compared where it actually stands.
+        pts = sorted((s["sparsity_mean"], s["acc_mean"], s["acc_std"]) for s in summary
                      if s["method"] == method)
         xs, ys, es = zip(*pts)
         ax.errorbar([100 * x for x in xs], [100 * y for y in ys], [100 * e for e in es],
                     marker="o", capsize=3, lw=2.5 if method == "hyperflows" else 1.2,
                     label=method)
-    ax.set_xlabel("target sparsity (%)")
+    ax.set_xlabel("achieved sparsity (%), mean over seeds")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"pruning methods at equal epochs: {setting}")
     ax.grid(alpha=0.3)
@@ -197,7 +208,7 @@ def main(argv=None) -> dict:
     rows, dense_seconds = [], {}
     for method, sparsity, seed in tqdm(jobs, desc="compare", file=sys.stderr):
         seconds = 0.0
-        if method not in AT_INIT:
+        if starts_dense(args, method):
             if seed not in dense_seconds:
                 dense_seconds[seed] = one_run(dense_config(args, seed))["wall_time_s"]
             seconds = dense_seconds[seed]

@@ -82,3 +82,16 @@ def test_overhead_counts_state_bytes_exactly(tmp_path):
     assert row["dense_state_bytes_per_param"] == pytest.approx(4.0)
     assert row["dense_step_s"] > 0 and row["hyperflows_step_s"] > 0
     assert row["ratio"] == pytest.approx(row["hyperflows_step_s"] / row["dense_step_s"])
+
+
+def test_compare_without_dense_epochs_starts_every_method_from_initialization():
+    args = compare.parse_args(["--setting=cifar10_5k"])
+    dense, pruning, regrowth = compare.SCHEDULES[("cifar10_5k", False)][:3]
+    assert dense == 0
+    for method in ("hyperflows", "magnitude", "random"):
+        cfg = compare.run_config(args, method, 0.9, seed=1)
+        assert cfg.init_checkpoint is None and cfg.dense_epochs == 0
+        assert (cfg.pruning_epochs, cfg.regrowth_epochs) == (pruning, regrowth)
+        assert not compare.starts_dense(args, method)
+    mnist = compare.parse_args(["--setting=mnist"])
+    assert compare.starts_dense(mnist, "hyperflows") and not compare.starts_dense(mnist, "snip")

@@ -136,7 +136,8 @@ class Run:
             raise FileNotFoundError(f"--init_checkpoint={self.cfg.init_checkpoint} holds no "
                                     "checkpoint (pass a run's checkpoints/dense directory).")
         tx = self.dense_tx(self.cfg.dense_epochs)
-        like = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+        like = TrainState(jnp.zeros((), jnp.int32), params, batch_stats,
+                          jax.eval_shape(tx.init, params))
         state, _ = ckpt.restore(epoch, like)
         ckpt.close()
         return state.params, state.batch_stats
@@ -229,8 +230,9 @@ class Run:
                 continue
             if state is not None:  # a new phase starts from the weights of the last one
                 params, batch_stats = state.params, state.batch_stats
+            # One compiled program, not dozens of op-by-op dispatches (each compiles).
             state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats,
-                               phase.tx.init(params))
+                               jax.jit(phase.tx.init)(params))
             first = phase.epochs[0]
             if i == start_phase and restored is not None:
                 state, record = ckpts[phase.name].restore(restored, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -47,8 +48,10 @@ def forward_macs(model: nn.Module, variables: dict, image_shape: tuple, masks: A
     def is_layer(module, method_name):
         return isinstance(module, (nn.Conv, nn.Dense)) and method_name == "__call__"
 
-    _, state = model.apply(variables, jnp.zeros((1,) + tuple(image_shape)), train=False,
-                           capture_intermediates=is_layer, mutable=["intermediates"])
+    capture = jax.jit(functools.partial(model.apply, train=False,
+                                        capture_intermediates=is_layer,
+                                        mutable=["intermediates"]))
+    _, state = capture(variables, jnp.zeros((1,) + tuple(image_shape)))
     positions = {}
     for path, out in jax.tree.leaves_with_path(state["intermediates"]):
         layer = keystr(path[:-2], simple=True, separator="/")  # drop '__call__' and tuple index
