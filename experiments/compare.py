@@ -8,9 +8,9 @@ Methods x target sparsities x seeds. Where the setting's schedule has dense epoc
 per seed and shared), prune, then fine-tune (Hyperflows regrows there), and a row's wall
 time includes that dense training; SNIP, GraSP, random and RigL prune at initialization
 and train sparse for the same total number of epochs. Where it has none (cifar10_5k),
-every method starts from the same initialization. Each run is an ordinary training run (its own workdir under
-OUT/runs, resumable); finished runs are reused. Writes compare.json, compare.md and
-compare.png to --out.
+every method starts from the same initialization. Each run is an ordinary training run
+(its own workdir under OUT/runs, resumable); finished runs are reused. Writes
+compare.json, compare.md and compare.png to --out.
 """
 
 from __future__ import annotations
