@@ -83,8 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_config(args, method: str, sparsity: float, seed: int) -> Config:
-    dense, pruning, regrowth, presence_lr, periods, allowance = SCHEDULES[
-        (args.setting, args.quick)]
+    dense, pruning, regrowth, presence_lr, periods, allowance = schedule(args)
     init_checkpoint = None
     if not starts_dense(args, method):
         dense, pruning = 0, dense + pruning
@@ -98,14 +97,19 @@ def run_config(args, method: str, sparsity: float, seed: int) -> Config:
         workdir=os.path.join(args.out, "runs", f"{method}_s{sparsity}_seed{seed}"))
 
 
+def schedule(args) -> tuple:
+    """This setting's and preset's row of SCHEDULES."""
+    return SCHEDULES[(args.setting, args.quick)]
+
+
 def starts_dense(args, method: str) -> bool:
     """Whether this method prunes a shared dense model (else it starts from initialization)."""
-    return method not in AT_INIT and SCHEDULES[(args.setting, args.quick)][0] > 0
+    return method not in AT_INIT and schedule(args)[0] > 0
 
 
 def dense_config(args, seed: int) -> Config:
     """The dense training that Hyperflows and magnitude pruning of this seed start from."""
-    dense = SCHEDULES[(args.setting, args.quick)][0]
+    dense = schedule(args)[0]
     return dataclasses.replace(setting_config(args), dense_only=True, dense_epochs=dense,
                                seed=seed, workdir=os.path.join(args.out, "runs",
                                                                f"dense_seed{seed}"))
