@@ -11,19 +11,18 @@ per model parameter. Writes overhead.json, overhead.md and overhead.png to --out
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import hflows_jax as hf
+from experiments import scaffold
 from hflows_jax import models
-from hflows_jax.training import report
-from hflows_jax.training.step import smoothed_cross_entropy
+from hflows_jax.training import TrainState, make_train_step, outputs
 
 # model -> (input shape, batch size, timed steps, warm-up steps); VGG-19 takes ~12 s a
 # step on 2 CPU cores, so it gets a few steps only.
@@ -32,16 +31,14 @@ MODELS = {
     "resnet20": ((32, 32, 3), 128, 30, 3),
     "vgg19": ((32, 32, 3), 128, 3, 1),
 }
-QUICK = {"lenet300": 100, "resnet20": 12, "vgg19": 2}
+QUICK_STEPS = {"lenet300": 100, "resnet20": 12, "vgg19": 2}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.overhead", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = scaffold.parser("python -m experiments.overhead", __doc__, "workdir/overhead",
+                        "fewer timed steps")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--quick", action="store_true", help="fewer timed steps")
-    p.add_argument("--out", default="workdir/overhead")
-    args = p.parse_args(argv)
+    args = scaffold.parse(p, argv, {})
     args.models = args.models.split(",")
     unknown = set(args.models) - set(MODELS)
     if unknown:
@@ -53,21 +50,6 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def make_step(model, tx, batch_stats, pruned: bool):
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(w):
-            logits, _ = model.apply({"params": w, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-            return smoothed_cross_entropy(logits, y, 0.0)
-
-        weights = hf.apply_masks(params, opt_state) if pruned else params
-        grads = jax.grad(loss_fn)(weights)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-    return step
-
-
 def measure(name: str, steps: int, warmup: int) -> dict:
     shape, batch, _, _ = MODELS[name]
     model = models.create(name, 10)
@@ -77,63 +59,40 @@ def measure(name: str, steps: int, warmup: int) -> dict:
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     sgd = optax.sgd(0.01, momentum=0.9)
     hf_tx = optax.chain(hf.hyperflows(hf.pressure.constant(1.0)), sgd)
-    runs = {"dense": [sgd, sgd.init(params), params, make_step(model, sgd, batch_stats, False)],
-            "hyperflows": [hf_tx, hf_tx.init(params), params,
-                           make_step(model, hf_tx, batch_stats, True)]}
+    runs = {}
+    for key, tx, masked in (("dense", sgd, False), ("hyperflows", hf_tx, True)):
+        state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+        runs[key] = [state, jax.jit(make_train_step(model, tx, masked, axis_name=None))]
     times = {k: [] for k in runs}
     for i in range(warmup + steps):
         for key, r in runs.items():  # interleaved: both see the same machine state
             started = time.perf_counter()
-            r[2], r[1] = r[3](r[2], r[1], x, y)
-            jax.block_until_ready(r[2])
+            r[0], _ = r[1](r[0], x, y)
+            jax.block_until_ready(r[0])
             if i >= warmup:
                 times[key].append(time.perf_counter() - started)
     num_params = sum(p.size for p in jax.tree.leaves(params))
     dense_s, hf_s = statistics.median(times["dense"]), statistics.median(times["hyperflows"])
     return {"model": name, "batch_size": batch, "timed_steps": steps,
             "dense_step_s": dense_s, "hyperflows_step_s": hf_s, "ratio": hf_s / dense_s,
-            "state_bytes_per_param": tree_bytes(runs["hyperflows"][1]) / num_params,
-            "dense_state_bytes_per_param": tree_bytes(runs["dense"][1]) / num_params,
+            "state_bytes_per_param": tree_bytes(runs["hyperflows"][0].opt_state) / num_params,
+            "dense_state_bytes_per_param": tree_bytes(runs["dense"][0].opt_state) / num_params,
             "params": int(num_params)}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    env = report.environment()
-    rows = []
-    for name in args.models:
-        _, _, steps, warmup = MODELS[name]
-        row = measure(name, QUICK[name] if args.quick else steps, warmup)
-        rows.append(row)
-        print(f"{name:>9}: dense {1e3 * row['dense_step_s']:.1f} ms  hyperflows "
-              f"{1e3 * row['hyperflows_step_s']:.1f} ms  ratio {row['ratio']:.3f}  state "
-              f"{row['state_bytes_per_param']:.1f} B/param", file=sys.stderr, flush=True)
-    result = {"rows": rows, "environment": env}
-    report.write_json(os.path.join(args.out, "overhead.json"), result)
-    table = report.markdown_table(
+def markdown(rows: list[dict]) -> str:
+    table = outputs.markdown_table(
         ["model", "params", "batch", "timed steps", "dense step", "hyperflows step", "ratio",
          "state bytes / param (hyperflows)", "(dense SGD)"],
         [[r["model"], r["params"], r["batch_size"], r["timed_steps"],
           f"{1e3 * r['dense_step_s']:.1f} ms", f"{1e3 * r['hyperflows_step_s']:.1f} ms",
           f"{r['ratio']:.3f}", f"{r['state_bytes_per_param']:.2f}",
           f"{r['dense_state_bytes_per_param']:.2f}"] for r in rows])
-    report.atomic_write(os.path.join(args.out, "overhead.md"),
-                        f"# overhead\n\n{table}\nMedians of interleaved steps after warm-up. "
-                        f"Ran on {env['machine']}, {env['cpu_count']} CPUs, devices "
-                        f"{env['devices']}, {env['date']}.\n")
-    plot(os.path.join(args.out, "overhead.png"), rows)
-    print(open(os.path.join(args.out, "overhead.md")).read())
-    return result
+    return f"# overhead\n\n{table}\nMedians of interleaved steps after warm-up.\n"
 
 
-def plot(path: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot(fig, rows: list[dict]) -> None:
+    ax = fig.subplots()
     names = [r["model"] for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [1.0] * len(rows), 0.4, label="dense SGD")
@@ -144,10 +103,24 @@ def plot(path: str, rows: list[dict]) -> None:
     ax.set_ylabel("step time (relative to dense)")
     ax.set_title("per-step overhead (median, interleaved)")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = outputs.environment()
+    rows = []
+    for name in args.models:
+        _, _, steps, warmup = MODELS[name]
+        row = measure(name, QUICK_STEPS[name] if args.quick else steps, warmup)
+        rows.append(row)
+        print(f"{name:>9}: dense {1e3 * row['dense_step_s']:.1f} ms  hyperflows "
+              f"{1e3 * row['hyperflows_step_s']:.1f} ms  ratio {row['ratio']:.3f}  state "
+              f"{row['state_bytes_per_param']:.1f} B/param", file=sys.stderr, flush=True)
+    result = {"rows": rows, "environment": env}
+    scaffold.write_results(args.out, "overhead", result, markdown(rows),
+                           lambda fig: plot(fig, rows))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    scaffold.command_line(main)

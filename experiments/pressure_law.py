@@ -15,9 +15,8 @@ Writes pressure_law.json, pressure_law.md and pressure_law.png to --out.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+
 import time
 
 import jax
@@ -27,16 +26,17 @@ import optax
 from tqdm import tqdm
 
 import hflows_jax as hf
+from experiments import scaffold
 from hflows_jax import data, masking, models
-from hflows_jax.training import report
+from hflows_jax.training import TrainState, make_train_step, outputs
 from hflows_jax.training.step import smoothed_cross_entropy
 
-STE = 0.25
+QUICK = {"train_examples": 20000, "epochs": 8, "dense_epochs": 1}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.pressure_law", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = scaffold.parser("python -m experiments.pressure_law", __doc__, "workdir/pressure_law",
+                        "20k images, 8 epochs: a few minutes")
     p.add_argument("--dataset", default="npz:../shared/data/mnist.npz")
     p.add_argument("--gamma_min", type=float, default=0.1)
     p.add_argument("--gamma_max", type=float, default=10.0)
@@ -53,13 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="larger than the recipe's 1e-3, so that each run settles sooner")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="20k images, 8 epochs: a few minutes")
-    p.add_argument("--out", default="workdir/pressure_law")
-    if "--quick" in (sys.argv[1:] if argv is None else argv):  # explicit flags still win
-        p.set_defaults(train_examples=20000, epochs=8, dense_epochs=1)
-    args = p.parse_args(argv)
+    args = scaffold.parse(p, argv, QUICK)
     if not 0 < args.gamma_min < args.gamma_max or args.points < 3:
         p.error("need 0 < --gamma_min < --gamma_max and --points >= 3")
+    if min(args.epochs, args.dense_epochs + 1, args.batch_size) < 1:
+        p.error("need --epochs >= 1, --dense_epochs >= 0 and --batch_size >= 1")
     return args
 
 
@@ -68,102 +66,112 @@ def power_fit(x: np.ndarray, y: np.ndarray, degree: int = 1) -> tuple[np.ndarray
     lx, ly = np.log(x), np.log(y)
     coef = np.polyfit(lx, ly, degree)
     residual = ly - np.polyval(coef, lx)
-    r2 = 1.0 - np.sum(residual ** 2) / np.sum((ly - ly.mean()) ** 2)
+    total = np.sum((ly - ly.mean()) ** 2)  # 0 when every y is the same: no R^2
+    r2 = 1.0 - np.sum(residual ** 2) / total if total > 0 else float("nan")
     return coef, float(r2)
 
 
-class Trainer:
-    """A jitted LeNet-300-100 loop shared by every constant-pressure run."""
+def load(args):
+    """(train images, labels), (test images, labels), normalized, and the class count."""
+    ds = data.load_dataset(args.dataset)
+    n = args.train_examples or len(ds.x_train)
+    mean, std = data.channel_stats(ds.x_train[:n])
+    return ((data.normalize(ds.x_train[:n], mean, std), ds.y_train[:n]),
+            (data.normalize(ds.x_test, mean, std), ds.y_test), ds.num_classes)
 
-    def __init__(self, args):
-        ds = data.load_dataset(args.dataset)
-        n = args.train_examples or len(ds.x_train)
-        self.mean, self.std = data.channel_stats(ds.x_train[:n])
-        self.x = data.normalize(ds.x_train[:n], self.mean, self.std)
-        self.y = ds.y_train[:n]
-        self.x_test = data.normalize(ds.x_test, self.mean, self.std)
-        self.y_test = ds.y_test
-        self.args = args
-        self.model = models.create("lenet300", ds.num_classes)
-        self.probe = (self.x[:2048], self.y[:2048])  # fixed batch for the flow statistics
 
-    def loss(self, params, x, y):
-        return smoothed_cross_entropy(self.model.apply({"params": params}, x), y, 0.0)
+def train(step, state: TrainState, train_set, args, epochs: range):
+    """Yields the state after each epoch; batch order is a function of (seed, epoch)."""
+    x, y = train_set
+    for epoch in epochs:
+        for idx in data.epoch_order(len(x), args.batch_size, args.seed, epoch):
+            state, _ = step(state, x[idx], y[idx])
+        yield state
 
-    def make_step(self, tx, pruned):
-        @jax.jit
-        def step(params, opt_state, x, y):
-            weights = hf.apply_masks(params, opt_state) if pruned else params
-            grads = jax.grad(self.loss)(weights, x, y)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-        return step
 
-    def epochs(self, step, params, opt_state, count, seed_offset=0):
-        for _ in range(count):
-            order = data.epoch_order(len(self.x), self.args.batch_size, self.args.seed,
-                                     seed_offset)
-            seed_offset += 1
-            for idx in order:
-                params, opt_state = step(params, opt_state, self.x[idx], self.y[idx])
-            yield params, opt_state
+def present_flow_stats(model, state: TrainState, probe) -> tuple[float, float]:
+    """(smallest, 1st percentile) of the non-zero |flow| of present weights on ``probe``."""
+    @jax.jit
+    def stat(state):
+        def loss(w):
+            return smoothed_cross_entropy(model.apply({"params": w}, probe[0]), probe[1], 0.0)
 
-    def present_flow_stats(self, params, opt_state) -> tuple[float, float]:
-        """(smallest, 1st percentile) of the non-zero |flow| of present weights."""
-        @jax.jit
-        def stat(params, opt_state):
-            grads = jax.grad(self.loss)(hf.apply_masks(params, opt_state), *self.probe)
-            flows = masking.map_prunable(
-                lambda m, w, g: jnp.where(m & (w * g != 0), jnp.abs(STE * w * g), jnp.nan
-                                          ).ravel(), hf.masks(opt_state), params, grads)
-            flat = jnp.concatenate(masking.prunable_leaves(flows))
-            return jnp.nanmin(flat), jnp.nanpercentile(flat, 1.0)
-        return tuple(float(v) for v in stat(params, opt_state))
+        grads = jax.grad(loss)(hf.apply_masks(state.params, state.opt_state))
+        flows = hf.flows(state.params, grads, state.opt_state)
+        present = masking.map_prunable(
+            lambda m, f: jnp.where(m & (f != 0), jnp.abs(f), jnp.nan).ravel(),
+            hf.masks(state.opt_state), flows)
+        flat = jnp.concatenate(masking.prunable_leaves(present))
+        return jnp.nanmin(flat), jnp.nanpercentile(flat, 1.0)
+    return tuple(float(v) for v in stat(state))
 
-    def accuracy(self, params, opt_state) -> float:
-        logits = self.model.apply({"params": hf.finalize(params, opt_state)}, self.x_test)
-        return float(jnp.mean(jnp.argmax(logits, -1) == self.y_test))
+
+def accuracy(model, state: TrainState, test_set) -> float:
+    logits = model.apply({"params": hf.finalize(state.params, state.opt_state)}, test_set[0])
+    return float(jnp.mean(jnp.argmax(logits, -1) == test_set[1]))
+
+
+def constant_pressure_run(model, dense: TrainState, gamma: float, args, train_set, test_set,
+                          probe=None) -> tuple[dict, list[dict]]:
+    """Train from the dense state under one pressure; with ``probe``, the flow statistics
+    after every epoch (the neural pruning law)."""
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(gamma),
+                                   presence_optimizer=optax.adam(args.presence_lr),
+                                   seed=args.seed),
+                     optax.sgd(args.lr, momentum=0.9))
+    step = jax.jit(make_train_step(model, tx, masked=True, axis_name=None))
+    state = dense._replace(opt_state=tx.init(dense.params))
+    densities, trajectory = [], []
+    epochs = range(args.dense_epochs + 1, args.dense_epochs + args.epochs + 1)
+    for state in train(step, state, train_set, args, epochs):
+        densities.append(1.0 - float(hf.sparsity(state.opt_state)))
+        if probe is not None:
+            smallest, p1 = present_flow_stats(model, state, probe)
+            trajectory.append({"epoch": len(densities), "density": densities[-1],
+                               "min_flow": smallest, "p1_flow": p1})
+    # With a single epoch there is no last change to judge settling by.
+    change = (abs(densities[-1] - densities[-2]) / densities[-1] if len(densities) > 1
+              else None)
+    point = {"gamma": float(gamma), "density": densities[-1],
+             "settled": change is not None and change < args.settle_tol, "last_change": change,
+             "test_accuracy": accuracy(model, state, test_set), "densities": densities}
+    return point, trajectory
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    trainer = Trainer(args)
-    params = trainer.model.init(jax.random.key(args.seed), trainer.x[:1])["params"]
+    train_set, test_set, num_classes = load(args)
+    model = models.create("lenet300", num_classes)
+    params = model.init(jax.random.key(args.seed), train_set[0][:1])["params"]
     dense_tx = optax.sgd(args.lr, momentum=0.9)
-    step = trainer.make_step(dense_tx, pruned=False)
-    for params, _ in trainer.epochs(step, params, dense_tx.init(params), args.dense_epochs):
+    dense = TrainState(jnp.zeros((), jnp.int32), params, {}, dense_tx.init(params))
+    step = jax.jit(make_train_step(model, dense_tx, masked=False, axis_name=None))
+    for dense in train(step, dense, train_set, args, range(1, args.dense_epochs + 1)):
         pass
-    dense_params = params
+    probe = (train_set[0][:2048], train_set[1][:2048])  # fixed batch for the flow statistics
 
     gammas = np.geomspace(args.gamma_min, args.gamma_max, args.points)
-    points, trajectory = [], []
     middle = len(gammas) // 2
+    points, trajectory = [], []
     for i, gamma in enumerate(tqdm(gammas, desc="pressures", file=sys.stderr)):
-        tx = optax.chain(hf.hyperflows(hf.pressure.constant(float(gamma)),
-                                       presence_optimizer=optax.adam(args.presence_lr),
-                                       seed=args.seed),
-                         optax.sgd(args.lr, momentum=0.9))
-        step = trainer.make_step(tx, pruned=True)
-        densities = []
-        params, opt_state = dense_params, tx.init(dense_params)
-        for e, (params, opt_state) in enumerate(
-                trainer.epochs(step, params, opt_state, args.epochs, seed_offset=1000), 1):
-            densities.append(1.0 - float(hf.sparsity(opt_state)))
-            if i == middle:
-                smallest, p1 = trainer.present_flow_stats(params, opt_state)
-                trajectory.append({"epoch": e, "density": densities[-1], "min_flow": smallest,
-                                   "p1_flow": p1})
-        change = abs(densities[-1] - densities[-2]) / densities[-1]
-        points.append({"gamma": float(gamma), "density": densities[-1],
-                       "settled": bool(change < args.settle_tol), "last_change": change,
-                       "test_accuracy": trainer.accuracy(params, opt_state),
-                       "densities": densities})
-        tqdm.write(f"gamma {gamma:8.4f}  density {densities[-1]:.4f}  "
-                   f"change {change:.3%}  acc {points[-1]['test_accuracy']:.4f}",
-                   file=sys.stderr)
+        point, probed = constant_pressure_run(model, dense, float(gamma), args, train_set,
+                                              test_set, probe if i == middle else None)
+        points.append(point)
+        trajectory += probed
+        change = "n/a" if point["last_change"] is None else f"{point['last_change']:.3%}"
+        tqdm.write(f"gamma {gamma:8.4f}  density {point['density']:.4f}  "
+                   f"change {change}  acc {point['test_accuracy']:.4f}", file=sys.stderr)
+    result = fit(points, trajectory, float(gammas[middle]))
+    result.update(runs=points, config=vars(args), environment=outputs.environment(),
+                  wall_time_s=time.time() - started)
+    scaffold.write_results(args.out, "pressure_law", result, markdown(result),
+                           lambda fig: plot(fig, result))
+    return result
 
+
+def fit(points: list[dict], trajectory: list[dict], gamma: float) -> dict:
+    """The pressure law (and its log-quadratic form) and the neural pruning law."""
     g = np.array([p["gamma"] for p in points])
     s = np.array([p["density"] for p in points])
     (slope, intercept), r2 = power_fit(g, s)
@@ -171,54 +179,47 @@ def main(argv=None) -> dict:
     td = np.array([t["density"] for t in trajectory])
     laws = {}
     for key in ("min_flow", "p1_flow"):
-        (f_slope, f_intercept), f_r2 = power_fit(td, np.array([t[key] for t in trajectory]))
-        laws[key] = {"exponent": float(f_slope), "coefficient": float(np.exp(f_intercept)),
-                     "r2": f_r2}
-    result = {
+        if len(td) > 1:
+            (f_slope, f_intercept), f_r2 = power_fit(td, np.array([t[key] for t in trajectory]))
+            laws[key] = {"exponent": float(f_slope), "coefficient": float(np.exp(f_intercept)),
+                         "r2": f_r2}
+        else:  # one epoch: one point, no law
+            laws[key] = {"exponent": None, "coefficient": None, "r2": None}
+    return {
         "alpha": float(-slope), "c": float(np.exp(intercept)), "r2": r2,
         "points": [{"gamma": p["gamma"], "density": p["density"]} for p in points],
         "quadratic": {"ln_c": float(q0), "a0": float(-q1), "a1": float(-q2), "r2": r2_quad},
-        "runs": points,
-        "pruning_law": {"gamma": float(gammas[middle]), **laws["min_flow"],
-                        "percentile_1": laws["p1_flow"], "points": trajectory},
-        "config": vars(args), "environment": report.environment(),
-        "wall_time_s": time.time() - started,
+        "pruning_law": {"gamma": gamma, **laws["min_flow"], "percentile_1": laws["p1_flow"],
+                        "points": trajectory},
     }
-    report.write_json(os.path.join(args.out, "pressure_law.json"), result)
-    write_markdown(args.out, result)
-    plot(os.path.join(args.out, "pressure_law.png"), result)
-    print(open(os.path.join(args.out, "pressure_law.md")).read())
-    return result
 
 
-def write_markdown(out: str, r: dict) -> None:
+def _law_text(name: str, law: dict) -> str:
+    if law["exponent"] is None:
+        return f"{name}: n/a (one epoch)"
+    return (f"{name} = {law['coefficient']:.4g} * density^{law['exponent']:.4f}, "
+            f"R^2 = {law['r2']:.4f}")
+
+
+def markdown(r: dict) -> str:
     rows = [[f"{p['gamma']:.4g}", f"{p['density']:.4f}", "yes" if p["settled"] else "no",
              f"{100 * p['test_accuracy']:.2f} %"] for p in r["runs"]]
     law = r["pruning_law"]
-    env = r["environment"]
-    text = (f"# pressure law (LeNet-300-100, MNIST)\n\n"
+    return (f"# pressure law (LeNet-300-100, MNIST)\n\n"
             f"density = {r['c']:.4g} * gamma^(-{r['alpha']:.4f}), R^2 = {r['r2']:.4f}\n\n"
             f"ln S = {r['quadratic']['ln_c']:.4f} - {r['quadratic']['a0']:.4f} ln gamma - "
             f"{r['quadratic']['a1']:.4f} (ln gamma)^2, R^2 = {r['quadratic']['r2']:.4f}\n\n"
-            + report.markdown_table(["gamma", "final density", "settled", "test accuracy"],
-                                    rows)
-            + f"\nNeural pruning law (gamma = {law['gamma']:.4g}): min |flow| of present "
-              f"weights = {law['coefficient']:.4g} * density^{law['exponent']:.4f}, "
-              f"R^2 = {law['r2']:.4f}; 1st percentile of |flow| = "
-              f"{law['percentile_1']['coefficient']:.4g} * density^"
-              f"{law['percentile_1']['exponent']:.4f}, R^2 = {law['percentile_1']['r2']:.4f}"
-              f"\n\nRan on {env['machine']}, {env['cpu_count']} CPUs, "
-              f"{env['date']}, in {r['wall_time_s']:.0f} s.\n")
-    report.atomic_write(os.path.join(out, "pressure_law.md"), text)
+            + outputs.markdown_table(["gamma", "final density", "settled", "test accuracy"],
+                                     rows)
+            + f"\nNeural pruning law (gamma = {law['gamma']:.4g}): "
+            + _law_text("min |flow| of present weights", law) + "; "
+            + _law_text("1st percentile of |flow|", law["percentile_1"])
+            + f"\n\nWall time {r['wall_time_s']:.0f} s.\n")
 
 
-def plot(path: str, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(fig, r: dict) -> None:
+    fig.set_size_inches(12, 4.5)
+    a, b = fig.subplots(1, 2)
     g = np.array([p["gamma"] for p in r["points"]])
     s = np.array([p["density"] for p in r["points"]])
     grid = np.geomspace(g.min(), g.max(), 100)
@@ -234,24 +235,19 @@ def plot(path: str, r: dict) -> None:
     a.legend()
     law = r["pruning_law"]
     d = np.array([p["density"] for p in law["points"]])
-    f = np.array([p["min_flow"] for p in law["points"]])
-    p1 = np.array([p["p1_flow"] for p in law["points"]])
-    dg = np.geomspace(d.min(), d.max(), 100)
-    for ys, fit, name in ((f, law, "min"), (p1, law["percentile_1"], "1st percentile")):
-        line, = b.loglog(d, ys, "o", label=f"{name} (γ = {law['gamma']:.3g})")
-        b.loglog(dg, fit["coefficient"] * dg ** fit["exponent"], color=line.get_color(),
-                 label=f"fit: exponent {fit['exponent']:.3f}, R²={fit['r2']:.3f}")
+    for key, fit, name in (("min_flow", law, "min"),
+                           ("p1_flow", law["percentile_1"], "1st percentile")):
+        line, = b.loglog(d, [p[key] for p in law["points"]], "o",
+                         label=f"{name} (γ = {law['gamma']:.3g})")
+        if fit["exponent"] is not None:
+            dg = np.geomspace(d.min(), d.max(), 100)
+            b.loglog(dg, fit["coefficient"] * dg ** fit["exponent"], color=line.get_color(),
+                     label=f"fit: exponent {fit['exponent']:.3f}, R²={fit['r2']:.3f}")
     b.set_xlabel("density")
     b.set_ylabel("|flow| of present weights")
     b.set_title("neural pruning law")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    scaffold.command_line(main)

@@ -1,14 +1,17 @@
 """hflows_jax: Hyperflows pruning as an optax transformation."""
 
 from hflows_jax import pressure
-from hflows_jax.hyperflows import HyperflowsState, hyperflows, pressure_value
+from hflows_jax.hyperflows import HyperflowsState, flows, hyperflows, pressure_value
 from hflows_jax.masking import (
+    PrunerState,
     apply_masks,
     default_is_prunable,
     finalize,
     find_pruner_state,
     layer_sparsity,
     masks,
+    multiply_masks,
+    prunable_like,
     sparsity,
 )
 
@@ -17,13 +20,17 @@ from hflows_jax import baselines  # noqa: E402  (after the core: baselines build
 __all__ = [
     "baselines",
     "HyperflowsState",
+    "PrunerState",
     "apply_masks",
     "default_is_prunable",
     "finalize",
     "find_pruner_state",
+    "flows",
     "hyperflows",
     "layer_sparsity",
     "masks",
+    "multiply_masks",
+    "prunable_like",
     "pressure",
     "pressure_value",
     "sparsity",

@@ -38,30 +38,41 @@ class HyperflowsState(NamedTuple):
     presence_opt_state: optax.OptState
     pressure: NamedTuple  # controller state; its ``gamma`` is the pressure of the next step
     skipped: jax.Array  # int32: steps skipped because the gradients held NaN or Inf
+    ste_scale: jax.Array  # float32: the ste_scale of the last init or update
 
     def pruning_masks(self) -> PyTree:
         return masking.map_prunable(lambda t: t >= 0, self.presence)
 
 
+def _flows(ste_scale: Any, presence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+    return masking.map_prunable(
+        lambda t, w, g: ste_scale * w.astype(jnp.float32) * g.astype(jnp.float32),
+        presence, params, grads)
+
+
 def hyperflows(
     pressure: PressureController,
     presence_optimizer: optax.GradientTransformation | None = None,
-    is_prunable: masking.IsPrunable = masking.default_is_prunable,
+    is_prunable: masking.IsPrunable | None = None,
     presence_init: tuple[float, float] = (0.2, 0.5),
-    ste_scale: float = 0.25,
-    seed: int = 0,
+    ste_scale: float | jax.Array = 0.25,
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """The Hyperflows pruner; chain it before the weight optimizer.
+
+    Works under ``optax.inject_hyperparams``, with ``ste_scale`` injectable; a custom
+    ``is_prunable`` must then be listed in ``static_args`` (optax takes callables for
+    schedules).
 
     Args:
       pressure: a controller from ``hf.pressure`` (``constant``, ``exponential``,
         ``trajectory``).
       presence_optimizer: optimizer of the presence scores T (default ``optax.adam(1e-3)``,
         the reference).
-      is_prunable: ``(path, leaf) -> bool``; default: every leaf of rank >= 2.
+      is_prunable: ``(path, leaf) -> bool``; default (None): every leaf of rank >= 2.
       presence_init: T starts uniform in this range (all weights present).
       ste_scale: derivative of the step function in the straight-through estimator.
-      seed: seed of the presence initialization.
+      seed: seed of the presence initialization (an int or an int array).
     """
     if not isinstance(pressure, PressureController):
         raise ValueError("pressure must be a controller from hf.pressure (constant, "
@@ -69,76 +80,75 @@ def hyperflows(
     if presence_optimizer is None:
         presence_optimizer = optax.adam(1e-3)
     low, high = presence_init
-    if not low <= high:
+    if masking.is_static_number(low) and masking.is_static_number(high) and not low <= high:
         raise ValueError(f"presence_init must be a (low, high) range, got {presence_init!r}.")
-    if not (math.isfinite(ste_scale) and ste_scale > 0):
+    if masking.is_static_number(ste_scale) and not (math.isfinite(ste_scale) and ste_scale > 0):
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
 
     def init(params):
-        leaves, treedef = jax.tree.flatten_with_path(params)
         key = jax.random.key(seed)
-        presence = [
-            jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, jnp.float32, low, high)
-            if is_prunable(path, leaf) else None
-            for i, (path, leaf) in enumerate(leaves)
-        ]
-        if all(t is None for t in presence):
-            raise ValueError("hyperflows found no prunable leaf in params (by default, leaves "
-                             "of rank >= 2: conv and dense kernels). Check is_prunable.")
-        presence = jax.tree.unflatten(treedef, presence)
+        presence = masking.prunable_like(
+            params, is_prunable,
+            lambda i, leaf: jax.random.uniform(jax.random.fold_in(key, i), leaf.shape,
+                                               jnp.float32, low, high))
         return HyperflowsState(
             count=jnp.zeros((), jnp.int32),
             presence=presence,
             presence_opt_state=presence_optimizer.init(presence),
             pressure=pressure.init(),
             skipped=jnp.zeros((), jnp.int32),
+            ste_scale=jnp.asarray(ste_scale, jnp.float32),
         )
 
     def update(grads, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("hyperflows needs the params to compute flows: call "
-                             "tx.update(grads, opt_state, params).")
-        masking.check_same_structure("gradients", grads, params)
-        masking.check_same_structure("presence scores in the optimizer state",
-                                     state.presence, params)
+        masking.check_update_args(grads, params, state.presence)
         num_prunable = sum(t.size for t in masking.prunable_leaves(state.presence))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
         push = state.pressure.gamma / num_prunable
-        presence_grads = masking.map_prunable(
-            lambda t, w, g: ste_scale * w.astype(jnp.float32) * g.astype(jnp.float32) + push,
-            state.presence, params, grads)
+        presence_grads = masking.map_prunable(lambda f: f + push,
+                                              _flows(ste_scale, state.presence, params, grads))
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = masking.map_prunable(lambda t, s: t + s.astype(jnp.float32),
                                         state.presence, steps)
         count = optax.safe_increment(state.count)
         density = masking.density_of(masking.map_prunable(lambda t: t >= 0, presence))
-        stepped = HyperflowsState(
+        stepped = state._replace(
             count=count,
             presence=presence,
             presence_opt_state=presence_opt_state,
             pressure=pressure.update(state.pressure, density, count),
-            skipped=state.skipped,
         )
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
-        new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
-
-        def task_update(m, g):
-            g = g if m is None else g * m.astype(g.dtype)
-            return jnp.where(finite, g, jnp.zeros_like(g))
-
-        updates = jax.tree.map(task_update, state.pruning_masks(), grads,
-                               is_leaf=lambda x: x is None)
+        new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32),
+                                       ste_scale=jnp.asarray(ste_scale, jnp.float32))
+        updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
+                               masking.multiply_masks(grads, state.pruning_masks()))
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def pressure_value(opt_state: PyTree) -> jax.Array:
-    """The pressure gamma the next step applies."""
+def _hyperflows_state(opt_state: PyTree, caller: str) -> HyperflowsState:
     state = masking.find_pruner_state(opt_state)
     if not isinstance(state, HyperflowsState):
-        raise ValueError(f"pressure_value needs a Hyperflows state, got {type(state).__name__}.")
-    return state.pressure.gamma
+        raise ValueError(f"{caller} needs a Hyperflows state, got {type(state).__name__}.")
+    return state
+
+
+def flows(params: PyTree, grads: PyTree, opt_state: PyTree) -> PyTree:
+    """The flows ``ste_scale * W * grad`` Hyperflows computes: float32, None off prunable leaves.
+
+    ``grads`` is the task gradient with respect to the effective weights ``W * M``;
+    ``ste_scale`` is read from the Hyperflows state in ``opt_state``.
+    """
+    state = _hyperflows_state(opt_state, "flows")
+    masking.check_update_args(grads, params, state.presence)
+    return _flows(state.ste_scale, state.presence, params, grads)
+
+
+def pressure_value(opt_state: PyTree) -> jax.Array:
+    """The pressure gamma the next step applies."""
+    return _hyperflows_state(opt_state, "pressure_value").pressure.gamma

@@ -1,15 +1,17 @@
-"""Masks: which leaves are prunable, applying masks, and sparsity statistics.
+"""The pruner contract, and what every pruner shares: prunable leaves, masks, statistics.
 
 Every pruner in this package (Hyperflows and the baselines) keeps its masks inside its
-optax state, a NamedTuple with a ``pruning_masks()`` method. The helpers here find that
-state anywhere in an optimizer state (inside ``optax.chain``, ``optax.MultiSteps``, ...)
-so users never have to unpack the chain by hand. Masks are trees shaped like params,
-boolean where a leaf is prunable and ``None`` where it is not.
+optax state, a NamedTuple satisfying :class:`PrunerState`. The helpers here find that
+state anywhere in an optimizer state (inside ``optax.chain``, ``optax.MultiSteps``,
+``optax.inject_hyperparams``, ...) so users never have to unpack the chain by hand.
+Masks are trees shaped like params, boolean where a leaf is prunable and ``None``
+where it is not.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import numbers
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +21,30 @@ PyTree = Any
 IsPrunable = Callable[[tuple, Any], bool]
 
 
+@runtime_checkable
+class PrunerState(Protocol):
+    """The pruner contract: an optax state (a NamedTuple) that knows its masks.
+
+    ``pruning_masks()`` returns boolean masks shaped like params, ``None`` on leaves
+    that are not prunable. Any NamedTuple state whose type defines it works with
+    ``hf.masks``, ``hf.sparsity``, ``hf.apply_masks`` and ``hf.finalize``.
+    """
+
+    def pruning_masks(self) -> PyTree: ...
+
+
 def default_is_prunable(path: tuple, leaf: Any) -> bool:
     """Conv and dense kernels: every leaf of rank >= 2. Biases and norm scales are rank 1."""
     del path
     return len(leaf.shape) >= 2
+
+
+def is_static_number(x: Any) -> bool:
+    """Whether ``x`` is a Python (or NumPy) number, which can be validated at construction.
+
+    Arrays are left unchecked: under ``optax.inject_hyperparams`` they may be traced.
+    """
+    return isinstance(x, numbers.Number)
 
 
 def _is_none(x: Any) -> bool:
@@ -33,6 +55,26 @@ def map_prunable(fn: Callable, like: PyTree, *trees: PyTree) -> PyTree:
     """``jax.tree.map`` over the prunable leaves of ``like`` (non-None), keeping None elsewhere."""
     return jax.tree.map(lambda t, *xs: None if t is None else fn(t, *xs),
                         like, *trees, is_leaf=_is_none)
+
+
+def prunable_like(params: PyTree, is_prunable: IsPrunable | None,
+                  fill: Callable[[int, Any], Any]) -> PyTree:
+    """``fill(index, leaf)`` on prunable leaves, ``None`` elsewhere.
+
+    ``index`` counts every leaf of params, prunable or not, in tree order.
+    ``is_prunable=None`` means :func:`default_is_prunable`.
+
+    Raises:
+      ValueError: if no leaf is prunable.
+    """
+    is_prunable = default_is_prunable if is_prunable is None else is_prunable
+    leaves, treedef = jax.tree.flatten_with_path(params)
+    out = [fill(i, leaf) if is_prunable(path, leaf) else None
+           for i, (path, leaf) in enumerate(leaves)]
+    if all(x is None for x in out):
+        raise ValueError("no prunable leaf in params (by default, leaves of rank >= 2: conv "
+                         "and dense kernels). Check is_prunable.")
+    return jax.tree.unflatten(treedef, out)
 
 
 def prunable_leaves(tree: PyTree) -> list:
@@ -49,12 +91,28 @@ def check_same_structure(name: str, tree: PyTree, params: PyTree) -> None:
                          f"  {name}: {tree_def}\n  params: {params_def}")
 
 
+def check_update_args(grads: PyTree, params: PyTree | None, mask_tree: PyTree) -> None:
+    """The checks every pruner's ``update`` makes on its inputs."""
+    if params is None:
+        raise ValueError("this pruner needs the params: call tx.update(grads, opt_state, params).")
+    check_same_structure("gradients", grads, params)
+    check_same_structure("masks in the optimizer state", mask_tree, params)
+
+
+def multiply_masks(tree: PyTree, mask_tree: PyTree) -> PyTree:
+    """``x * M`` on prunable leaves, in the dtype of ``x``; leaves where M is None unchanged."""
+    check_same_structure("masks", mask_tree, tree)
+    return jax.tree.map(lambda m, x: x if m is None else x * m.astype(x.dtype), mask_tree,
+                        tree, is_leaf=_is_none)
+
+
 def _is_pruner_state(x: Any) -> bool:
+    # The structural check of PrunerState, restricted to tuples (optax states).
     return isinstance(x, tuple) and callable(getattr(type(x), "pruning_masks", None))
 
 
-def find_pruner_state(opt_state: PyTree) -> Any:
-    """The one pruner state (Hyperflows or a baseline) inside an optimizer state."""
+def find_pruner_state(opt_state: PyTree) -> PrunerState:
+    """The one :class:`PrunerState` (a NamedTuple) inside an optimizer state."""
     if _is_pruner_state(opt_state):
         return opt_state
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_pruner_state)
@@ -73,21 +131,17 @@ def masks(opt_state: PyTree) -> PyTree:
     return find_pruner_state(opt_state).pruning_masks()
 
 
-def _masked(params: PyTree, opt_state: PyTree, fn: Callable) -> PyTree:
-    mask_tree = masks(opt_state)
-    check_same_structure("masks", mask_tree, params)
-    return jax.tree.map(lambda m, p: p if m is None else fn(m, p), mask_tree, params,
-                        is_leaf=_is_none)
-
-
 def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
     """The effective weights ``W * M`` the network runs on (differentiable in W)."""
-    return _masked(params, opt_state, lambda m, p: p * m.astype(p.dtype))
+    return multiply_masks(params, masks(opt_state))
 
 
 def finalize(params: PyTree, opt_state: PyTree) -> PyTree:
     """Params with every pruned entry exactly 0 (even if W held inf or NaN), for export."""
-    return _masked(params, opt_state, lambda m, p: jnp.where(m, p, jnp.zeros_like(p)))
+    mask_tree = masks(opt_state)
+    check_same_structure("masks", mask_tree, params)
+    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+                        mask_tree, params, is_leaf=_is_none)
 
 
 def count_present(mask_tree: PyTree) -> tuple[jax.Array, int]:
@@ -98,6 +152,7 @@ def count_present(mask_tree: PyTree) -> tuple[jax.Array, int]:
 
 
 def density_of(mask_tree: PyTree) -> jax.Array:
+    """Global fraction of prunable entries present, a float32 scalar."""
     present, total = count_present(mask_tree)
     return present.astype(jnp.float32) / total
 

@@ -1,11 +1,15 @@
 """The three benchmarks, on tiny settings: output shapes, fits and byte counts."""
 
+import gc
 import json
+import warnings
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import compare, overhead, pressure_law
+from hflows_jax.training import presets
 from tests.helpers import subset_npz
 
 
@@ -14,10 +18,26 @@ def small_mnist(mnist_npz, tmp_path):
     return subset_npz(mnist_npz, tmp_path / "small_mnist.npz", train=1024, test=256)
 
 
-def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path):
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """No compilation cache set yet, and a user cache directory of our own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield tmp_path / "user_cache" / "hflows_jax" / "jax"
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path, user_cache):
     argv = ["--setting=mnist", f"--dataset={small_mnist}", "--methods=hyperflows,magnitude",
             "--sparsities=0.9", "--seeds=1", f"--out={tmp_path}"]
-    result = compare.main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        result = compare.main(argv)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # files closed
+    # The runs use the user's cache directory; the benchmark does not repoint it at --out.
+    assert jax.config.jax_compilation_cache_dir == str(user_cache)
     on_disk = json.loads((tmp_path / "compare.json").read_text())
     assert on_disk["setting"] == "mnist"
     assert [r["method"] for r in on_disk["rows"]] == ["hyperflows", "magnitude"]
@@ -86,12 +106,37 @@ def test_overhead_counts_state_bytes_exactly(tmp_path):
 
 def test_compare_without_dense_epochs_starts_every_method_from_initialization():
     args = compare.parse_args(["--setting=cifar10_5k"])
-    dense, pruning, regrowth = compare.SCHEDULES[("cifar10_5k", False)][:3]
-    assert dense == 0
+    preset = presets.get("compare_cifar10_5k").schedule
+    assert preset.dense_epochs == 0
     for method in ("hyperflows", "magnitude", "random"):
         cfg = compare.run_config(args, method, 0.9, seed=1)
-        assert cfg.init_checkpoint is None and cfg.dense_epochs == 0
-        assert (cfg.pruning_epochs, cfg.regrowth_epochs) == (pruning, regrowth)
+        assert cfg.schedule.init_checkpoint is None and cfg.schedule.dense_epochs == 0
+        assert (cfg.schedule.pruning_epochs, cfg.schedule.regrowth_epochs) == (
+            preset.pruning_epochs, preset.regrowth_epochs)
         assert not compare.starts_dense(args, method)
     mnist = compare.parse_args(["--setting=mnist"])
     assert compare.starts_dense(mnist, "hyperflows") and not compare.starts_dense(mnist, "snip")
+    at_init = compare.run_config(mnist, "snip", 0.9, seed=0).schedule
+    dense_first = presets.get("compare_mnist").schedule
+    assert at_init.dense_epochs == 0
+    assert at_init.pruning_epochs == dense_first.dense_epochs + dense_first.pruning_epochs
+
+
+def test_quick_replaces_defaults_but_explicit_flags_win():
+    quick = compare.parse_args(["--quick"])
+    assert (quick.sparsities, quick.seeds) == ([0.9, 0.98], 1)
+    explicit = compare.parse_args(["--quick", "--seeds=2", "--sparsities=0.5"])
+    assert (explicit.sparsities, explicit.seeds) == ([0.5], 2)
+    assert compare.setting_config(explicit).model.name == "lenet300"
+    assert pressure_law.parse_args(["--quick", "--epochs=3"]).epochs == 3
+    assert pressure_law.parse_args(["--quick"]).epochs == pressure_law.QUICK["epochs"]
+
+
+def test_pressure_law_with_one_epoch_reports_no_settling(mnist_npz, tmp_path):
+    result = pressure_law.main([f"--dataset=npz:{mnist_npz}", "--train_examples=512",
+                                "--points=3", "--epochs=1", "--dense_epochs=0",
+                                f"--out={tmp_path}"])
+    assert [r["settled"] for r in result["runs"]] == [False] * 3
+    assert all(r["last_change"] is None for r in result["runs"])
+    assert result["pruning_law"]["exponent"] is None
+    assert "n/a (one epoch)" in (tmp_path / "pressure_law.md").read_text()

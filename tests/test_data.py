@@ -75,3 +75,13 @@ def test_tfds_through_data_source_on_mock_data(name, shape, classes):
 def test_unprepared_tfds_fails_fast_with_instructions(tmp_path):
     with pytest.raises(FileNotFoundError, match="(?s)not.*download_and_prepare.*npz:PATH"):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_tfds_errors_other_than_not_prepared_pass_through(monkeypatch):
+    """Only "not prepared" is reworded; a real failure inside tfds keeps its own error."""
+    def broken(*args, **kwargs):
+        raise PermissionError("data_dir is not readable")
+
+    monkeypatch.setattr(tfds, "data_source", broken)
+    with pytest.raises(PermissionError, match="not readable"):
+        data.load_dataset("mnist")

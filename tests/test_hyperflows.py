@@ -1,7 +1,5 @@
 """The transformation against an independent oracle, and its behaviour as an optax citizen."""
 
-from typing import NamedTuple
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +8,7 @@ import optax
 import pytest
 
 import hflows_jax as hf
+from hflows_jax import masking
 from tests.helpers import TinyConvNet, classification_batch, mlp_apply, mlp_params, xent
 
 STE = 0.25
@@ -34,6 +33,9 @@ def oracle_loss(weights, presence, task_loss):
     return task_loss(effective) + GAMMA * jnp.mean(all_t)
 
 
+oracle_grads = jax.jit(jax.grad(oracle_loss, argnums=(0, 1)), static_argnums=2)
+
+
 def check_against_oracle(params, task_loss, steps=3):
     presence_opt = optax.adam(1e-2)
     tx = hf.hyperflows(hf.pressure.constant(GAMMA), presence_optimizer=presence_opt,
@@ -41,12 +43,13 @@ def check_against_oracle(params, task_loss, steps=3):
     state = tx.init(params)
     presence = state.presence
     oracle_opt_state = presence_opt.init(presence)
+    task_grad = jax.jit(jax.grad(task_loss))
     for _ in range(steps):
         # Library path: gradient w.r.t. the effective weights, then tx.update.
-        grads = jax.grad(task_loss)(hf.apply_masks(params, state))
+        grads = task_grad(hf.apply_masks(params, state))
         updates, new_state = jax.jit(tx.update)(grads, state, params)
         # Oracle path.
-        g_w, g_t = jax.grad(oracle_loss, argnums=(0, 1))(params, presence, task_loss)
+        g_w, g_t = oracle_grads(params, presence, task_loss)
         t_steps, oracle_opt_state = presence_opt.update(g_t, oracle_opt_state, presence)
         presence = optax.apply_updates(presence, t_steps)
 
@@ -82,14 +85,18 @@ def test_oracle_check_sees_pruned_weights():
     state = optax.tree.set(state, presence=presence)
     assert 0.05 < float(hf.sparsity(state)) < 0.95
     task_loss = lambda w: xent(mlp_apply(w, x), y)  # noqa: E731
-    grads = jax.grad(task_loss)(hf.apply_masks(params, state))
-    updates, new_state = tx.update(grads, state, params)
-    g_w, g_t = jax.grad(oracle_loss, argnums=(0, 1))(params, presence, task_loss)
+    grads = jax.jit(jax.grad(task_loss))(hf.apply_masks(params, state))
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    g_w, g_t = oracle_grads(params, presence, task_loss)
     chex.assert_trees_all_close(new_state.presence,
                                 jax.tree.map(lambda t, g: t - 0.1 * g, presence, g_t), atol=1e-6)
     chex.assert_trees_all_close(updates, g_w, atol=1e-6)
     pruned_updates = updates["layer0"]["kernel"][~hf.masks(state)["layer0"]["kernel"]]
     assert pruned_updates.size > 0 and jnp.all(pruned_updates == 0)
+    # hf.flows is the oracle's presence gradient without the pressure term gamma / N.
+    flows = hf.flows(params, grads, state)
+    assert flows["layer0"]["bias"] is None and flows["layer1"]["kernel"].dtype == jnp.float32
+    chex.assert_trees_all_close(flows, jax.tree.map(lambda g: g - GAMMA / 72, g_t), atol=1e-6)
 
 
 # --- regrowth and pressure ----------------------------------------------------------------
@@ -153,65 +160,6 @@ def test_higher_constant_pressure_gives_higher_sparsity():
 
 # --- optax citizenship --------------------------------------------------------------------
 
-class Params(NamedTuple):
-    kernel: jax.Array
-    bias: jax.Array
-
-
-@pytest.mark.parametrize("params", [
-    {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},
-    [jnp.ones((3, 4)), jnp.ones(4)],
-    Params(kernel=jnp.ones((3, 4)), bias=jnp.ones(4)),
-], ids=["dict", "list", "namedtuple"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_tree_types_and_dtypes_under_jit_and_chain(params, dtype):
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    tx = optax.chain(hf.hyperflows(hf.pressure.constant(100.0),
-                                   presence_optimizer=optax.sgd(0.3)), optax.sgd(0.1))
-    state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    step = jax.jit(tx.update)
-    for _ in range(3):
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
-        assert p.dtype == dtype and u.dtype == dtype
-    masks = hf.masks(state)
-    assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(params)
-    kernel_mask = [m for m in jax.tree.leaves(masks) if m is not None]
-    assert len(kernel_mask) == 1 and kernel_mask[0].shape == (3, 4)
-    assert float(hf.sparsity(state)) == 1.0  # pressure 100 prunes everything in 3 steps
-    pairs = zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(updates))
-    kernel_update, bias_update = (u for _, u in sorted(pairs, key=lambda mu: mu[0] is None))
-    assert jnp.all(kernel_update == 0) and jnp.all(bias_update != 0)  # pruned: no task gradient
-
-
-def test_init_on_shape_dtype_structs_matches_concrete_init():
-    params = mlp_params(jax.random.key(0))
-    tx = optax.chain(hf.hyperflows(hf.pressure.trajectory(0.9, 100, 10)), optax.sgd(0.1))
-    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    shapes = jax.eval_shape(tx.init, abstract)
-    concrete = tx.init(params)
-    assert jax.tree.structure(shapes) == jax.tree.structure(concrete)
-    for s, c in zip(jax.tree.leaves(shapes), jax.tree.leaves(concrete)):
-        assert s.shape == c.shape and s.dtype == c.dtype
-    direct = hf.hyperflows(hf.pressure.constant(1.0)).init(abstract)  # no eval_shape needed
-    chex.assert_trees_all_equal(direct.presence, concrete[0].presence)
-
-
-def test_multisteps_applies_once_every_k_and_helpers_find_the_state():
-    params = mlp_params(jax.random.key(1))
-    x, y = classification_batch(jax.random.key(2))
-    loss = lambda w: xent(mlp_apply(w, x), y)  # noqa: E731
-    inner = optax.chain(hf.hyperflows(hf.pressure.constant(5.0)), optax.sgd(0.1))
-    tx = optax.MultiSteps(inner, every_k_schedule=3)
-    _, state = run(tx, params, loss, steps=7)
-    hf_state = hf.find_pruner_state(state)
-    assert int(hf_state.count) == 2  # updates applied at steps 3 and 6
-    assert float(hf.pressure_value(state)) == 5.0
-    assert 0.0 <= float(hf.sparsity(state)) <= 1.0
-
-
 def test_state_is_findable_by_name():
     params = mlp_params(jax.random.key(1))
     tx = optax.chain(hf.hyperflows(hf.pressure.constant(1.0)), optax.sgd(0.1))
@@ -219,6 +167,7 @@ def test_state_is_findable_by_name():
     presence = optax.tree.get(state, "presence")
     assert presence["layer0"]["bias"] is None and presence["layer0"]["kernel"].shape == (6, 8)
     assert type(hf.find_pruner_state(state)).__name__ == "HyperflowsState"
+    assert float(hf.pressure_value(state)) == 1.0
 
 
 def test_masks_set_by_hand_through_presence():
@@ -242,12 +191,12 @@ def test_non_finite_gradients_skip_the_step():
     tx = hf.hyperflows(hf.pressure.trajectory(0.5, 10, 1), presence_optimizer=optax.adam(0.1))
     x, y = classification_batch(jax.random.key(6))
     grads = jax.grad(lambda w: xent(mlp_apply(w, x), y))(params)
-    state = tx.init(params)
-    _, state = tx.update(grads, state, params)  # one good step moves the controller
+    update = jax.jit(tx.update)
+    _, state = update(grads, tx.init(params), params)  # one good step moves the controller
     bad = jax.tree.map(lambda g: g, grads)
     bad["layer1"]["bias"] = bad["layer1"]["bias"].at[0].set(jnp.nan)
     bad["layer0"]["kernel"] = bad["layer0"]["kernel"].at[0, 0].set(jnp.inf)
-    updates, skipped = jax.jit(tx.update)(bad, state, params)
+    updates, skipped = update(bad, state, params)
     chex.assert_trees_all_equal(skipped.presence, state.presence)
     chex.assert_trees_all_equal(skipped.presence_opt_state, state.presence_opt_state)
     chex.assert_trees_all_equal(skipped.pressure, state.pressure)
@@ -255,8 +204,28 @@ def test_non_finite_gradients_skip_the_step():
     assert int(skipped.count) == int(state.count) == 1
     assert int(skipped.skipped) == 1
     assert all(jnp.all(u == 0) for u in jax.tree.leaves(updates))
-    _, after = tx.update(grads, skipped, params)  # and training goes on
+    _, after = update(grads, skipped, params)  # and training goes on
     assert int(after.count) == 2 and int(after.skipped) == 1
+
+
+def test_ste_scale_is_an_injectable_hyperparameter():
+    params = mlp_params(jax.random.key(5))
+    x, y = classification_batch(jax.random.key(6))
+    grads = jax.grad(lambda w: xent(mlp_apply(w, x), y))(params)
+    tx = optax.inject_hyperparams(hf.hyperflows)(
+        pressure=hf.pressure.constant(GAMMA), presence_optimizer=optax.sgd(0.1))
+    state = tx.init(params)
+    assert float(state.hyperparams["ste_scale"]) == float(state.inner_state.ste_scale) == 0.25
+    state.hyperparams["ste_scale"] = jnp.float32(0.5)
+    _, new_state = jax.jit(tx.update)(grads, state, params)
+    flows = hf.masks(state)  # None where not prunable
+    flows = masking.map_prunable(lambda _, w, g: 0.5 * w * g, flows, params, grads)
+    step = masking.map_prunable(lambda a, b: a - b, new_state.inner_state.presence,
+                                   state.inner_state.presence)
+    want = masking.map_prunable(lambda f: -0.1 * (f + GAMMA / 72), flows)
+    chex.assert_trees_all_close(step, want, atol=1e-6)
+    assert float(new_state.inner_state.ste_scale) == 0.5  # hf.flows reads it from here
+    chex.assert_trees_all_close(hf.flows(params, grads, new_state), flows, atol=1e-7)
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -282,12 +251,21 @@ def test_clear_errors_for_bad_input():
         hf.sparsity(optax.sgd(0.1).init(params))
     with pytest.raises(ValueError, match="controller"):
         hf.hyperflows(0.5)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="ste_scale"):
+            hf.hyperflows(hf.pressure.constant(1.0), ste_scale=bad)
+    with pytest.raises(ValueError, match="presence_init"):
+        hf.hyperflows(hf.pressure.constant(1.0), presence_init=(0.5, 0.2))
 
 
-def test_custom_is_prunable_selects_leaves():
+@pytest.mark.parametrize("injected", [False, True])
+def test_custom_is_prunable_selects_leaves(injected):
     params = mlp_params(jax.random.key(0))
     only_first = lambda path, leaf: "layer0" in jax.tree_util.keystr(path) and leaf.ndim == 2  # noqa: E731
-    state = hf.hyperflows(hf.pressure.constant(1.0), is_prunable=only_first).init(params)
+    factory = (optax.inject_hyperparams(hf.hyperflows, static_args="is_prunable") if injected
+               else hf.hyperflows)
+    state = hf.find_pruner_state(
+        factory(hf.pressure.constant(1.0), is_prunable=only_first).init(params))
     assert state.presence["layer1"]["kernel"] is None
     assert state.presence["layer0"]["kernel"].shape == (6, 8)
     assert np.all((np.asarray(state.presence["layer0"]["kernel"]) >= 0.2)

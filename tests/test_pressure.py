@@ -21,6 +21,31 @@ def test_expected_density_ends_on_target_and_decreases():
         assert np.all(np.diff(ratios) > 0) and ratios[-1] < 0.999
 
 
+def reference_trajectory(target, epochs):
+    """METHOD.md section 5 with Python floats: density(e) = prod_{k<=e} d(k), with
+    d(k) = d0 + (0.999 - d0) * sigmoid((6/E)(k - E/2)) and d0 bisected to the target."""
+    sig = [1 / (1 + math.exp(-(6 / epochs) * (k - epochs / 2))) for k in range(1, epochs + 1)]
+
+    def densities(d0):
+        out, density = [], 1.0
+        for s in sig:
+            density *= d0 + (0.999 - d0) * s
+            out.append(density)
+        return out
+
+    lo, hi = 0.0, 0.999
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if densities(mid)[-1] < 1 - target else (lo, mid)
+    return densities((lo + hi) / 2)
+
+
+@pytest.mark.parametrize("target, epochs", [(0.9, 10), (0.98, 40), (0.5, 7), (0.995, 100)])
+def test_expected_density_is_the_method_trajectory(target, epochs):
+    np.testing.assert_allclose(pressure.expected_density(target, epochs),
+                               reference_trajectory(target, epochs), rtol=1e-9)
+
+
 def reference_controller(densities, expected, step=0.2):
     """METHOD.md section 5, written out with Python floats."""
     g, up, down, out = 0.0, 0.0, 0.0, []

@@ -1,7 +1,9 @@
 """Baseline pruners behind the Hyperflows interface: masks in the optax state.
 
 ``hf.apply_masks``, ``hf.masks``, ``hf.sparsity``, ``hf.layer_sparsity`` and
-``hf.finalize`` work on their states, and each chains into any optax optimizer.
+``hf.finalize`` work on their states, and each chains into any optax optimizer. Under
+``optax.inject_hyperparams`` their numeric arguments are injectable; callables
+(``loss_fn``, a custom ``is_prunable``) go in ``static_args``.
 """
 
 from hflows_jax.baselines.distributions import layer_densities, masks_from_scores

@@ -1,9 +1,9 @@
 """How a sparsity budget is spread over layers, and how scores become masks.
 
-Layer densities are static Python floats computed from shapes: ``uniform`` gives every
-layer the same density; ``erk`` (Erdos-Renyi-Kernel, Evci et al. 2020) gives each layer a
-density proportional to ``sum(shape) / prod(shape)``, so small layers stay denser, with
-layers that would exceed 1 capped at dense and the rest rescaled. ``global`` ranks all
+Layer densities are computed from shapes: ``uniform`` gives every layer the same
+density; ``erk`` (Erdos-Renyi-Kernel, Evci et al. 2020) gives each layer a density
+proportional to ``sum(shape) / prod(shape)``, so small layers stay denser, with layers
+that would exceed 1 capped at dense and the rest rescaled. ``global`` ranks all
 prunable entries together. ``masks_from_scores`` keeps the highest scores.
 """
 
@@ -21,7 +21,10 @@ from hflows_jax import masking
 DISTRIBUTIONS = ("global", "uniform", "erk")
 
 
-def check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float | jax.Array) -> float | jax.Array:
+    """Checks a Python number (returned as a float); arrays may be traced, so pass as is."""
+    if not masking.is_static_number(sparsity):
+        return sparsity
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"sparsity must lie in (0, 1), got {sparsity!r}.")
     return float(sparsity)
@@ -34,14 +37,23 @@ def check_distribution(distribution: str, allowed=DISTRIBUTIONS) -> str:
     return distribution
 
 
-def layer_densities(shapes: list[tuple[int, ...]], density: float, distribution: str
-                    ) -> list[float]:
-    """Per-layer densities whose entry-weighted mean is ``density``."""
+def layer_densities(shapes: list[tuple[int, ...]], density: float | jax.Array,
+                    distribution: str) -> list:
+    """Per-layer densities whose entry-weighted mean is ``density``.
+
+    ``'erk'`` decides which layers are capped at dense from the value of ``density``, so
+    it needs a concrete one (not traced).
+    """
     sizes = [math.prod(s) for s in shapes]
     if distribution == "uniform":
         return [density] * len(shapes)
     if distribution != "erk":
         raise ValueError(f"layer_densities takes 'uniform' or 'erk', got {distribution!r}.")
+    try:
+        density = float(density)
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError("ERK layer densities need a concrete sparsity: under "
+                         "optax.inject_hyperparams, list sparsity in static_args.") from None
     raw = [sum(s) / math.prod(s) for s in shapes]
     dense: set[int] = set()
     while True:

@@ -1,10 +1,10 @@
 """Gradual magnitude pruning (Zhu and Gupta, 2017) with the cubic sparsity schedule.
 
-Every ``update_every`` steps between ``begin_step`` and ``end_step`` the mask keeps the
-largest ``|W|`` among the weights still present, at sparsity
-``s_t = s_f * (1 - (1 - (t - begin) / (end - begin)) ** 3)``. A pruned weight has zero
-magnitude in that ranking, so it never returns; masks are fixed between updates and
-after ``end_step``.
+Every ``update_every`` steps in ``[begin_step, end_step)``, and at ``end_step``, the mask
+keeps the largest ``|W|`` among the weights still present, at sparsity
+``s_t = s_f * (1 - (1 - (t - begin) / (end - begin)) ** 3)``; the last update lands on
+``s_f``. A pruned weight has zero magnitude in that ranking, so it never returns; masks
+are fixed between updates and after ``end_step``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking
-from hflows_jax.baselines import common, distributions
+from hflows_jax.baselines import distributions
+from hflows_jax.baselines.periodic import update_due
 
 
 class MagnitudeState(NamedTuple):
@@ -27,31 +28,44 @@ class MagnitudeState(NamedTuple):
         return self.masks
 
 
-def cubic_sparsity(step, target: float, begin_step: int, end_step: int) -> jax.Array:
-    progress = jnp.clip((step - begin_step) / max(end_step - begin_step, 1), 0.0, 1.0)
+def cubic_sparsity(step, target, begin_step, end_step) -> jax.Array:
+    """``target * (1 - (1 - progress) ** 3)``, progress clipped to [0, 1]."""
+    progress = jnp.clip((step - begin_step) / jnp.maximum(end_step - begin_step, 1), 0.0, 1.0)
     return target * (1.0 - (1.0 - progress) ** 3)
 
 
-def magnitude(sparsity: float, end_step: int, begin_step: int = 0, update_every: int = 100,
-              distribution: str = "global",
-              is_prunable: masking.IsPrunable = masking.default_is_prunable,
+def magnitude(sparsity: float | jax.Array, end_step: int | jax.Array,
+              begin_step: int | jax.Array = 0, update_every: int | jax.Array = 100,
+              distribution: str = "global", is_prunable: masking.IsPrunable | None = None,
               ) -> optax.GradientTransformationExtraArgs:
-    """``distribution``: ``'global'`` (one ranking) or ``'uniform'`` (layer-wise)."""
+    """Gradual magnitude pruning to ``sparsity`` at ``end_step``.
+
+    Args:
+      sparsity: final fraction of prunable entries pruned.
+      end_step: the step of the last update (counted from 1).
+      begin_step: no update before this step.
+      update_every: steps between updates.
+      distribution: ``'global'`` (one ranking) or ``'uniform'`` (layer-wise).
+      is_prunable: ``(path, leaf) -> bool``; default (None): every leaf of rank >= 2.
+        Under ``optax.inject_hyperparams``, list a custom one in ``static_args``.
+    """
     sparsity = distributions.check_sparsity(sparsity)
     distributions.check_distribution(distribution, ("global", "uniform"))
-    if not 0 <= begin_step < end_step or update_every < 1:
+    steps = (begin_step, end_step, update_every)
+    if all(map(masking.is_static_number, steps)) and not (
+            0 <= begin_step < end_step and update_every >= 1):
         raise ValueError("magnitude needs 0 <= begin_step < end_step and update_every >= 1.")
 
     def init(params):
-        return MagnitudeState(jnp.zeros((), jnp.int32),
-                              common.prunable_like(params, is_prunable, common.all_ones))
+        return MagnitudeState(jnp.zeros((), jnp.int32), masking.prunable_like(
+            params, is_prunable, lambda i, p: jnp.ones(p.shape, bool)))
 
     def update(grads, state, params=None, **extra_args):
         del extra_args
-        common.check_update_args(grads, params, state.masks)
-        updates = common.gate(grads, state.masks)
+        masking.check_update_args(grads, params, state.masks)
+        updates = masking.multiply_masks(grads, state.masks)
         step = state.count + 1
-        due = (step % update_every == 0) & (step >= begin_step) & (step <= end_step)
+        due = update_due(step, update_every, begin_step, end_step) | (step == end_step)
 
         def prune(masks):
             scores = masking.map_prunable(lambda m, w: jnp.abs(w.astype(jnp.float32)) * m,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking
-from hflows_jax.baselines import common, distributions
+from hflows_jax.baselines import distributions
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> scalar
 
@@ -54,41 +54,56 @@ def grasp_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
     return jax.tree.map(lambda w, h: w * h, params, hg)
 
 
-def _from_scores(score_fn: Callable[[Any], Any], sparsity: float, distribution: str,
-                 is_prunable: masking.IsPrunable) -> optax.GradientTransformationExtraArgs:
+def _from_scores(score_fn: Callable[[Any], Any], sparsity: float | jax.Array,
+                 distribution: str, is_prunable: masking.IsPrunable | None
+                 ) -> optax.GradientTransformationExtraArgs:
     sparsity = distributions.check_sparsity(sparsity)
     distributions.check_distribution(distribution)
 
     def init(params):
-        selected = common.prunable_like(params, is_prunable, lambda p: p)
+        selected = masking.prunable_like(params, is_prunable, lambda i, p: p)
         scores = masking.map_prunable(lambda _, s: s, selected, score_fn(params))
         return OneShotState(distributions.masks_from_scores(scores, sparsity, distribution))
 
     def update(grads, state, params=None, **extra_args):
         del extra_args
-        common.check_update_args(grads, params, state.masks)
-        return common.gate(grads, state.masks), state
+        masking.check_update_args(grads, params, state.masks)
+        return masking.multiply_masks(grads, state.masks), state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def snip(sparsity: float, loss_fn: LossFn, batches: Sequence[Any], distribution: str = "global",
-         is_prunable: masking.IsPrunable = masking.default_is_prunable):
-    """SNIP (Lee et al. 2019): keep the largest ``|W * g|`` at initialization."""
+def snip(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
+         distribution: str = "global", is_prunable: masking.IsPrunable | None = None):
+    """SNIP (Lee et al. 2019): keep the largest ``|W * g|`` at initialization.
+
+    ``loss_fn(params, batch)`` is averaged over ``batches``. Under
+    ``optax.inject_hyperparams``, list ``loss_fn`` (and a custom ``is_prunable``) in
+    ``static_args``: optax takes callables for schedules.
+    """
     return _from_scores(lambda p: snip_scores(loss_fn, p, batches), sparsity, distribution,
                         is_prunable)
 
 
-def grasp(sparsity: float, loss_fn: LossFn, batches: Sequence[Any], distribution: str = "global",
-          is_prunable: masking.IsPrunable = masking.default_is_prunable):
-    """GraSP (Wang et al. 2020): keep the largest ``W * (H g)`` at initialization."""
+def grasp(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
+          distribution: str = "global", is_prunable: masking.IsPrunable | None = None):
+    """GraSP (Wang et al. 2020): keep the largest ``W * (H g)`` at initialization.
+
+    ``loss_fn(params, batch)`` is averaged over ``batches``. Under
+    ``optax.inject_hyperparams``, list ``loss_fn`` (and a custom ``is_prunable``) in
+    ``static_args``: optax takes callables for schedules.
+    """
     return _from_scores(lambda p: grasp_scores(loss_fn, p, batches), sparsity, distribution,
                         is_prunable)
 
 
-def random(sparsity: float, distribution: str = "erk", seed: int = 0,
-           is_prunable: masking.IsPrunable = masking.default_is_prunable):
-    """Random masks with the layer-wise densities of ``distribution`` (uniform or ERK)."""
+def random(sparsity: float | jax.Array, distribution: str = "erk", seed: int | jax.Array = 0,
+           is_prunable: masking.IsPrunable | None = None):
+    """Random masks with the layer-wise densities of ``distribution`` (uniform or ERK).
+
+    ``seed`` is an int or an int array. Under ``optax.inject_hyperparams``, list a custom
+    ``is_prunable`` in ``static_args``.
+    """
     distributions.check_distribution(distribution, ("uniform", "erk"))
 
     def scores(params):

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking
-from hflows_jax.baselines import common, distributions
+from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import random as random_masks
+from hflows_jax.baselines.periodic import update_due
 
 
 class RigLState(NamedTuple):
@@ -31,17 +32,31 @@ class RigLState(NamedTuple):
         return self.masks
 
 
-def drop_fraction(step, alpha: float, end_step: int) -> jax.Array:
+def drop_fraction(step, alpha, end_step) -> jax.Array:
+    """``alpha / 2 * (1 + cos(pi * min(step, end_step) / end_step))``."""
     return alpha / 2 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, end_step) / end_step))
 
 
-def rigl(sparsity: float, end_step: int, update_every: int = 100, alpha: float = 0.3,
-         distribution: str = "erk", seed: int = 0,
-         is_prunable: masking.IsPrunable = masking.default_is_prunable,
+def rigl(sparsity: float | jax.Array, end_step: int | jax.Array,
+         update_every: int | jax.Array = 100, alpha: float | jax.Array = 0.3,
+         distribution: str = "erk", seed: int | jax.Array = 0,
+         is_prunable: masking.IsPrunable | None = None,
          ) -> optax.GradientTransformationExtraArgs:
-    sparsity = distributions.check_sparsity(sparsity)
+    """RigL at a fixed ``sparsity``, swapping masks every ``update_every`` steps.
+
+    Args:
+      sparsity: fraction of prunable entries pruned, from initialization on.
+      end_step: no swap from this step on.
+      update_every: steps between swaps.
+      alpha: fraction of active weights dropped (and regrown) at the first swap.
+      distribution: layer densities, ``'erk'`` or ``'uniform'``.
+      seed: seed of the initial random masks (an int or an int array).
+      is_prunable: ``(path, leaf) -> bool``; default (None): every leaf of rank >= 2.
+        Under ``optax.inject_hyperparams``, list a custom one in ``static_args``.
+    """
     distributions.check_distribution(distribution, ("uniform", "erk"))
-    if end_step < 1 or update_every < 1:
+    if all(map(masking.is_static_number, (end_step, update_every))) and (
+            end_step < 1 or update_every < 1):
         raise ValueError("rigl needs end_step >= 1 and update_every >= 1.")
     initial = random_masks(sparsity, distribution, seed, is_prunable)
 
@@ -59,10 +74,10 @@ def rigl(sparsity: float, end_step: int, update_every: int = 100, alpha: float =
 
     def update(grads, state, params=None, **extra_args):
         del extra_args
-        common.check_update_args(grads, params, state.masks)
-        updates = common.gate(grads, state.masks)
+        masking.check_update_args(grads, params, state.masks)
+        updates = masking.multiply_masks(grads, state.masks)
         step = state.count + 1
-        due = (step % update_every == 0) & (step < end_step)
+        due = update_due(step, update_every, 0, end_step)
         fraction = drop_fraction(step, alpha, end_step)
         masks = jax.lax.cond(
             due, lambda m: masking.map_prunable(lambda mm, w, g: swap(mm, w, g, fraction),

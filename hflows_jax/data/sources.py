@@ -73,10 +73,13 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
     try:
         splits = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
                                   download=False)
-    except Exception as e:  # tfds says "not prepared" in many ways; say it one way.
+    except (NotImplementedError, FileNotFoundError) as e:
+        # What tfds raises when the dataset is not prepared (or not as array_record, which
+        # random access needs); any other error is not ours to rename.
         raise FileNotFoundError(
-            f"Could not read the tfds dataset {name!r} (data_dir={data_dir or 'default'}): "
-            f"{type(e).__name__}: {e}\nOn a machine with internet access prepare it with\n"
+            f"The tfds dataset {name!r} is not prepared for random access in "
+            f"{data_dir or 'the default data_dir'} ({type(e).__name__}: {e}).\nOn a machine "
+            f"with internet access prepare it with\n"
             f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
             f"data_dir=DIR).download_and_prepare(file_format='array_record')\"\n"
             f"then pass --data_dir=DIR, or use local arrays with --dataset=npz:PATH.") from e

@@ -1,9 +1,10 @@
-"""Training: state, per-device steps, pmap/shard_map, orbax checkpoints, reports, the loop."""
+"""Training: config and presets, the masked step, pmap/shard_map, checkpoints, the run."""
 
-from hflows_jax.training import cli, parallel
-from hflows_jax.training.loop import Config, Run, run
+from hflows_jax.training import parallel, presets
+from hflows_jax.training.config import Config
 from hflows_jax.training.state import TrainState
 from hflows_jax.training.step import make_eval_step, make_train_step
+from hflows_jax.training.train import run
 
-__all__ = ["Config", "Run", "TrainState", "cli", "make_eval_step", "make_train_step",
-           "parallel", "run"]
+__all__ = ["Config", "TrainState", "make_eval_step", "make_train_step", "parallel", "presets",
+           "run"]

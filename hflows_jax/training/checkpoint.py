@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -29,9 +28,9 @@ class Checkpoints:
         self._manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
 
-    def restore(self, epoch: int, like: Any) -> tuple[Any, dict]:
-        """The state saved at ``epoch``, restored onto the structure of ``like``."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    def restore(self, epoch: int, abstract: Any) -> tuple[Any, dict]:
+        """The state saved at ``epoch``, restored onto ``abstract`` (``jax.ShapeDtypeStruct``
+        leaves, e.g. from ``jax.eval_shape``), and its JSON record."""
         restored = self._manager.restore(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
         return restored.state, restored.record

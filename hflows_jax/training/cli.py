@@ -1,25 +1,28 @@
-"""The command line of the experiments: one flag per ``Config`` field, ``--name=value``.
+"""The command line of the training experiments: one ``--flag=value`` per config field.
 
-Each experiment supplies its own defaults (a ``Config``) and docstring; errors a user
-can fix are printed as one line, not a traceback.
+An experiment supplies its default preset and docstring. ``--preset=NAME`` starts from
+another named preset; explicit flags always win. Values are checked by
+``Config.validate`` alone, and errors a user can fix are printed as one line, not a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from hflows_jax import models
-from hflows_jax.training.loop import DTYPES, Config, run
-from hflows_jax.training.pruners import METHODS
+from hflows_jax import methods, models
+from hflows_jax.training import presets
+from hflows_jax.training.config import DTYPES, Config
+from hflows_jax.training.train import run
 
 HELP = {
-    "model": "model name",
-    "method": "pruner: hyperflows, or a baseline (magnitude, snip, grasp, random, rigl)",
+    "model": f"model: {', '.join(sorted(models.MODELS))}",
+    "method": f"pruner: {', '.join(methods.REGISTRY)}",
     "distribution": "baselines: global, uniform or erk (default: the method's own)",
     "dataset": "cifar10, cifar100, mnist (tfds) or npz:PATH (local arrays)",
     "data_dir": "tfds data directory",
+    "dtype": f"compute dtype: {', '.join(DTYPES)}",
     "dense_epochs": "dense training first, when no --init_checkpoint is given",
     "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense directory",
     "batch_size": "global batch size, split over all devices",
@@ -34,6 +37,8 @@ HELP = {
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",
     "log_every": "steps between progress-bar updates",
+    "compilation_cache": "JAX's persistent compilation cache in ~/.cache/hflows_jax "
+                         "(repeated and resumed runs start in seconds); false to turn off",
 }
 
 
@@ -48,25 +53,24 @@ def _bool(text: str) -> bool:
 def parser(defaults: Config, prog: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        default = getattr(defaults, field.name)
-        kwargs = {"default": default, "help": HELP.get(field.name)}
-        if field.name == "model":
-            kwargs["choices"] = sorted(models.MODELS)
-        elif field.name == "method":
-            kwargs["choices"] = list(METHODS)
-        elif field.name == "dtype":
-            kwargs["choices"] = sorted(DTYPES)
-        elif isinstance(default, bool):
+    p.add_argument("--preset", help=f"start from a named preset: {', '.join(presets.PRESETS)}")
+    for flag, default in defaults.flags().items():
+        kwargs = {"default": default, "help": HELP.get(flag)}
+        if isinstance(default, bool):
             kwargs.update(type=_bool, nargs="?", const=True)
         elif isinstance(default, (int, float)):
             kwargs["type"] = type(default)
-        p.add_argument(f"--{field.name}", **kwargs)
+        p.add_argument(f"--{flag}", **kwargs)
     return p
 
 
 def parse(defaults: Config, prog: str, doc: str, argv=None) -> Config:
-    return Config(**vars(parser(defaults, prog, doc).parse_args(argv)))
+    known, _ = parser(defaults, prog, doc).parse_known_args(argv)
+    if known.preset:
+        defaults = presets.get(known.preset)
+    flags = vars(parser(defaults, prog, doc).parse_args(argv))
+    del flags["preset"]
+    return defaults.replace(**flags).validate()
 
 
 def main(defaults: Config, prog: str, doc: str, argv=None) -> dict:

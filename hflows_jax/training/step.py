@@ -1,12 +1,16 @@
-"""Per-device train and eval steps, written with named-axis collectives.
+"""The one masked train step, and the eval step, written with named-axis collectives.
 
-The functions below see one device's share of the batch and average over the axis
-``'batch'``: gradients, BatchNorm statistics and metrics. They therefore run unchanged
-under ``jax.pmap(..., axis_name='batch')`` and under ``jax.shard_map`` over a mesh with a
-``'batch'`` axis (see ``parallel.py``); with one device either is a plain step.
+The network runs on ``W * M`` (``hf.apply_masks``) and the gradient is taken with respect
+to those effective weights: that is what every pruner in this package expects. With
+``axis_name`` set, the step sees one device's share of the batch and averages gradients,
+BatchNorm statistics and metrics over that axis, so it runs unchanged under
+``jax.pmap(..., axis_name=AXIS)`` and under ``jax.shard_map`` over a mesh with that axis
+(``parallel.py``). With ``axis_name=None`` it is a plain step for ``jax.jit``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -25,45 +29,70 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: floa
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def effective_params(state: TrainState, pruned: bool):
+def effective_params(state: TrainState, masked: bool):
     """The weights the network runs on: ``W * M`` while pruning, ``W`` when dense."""
-    return hf.apply_masks(state.params, state.opt_state) if pruned else state.params
+    return hf.apply_masks(state.params, state.opt_state) if masked else state.params
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, pruned: bool,
-                    label_smoothing: float = 0.0):
-    """``(state, images, labels) -> (state, metrics)`` for one device's shard."""
+def _mean(tree, axis_name: str | None):
+    return tree if axis_name is None else lax.pmean(tree, axis_name)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, masked: bool,
+                    label_smoothing: float = 0.0, loss_term: Callable | None = None,
+                    axis_name: str | None = AXIS):
+    """``(state, images, labels) -> (state, metrics)``.
+
+    ``loss_term(weights, intermediates)``, when given, is added to the task loss; the
+    model's ``intermediates`` collection is then collected in the forward pass.
+    """
+    collections = ["batch_stats"] + (["intermediates"] if loss_term else [])
 
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         def loss_fn(weights):
             logits, new_vars = model.apply({"params": weights, "batch_stats": state.batch_stats},
-                                           images, train=True, mutable=["batch_stats"])
+                                           images, train=True, mutable=collections)
             loss = smoothed_cross_entropy(logits, labels, label_smoothing)
+            if loss_term is not None:
+                loss = loss + loss_term(weights, new_vars.get("intermediates", {}))
             return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(effective_params(state, pruned))
-        grads = lax.pmean(grads, AXIS)
+        (loss, (logits, batch_stats)), grads = grad_fn(effective_params(state, masked))
+        grads = _mean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
-            batch_stats=lax.pmean(batch_stats, AXIS),
+            batch_stats=_mean(batch_stats, axis_name),
             opt_state=opt_state,
         )
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-        return new_state, lax.pmean(metrics, AXIS)
+        return new_state, _mean(metrics, axis_name)
 
     return train_step
 
 
-def make_eval_step(model: nn.Module, pruned: bool):
-    """``(state, images, labels, valid) -> (correct, count)``, summed over devices."""
+def make_eval_step(model: nn.Module, masked: bool, axis_name: str | None = AXIS):
+    """``(state, images, labels, valid) -> (correct, count)`` over a stack of batches.
+
+    ``images`` is ``(batches, batch, ...)``: the whole test set is one program, a scan over
+    its batches, summed over devices.
+    """
 
     def eval_step(state: TrainState, images, labels, valid):
-        logits = model.apply({"params": effective_params(state, pruned),
-                              "batch_stats": state.batch_stats}, images, train=False)
-        correct = jnp.sum((jnp.argmax(logits, -1) == labels) * valid)
-        return lax.psum(correct, AXIS), lax.psum(jnp.sum(valid), AXIS)
+        variables = {"params": effective_params(state, masked), "batch_stats": state.batch_stats}
+
+        def one_batch(totals, batch):
+            x, y, v = batch
+            logits = model.apply(variables, x, train=False)
+            correct = jnp.sum((jnp.argmax(logits, -1) == y) * v)
+            return (totals[0] + correct, totals[1] + jnp.sum(v)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (correct, count), _ = lax.scan(one_batch, (zero, zero), (images, labels, valid))
+        if axis_name is not None:
+            correct, count = lax.psum(correct, axis_name), lax.psum(count, axis_name)
+        return correct, count
 
     return eval_step

@@ -57,7 +57,7 @@ def pruning_setup(devices):
                      optax.sgd(0.05, momentum=0.9))
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"],
                        variables["batch_stats"], tx.init(variables["params"]))
-    return make_train_step(model, tx, pruned=True, label_smoothing=0.1), state, np.asarray(x), \
+    return make_train_step(model, tx, masked=True, label_smoothing=0.1), state, np.asarray(x), \
         np.asarray(y)
 
 
@@ -93,9 +93,9 @@ def test_the_same_step_runs_under_shard_map():
 
 def test_tiny_run_splits_batches_over_two_devices(tmp_path):
     with tfds.testing.mock_data(num_examples=24):
-        report = run(Config(model="resnet20", width=0.25, dataset="cifar10", batch_size=8,
-                            dense_epochs=1, pruning_epochs=1, regrowth_epochs=0,
-                            workdir=str(tmp_path)))
+        report = run(Config().replace(model="resnet20", width=0.25, dataset="cifar10",
+                                      batch_size=8, dense_epochs=1, pruning_epochs=1,
+                                      regrowth_epochs=0, workdir=str(tmp_path)))
     assert report["devices"] == [str(d) for d in jax.local_devices()]
     assert 0.0 <= report["test_accuracy"] <= 1.0 and len(report["history"]) == 2
 
@@ -104,4 +104,4 @@ def test_batch_size_must_divide_over_devices(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="--batch_size=15 is not divisible by the 2 devices"):
-        Config(model="resnet20", batch_size=15, workdir=str(tmp_path)).validate()
+        run(Config().replace(model="resnet20", batch_size=15, workdir=str(tmp_path)))

@@ -1,0 +1,57 @@
+"""What every benchmark shares: its command line, its ``--quick`` rule, and its results.
+
+- ``parser`` adds ``--out`` and ``--quick``; ``parse`` applies the quick defaults, and
+  explicit flags always win over them.
+- ``write_results`` writes NAME.json, NAME.md and NAME.png to ``--out`` (atomically) and
+  prints the markdown.
+- ``command_line`` runs a ``main`` with one-line errors instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable
+
+from hflows_jax.training import outputs
+
+
+def parser(prog: str, doc: str, out: str, quick_help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="directory for the results")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv, quick: dict[str, Any]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, ``quick`` replaces the defaults (not explicit flags)."""
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**quick)
+    return p.parse_args(argv)
+
+
+def write_results(out: str, name: str, result: dict, markdown: str,
+                  plot: Callable[[Any], None]) -> None:
+    """NAME.json, NAME.md and NAME.png in ``out``; ``plot(fig)`` draws on a new Figure."""
+    from matplotlib.figure import Figure
+
+    os.makedirs(out, exist_ok=True)
+    outputs.write_json(os.path.join(out, f"{name}.json"), result)
+    env = result["environment"]
+    markdown += (f"\nRan on {env['machine']}, {env['cpu_count']} CPUs, devices "
+                 f"{env['devices']}, {env['date']}.\n")
+    outputs.atomic_write(os.path.join(out, f"{name}.md"), markdown)
+    fig = Figure(figsize=(7, 4.5))
+    plot(fig)
+    fig.tight_layout()
+    outputs.write_figure(os.path.join(out, f"{name}.png"), fig)
+    print(markdown)
+
+
+def command_line(main: Callable[[], Any]) -> None:
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

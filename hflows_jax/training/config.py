@@ -1,0 +1,141 @@
+"""What a run is: one frozen ``Config``, grouped as data, model, method, schedule, run.
+
+Everything here is plain Python (no jax), so a config can be built, compared, printed
+and checked before any device is touched. ``validate`` is the one place where a config's
+values are checked. On the command line and in ``report.json`` a config is flat: every
+field is a flag of its own name, except each group's ``name``, which is the group's flag
+(``--model=vgg19``, ``--method=hyperflows``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10, cifar100, mnist (tfds) or npz:PATH
+    data_dir: str | None = None
+    batch_size: int = 128  # global, split over all devices
+    augment: bool = True  # random crop (pad 4) and horizontal flip
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vgg19"
+    width: float = 1.0
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    name: str = "hyperflows"  # or a baseline: magnitude, snip, grasp, random, rigl
+    target_sparsity: float = 0.98
+    distribution: str | None = None  # baselines: global, uniform or erk (None: the method's)
+    presence_lr: float = 1e-3
+    regrowth_allowance: float = 0.15
+    pressure_updates_per_epoch: int = 1  # controller periods per epoch (reference: 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    dense_epochs: int = 160
+    init_checkpoint: str | None = None  # a run's checkpoints/dense: skip dense training
+    pruning_epochs: int = 100
+    regrowth_epochs: int = 60
+    dense_only: bool = False  # the dense baseline: dense_epochs of training, no pruning
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    workdir: str = "workdir/cifar"
+    eval_every: int = 1
+    log_every: int = 50
+    compilation_cache: bool = True  # JAX's persistent compilation cache, in a user directory
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig,
+          "schedule": ScheduleConfig, "run": RunConfig}
+# Flags that may change between a run and its resumption.
+RESUMABLE_CHANGES = frozenset({"workdir", "eval_every", "log_every", "data_dir",
+                               "compilation_cache"})
+DTYPES = ("float32", "bfloat16")
+
+
+def _flag_table() -> dict[str, tuple[str, str]]:
+    """flag -> (group, field)."""
+    return {(group if f.name == "name" else f.name): (group, f.name)
+            for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+FLAGS = _flag_table()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    run: RunConfig = RunConfig()
+
+    def flags(self) -> dict[str, Any]:
+        """The flat view: ``{flag: value}``, as on the command line and in report.json."""
+        return {flag: getattr(getattr(self, group), name)
+                for flag, (group, name) in FLAGS.items()}
+
+    def replace(self, **flags: Any) -> Config:
+        """A copy with some flags changed: ``cfg.replace(model="resnet20", batch_size=64)``."""
+        unknown = sorted(set(flags) - set(FLAGS))
+        if unknown:
+            raise ValueError(f"Unknown config fields {unknown}: known are {sorted(FLAGS)}.")
+        groups = {}
+        for flag, value in flags.items():
+            group, name = FLAGS[flag]
+            groups.setdefault(group, {})[name] = value
+        return dataclasses.replace(self, **{
+            group: dataclasses.replace(getattr(self, group), **changes)
+            for group, changes in groups.items()})
+
+    @property
+    def pruned(self) -> bool:
+        return not self.schedule.dense_only
+
+    def validate(self) -> Config:
+        """Every check of a config's values, in one place; returns the config."""
+        # The registries own the names; they are imported here, not at module level,
+        # so that this module stays free of jax.
+        from hflows_jax import methods, models
+
+        d, m, p, s, r = self.data, self.model, self.method, self.schedule, self.run
+        _require(0.0 < p.target_sparsity < 1.0,
+                 f"--target_sparsity must lie in (0, 1), got {p.target_sparsity}.")
+        _require(m.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+        _require(m.name in models.MODELS,
+                 f"Unknown model {m.name!r}: known models are {sorted(models.MODELS)}.")
+        _require(p.name in methods.REGISTRY,
+                 f"Unknown method {p.name!r}: use one of {list(methods.REGISTRY)}.")
+        _require(m.width > 0, f"--width must be positive, got {m.width}.")
+        _require(not s.dense_only or (s.dense_epochs >= 1 and not s.init_checkpoint),
+                 "--dense_only trains --dense_epochs (>= 1) from scratch.")
+        _require(min(s.dense_epochs, s.regrowth_epochs) >= 0 and s.pruning_epochs >= 1,
+                 "--dense_epochs and --regrowth_epochs must be >= 0, --pruning_epochs >= 1.")
+        _require(min(d.batch_size, r.eval_every, r.log_every,
+                     p.pressure_updates_per_epoch) >= 1,
+                 "--batch_size, --eval_every, --log_every and --pressure_updates_per_epoch "
+                 "must be >= 1.")
+        _require(p.regrowth_allowance >= 0,
+                 f"--regrowth_allowance must be >= 0, got {p.regrowth_allowance}.")
+        _require(p.presence_lr > 0 and s.lr > 0, "--lr and --presence_lr must be positive.")
+        methods.get(p.name).distribution(p.distribution)
+        return self
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

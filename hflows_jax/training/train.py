@@ -1,0 +1,441 @@
+"""The reference recipe as one resumable run: dense training, pruning, regrowth.
+
+Data flows one way, as in the Flax examples' ``train.py``:
+
+    config -> data -> model and method -> phases -> state (init, or restore onto a
+    template from ``jax.eval_shape``) -> epochs -> outputs
+
+``run(cfg)`` is what ``python -m experiments.cifar`` calls. Every epoch ends with an
+orbax checkpoint, so rerunning the same command continues the same run: batch order and
+augmentation depend only on (seed, epoch, step), and the checkpoint holds the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import hflows_jax as hf
+from hflows_jax import methods, models, recipe
+from hflows_jax.data import (ArrayDataset, channel_stats, load_dataset, normalize,
+                             steps_per_epoch, train_batches)
+from hflows_jax.training import outputs, parallel, plots
+from hflows_jax.training.checkpoint import Checkpoints
+from hflows_jax.training.config import RESUMABLE_CHANGES, Config
+from hflows_jax.training.flops import forward_macs
+from hflows_jax.training.state import TrainState
+from hflows_jax.training.step import make_eval_step, make_train_step, smoothed_cross_entropy
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A run's data: the dataset and its normalization."""
+
+    data: ArrayDataset
+    mean: np.ndarray
+    std: np.ndarray
+    steps_per_epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of training with one optimizer, checkpointed in its own directory."""
+
+    name: str  # "dense" or "pruning": the checkpoint directory
+    epochs: range  # global epoch numbers (1-based)
+    tx: optax.GradientTransformation
+    masked: bool  # the network runs on W * M
+    learning_rates: Callable[[int], dict[str, float]]  # phase step -> {"lr": ..., ...}
+    regrowth_from: int | None = None  # epochs from here on are logged as "regrowth"
+
+    def label(self, epoch: int) -> str:
+        return "regrowth" if self.regrowth_from and epoch >= self.regrowth_from else self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything fixed for the whole run."""
+
+    cfg: Config
+    inputs: Inputs
+    model: nn.Module
+    method: methods.Method
+    started: float  # time.time() at the start of this process's run
+
+
+# --- config -> data -> model and method -> phases ------------------------------------------
+
+def load_inputs(cfg: Config) -> Inputs:
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    if len(data.x_train) < cfg.data.batch_size:
+        raise ValueError(f"--batch_size={cfg.data.batch_size} exceeds the "
+                         f"{len(data.x_train)} training images.")
+    mean, std = channel_stats(data.x_train)
+    return Inputs(data, mean, std, steps_per_epoch(len(data.x_train), cfg.data.batch_size))
+
+
+def build_model(cfg: Config, num_classes: int, method: methods.Method,
+                axis_name: str | None = "batch", dtype=None) -> nn.Module:
+    model = models.create(cfg.model.name, num_classes, cfg.model.width,
+                          dtype or DTYPES[cfg.model.dtype], axis_name=axis_name)
+    return method.wrap_model(model) if method.wrap_model else model
+
+
+def initial_variables(cfg: Config, model: nn.Module, inputs: Inputs,
+                      dense_tx: optax.GradientTransformation) -> tuple[Any, Any]:
+    """Fresh params and batch stats, or those of ``--init_checkpoint``."""
+    variables = jax.jit(model.init, static_argnames="train")(
+        jax.random.key(cfg.run.seed),
+        jnp.zeros((1,) + inputs.data.image_shape, jnp.float32), train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    if not cfg.schedule.init_checkpoint:
+        return params, batch_stats
+    ckpt = Checkpoints(cfg.schedule.init_checkpoint)
+    epoch = ckpt.latest()
+    if epoch is None:
+        raise FileNotFoundError(f"--init_checkpoint={cfg.schedule.init_checkpoint} holds no "
+                                "checkpoint (pass a run's checkpoints/dense directory).")
+    state, _ = ckpt.restore(epoch, abstract_state(dense_tx, params, batch_stats))
+    ckpt.close()
+    return state.params, state.batch_stats
+
+
+def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
+            num_batches: int = 4) -> methods.Scoring:
+    """A loss and a few training batches for the scores of at-initialization methods.
+
+    BatchNorm runs in training mode (batch statistics), so no running averages and no
+    device axis are needed.
+    """
+    model = build_model(cfg, inputs.data.num_classes, method, axis_name=None,
+                        dtype=jnp.float32)
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch[0],
+                                train=True, mutable=["batch_stats"])
+        return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
+
+    batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
+                            cfg.run.seed, 0, inputs.mean, inputs.std, augment=False)
+    return methods.Scoring(loss_fn, [b for _, b in zip(range(num_batches), batches)])
+
+
+def dense_phase(cfg: Config, spe: int) -> Phase:
+    s = cfg.schedule
+    epochs = 0 if s.init_checkpoint else s.dense_epochs
+    lr = optax.cosine_decay_schedule(s.lr, max(epochs * spe, 1))
+    tx = optax.chain(optax.add_decayed_weights(s.weight_decay), optax.sgd(lr, momentum=0.9))
+    return Phase("dense", range(1, epochs + 1), tx, masked=False,
+                 learning_rates=lambda step: {"lr": float(lr(step))})
+
+
+def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
+                  first_epoch: int) -> Phase:
+    s, p = cfg.schedule, cfg.method
+    pruning_steps, regrowth_steps = s.pruning_epochs * spe, s.regrowth_epochs * spe
+    weight_lr = recipe.weight_learning_rate(s.lr, pruning_steps, regrowth_steps)
+    presence_lr = recipe.presence_learning_rate(p.presence_lr, pruning_steps, spe)
+    budget = methods.Budget(
+        target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
+        controller_period=max(1, spe // p.pressure_updates_per_epoch),
+        presence_lr=presence_lr, regrowth_allowance=p.regrowth_allowance,
+        distribution=p.distribution, seed=cfg.run.seed, scoring=score)
+    tx = optax.chain(method.build(budget), optax.add_decayed_weights(s.weight_decay),
+                     optax.sgd(weight_lr, momentum=0.9))
+
+    def learning_rates(step):
+        rates = {"lr": float(weight_lr(step))}
+        if method.has_pressure:
+            rates["presence_lr"] = float(presence_lr(step))
+        return rates
+
+    last = first_epoch + s.pruning_epochs + s.regrowth_epochs - 1
+    return Phase("pruning", range(first_epoch, last + 1), tx, masked=True,
+                 learning_rates=learning_rates, regrowth_from=first_epoch + s.pruning_epochs)
+
+
+# --- state: init or restore ----------------------------------------------------------------
+
+def new_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:
+    # One compiled program, not dozens of op-by-op dispatches (each compiles).
+    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, jax.jit(tx.init)(params))
+
+
+def abstract_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:
+    """The state's shapes and dtypes, for a restore: ``tx.init`` is traced, never run."""
+    return jax.eval_shape(lambda p, b: TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
+                          params, batch_stats)
+
+
+def record(cfg: Config, epochs_done: int, history: list[dict]) -> dict:
+    """The JSON side of a checkpoint."""
+    config = {k: v for k, v in cfg.flags().items() if k not in RESUMABLE_CHANGES}
+    return {"epochs_done": epochs_done, "seed": cfg.run.seed, "history": history,
+            "config": config}
+
+
+def check_same_run(cfg: Config, saved: dict) -> None:
+    mine, theirs = record(cfg, 0, [])["config"], saved.get("config", {})
+    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    if diff:
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{cfg.run.workdir} holds a run with another config ({changes}). "
+                         "Use a new --workdir, or the same flags to resume.")
+
+
+def resume_point(phases: tuple[Phase, ...], ckpts: dict) -> tuple[int, int | None]:
+    """(index of the latest phase with a checkpoint, its last saved epoch), else (0, None)."""
+    found = [(i, ckpts[p.name].latest()) for i, p in enumerate(phases)
+             if ckpts[p.name].latest() is not None]
+    return found[-1] if found else (0, None)
+
+
+# --- epochs -----------------------------------------------------------------------------
+
+def compile_steps(setup: Setup, phase: Phase, replicated: TrainState, test_set) -> tuple:
+    """The phase's pmapped train and eval steps, compiled ahead of time, and the seconds
+    that took (JAX's persistent compilation cache makes a repeated run's compile short)."""
+    cfg, n = setup.cfg, jax.local_device_count()
+    started = time.time()
+    train_step = parallel.pmapped(make_train_step(
+        setup.model, phase.tx, phase.masked, cfg.schedule.label_smoothing,
+        setup.method.loss_term), donate_state=True)
+    local = cfg.data.batch_size // jax.process_count()
+    images = np.zeros((n, local // n) + setup.inputs.data.image_shape, np.float32)
+    labels = np.zeros((n, local // n), np.int32)
+    train_step = train_step.lower(replicated, images, labels).compile()
+    eval_step = parallel.pmapped(make_eval_step(setup.model, phase.masked))
+    eval_step = eval_step.lower(replicated, *test_set).compile()
+    return train_step, eval_step, time.time() - started
+
+
+def device_test_set(inputs: Inputs, num_devices: int, max_batch: int = EVAL_BATCH):
+    """The normalized test set on the devices, ``(devices, batches, per_device, ...)``,
+    padded with zero-weight images, so evaluation is one program."""
+    images = normalize(inputs.data.x_test, inputs.mean, inputs.std)
+    count = len(images)
+    # As few batches as max_batch allows, as even as the device count allows: 1017 images
+    # make 2 batches of 510, not 1000 + 17 (and 983 images of padding).
+    batches = -(-count // max_batch)
+    batch_size = -(-count // (batches * num_devices)) * num_devices
+    padded = batches * batch_size
+
+    def layout(a):
+        a = np.concatenate([a, np.zeros((padded - count,) + a.shape[1:], a.dtype)])
+        a = a.reshape((batches, num_devices, batch_size // num_devices) + a.shape[1:])
+        return np.swapaxes(a, 0, 1)
+
+    valid = np.ones(count, np.float32)
+    arrays = tuple(layout(a) for a in (images, inputs.data.y_test, valid))
+    return jax.pmap(lambda *a: a)(*arrays)
+
+
+def train_epoch(setup: Setup, train_step, replicated: TrainState, epoch: int, label: str):
+    """One epoch of steps; returns the new state, mean loss and accuracy, and seconds."""
+    cfg, inputs, n = setup.cfg, setup.inputs, jax.local_device_count()
+    spe = inputs.steps_per_epoch
+    started = time.time()
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
+                            cfg.run.seed, epoch, inputs.mean, inputs.std, cfg.data.augment,
+                            jax.process_index(), jax.process_count())
+    bar = tqdm(batches, total=spe, desc=f"{label} {epoch}", leave=False, file=sys.stderr,
+               disable=None)
+    pending = []
+    for step, (images, labels) in enumerate(bar, 1):
+        replicated, metrics = train_step(replicated, parallel.split_for_devices(images, n),
+                                         parallel.split_for_devices(labels, n))
+        pending.append(metrics)
+        if step % cfg.run.log_every == 0 or step == spe:
+            for m in jax.device_get(pending):
+                for k in sums:
+                    sums[k] += float(m[k][0])
+            pending = []
+            bar.set_postfix(loss=f"{sums['loss'] / step:.4f}")
+    bar.close()
+    means = {"loss": sums["loss"] / spe, "train_accuracy": sums["accuracy"] / spe}
+    return replicated, means, time.time() - started
+
+
+def skipped_steps(state: TrainState, masked: bool) -> int:
+    """Steps the pruner skipped for non-finite gradients (Hyperflows counts them)."""
+    if not masked:
+        return 0
+    return int(getattr(hf.find_pruner_state(state.opt_state), "skipped", 0))
+
+
+def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, history: list,
+                ckpt: Checkpoints) -> tuple[TrainState, list, dict]:
+    """Epochs ``first..`` of a phase; returns the state, the history and timings."""
+    cfg, n = setup.cfg, jax.local_device_count()
+    replicated = parallel.replicate(state, n)
+    test_set = device_test_set(setup.inputs, n)
+    train_step, eval_step, compile_s = compile_steps(setup, phase, replicated, test_set)
+    timing = {"compile_s": compile_s, "train_s": 0.0, "images": 0}
+    print(f"{phase.name}: compiled in {compile_s:.1f} s", flush=True)
+    skipped = skipped_steps(state, phase.masked)
+    for epoch in range(first, phase.epochs[-1] + 1):
+        replicated, means, seconds = train_epoch(setup, train_step, replicated, epoch,
+                                                 phase.label(epoch))
+        state = parallel.unreplicate(replicated)
+        images = setup.inputs.steps_per_epoch * cfg.data.batch_size
+        timing = {**timing, "train_s": timing["train_s"] + seconds,
+                  "images": timing["images"] + images}
+        evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
+        now_skipped = skipped_steps(state, phase.masked)
+        row = {"phase": phase.label(epoch), "epoch": epoch, **means,
+               "test_accuracy": accuracy(eval_step, replicated, test_set) if evaluate else None,
+               "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
+               "pressure": (float(hf.pressure_value(state.opt_state))
+                            if phase.masked and setup.method.has_pressure else 0.0),
+               **phase.learning_rates(int(state.step)),
+               "skipped_steps": now_skipped - skipped,
+               "images_per_s": images / seconds,
+               "time_s": time.time() - setup.started}
+        skipped = now_skipped
+        history = history + [row]
+        log(row)
+        ckpt.save(epoch, state, record(cfg, epoch, history))
+        outputs.write_csv(os.path.join(cfg.run.workdir, "metrics.csv"), history)
+    return state, history, timing
+
+
+def accuracy(eval_step, replicated: TrainState, test_set) -> float:
+    correct, count = eval_step(replicated, *test_set)
+    return float(correct[0]) / float(count[0])
+
+
+def log(row: dict) -> None:
+    test = "  n/a " if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+    lrs = "  ".join(f"{k} {row[k]:.3g}" for k in ("lr", "presence_lr") if k in row)
+    skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
+    print(f"{row['phase']:>8} epoch {row['epoch']:3d}  loss {row['loss']:.4f}  "
+          f"train_acc {row['train_accuracy']:.4f}  test_acc {test}  "
+          f"sparsity {row['sparsity']:.4f}  pressure {row['pressure']:.4g}  {lrs}  "
+          f"{row['images_per_s']:.0f} img/s{skipped}  [{row['time_s']:.0f}s]", flush=True)
+
+
+# --- outputs ----------------------------------------------------------------------------
+
+def finish(setup: Setup, phase: Phase, state: TrainState, history: list,
+           timings: list[dict]) -> dict:
+    """report.json, run.png and the last line of the log."""
+    cfg, data = setup.cfg, setup.inputs.data
+    if phase.masked:
+        final, masks = hf.finalize(state.params, state.opt_state), hf.masks(state.opt_state)
+        layer_sparsity = {k: float(v) for k, v in hf.layer_sparsity(state.opt_state).items()}
+    else:
+        final, masks, layer_sparsity = state.params, None, {}
+    macs_dense, macs_sparse = forward_macs(setup.model, {"params": final,
+                                                         "batch_stats": state.batch_stats},
+                                           data.image_shape, masks)
+    params_total = sum(int(p.size) for p in jax.tree.leaves(state.params))
+    pruned = sum(int(m.size - m.sum()) for m in jax.tree.leaves(masks))
+    train_s = sum(t["train_s"] for t in timings)
+    result = {
+        "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
+            "test_accuracy"],
+        "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
+        "layer_sparsity": layer_sparsity,
+        "params_total": params_total,
+        "params_remaining": params_total - pruned,
+        "flops_dense": macs_dense,
+        "flops_sparse": macs_sparse,
+        "skipped_steps": sum(r["skipped_steps"] for r in history),
+        "compile_s": sum(t["compile_s"] for t in timings),
+        "images_per_s": sum(t["images"] for t in timings) / train_s if train_s else None,
+        "wall_time_s": time.time() - setup.started,
+        "devices": [str(d) for d in jax.local_devices()],
+        "config": cfg.flags(),
+        "history": history,
+    }
+    outputs.write_json(os.path.join(cfg.run.workdir, "report.json"), result)
+    plots.plot_run(os.path.join(cfg.run.workdir, "run.png"), history, layer_sparsity,
+                   f"{cfg.model.name} on {data.name}, target {cfg.method.target_sparsity:.1%}")
+    print(f"test_accuracy {result['test_accuracy']:.4f}  sparsity {result['sparsity']:.4f}  "
+          f"params {result['params_remaining']}/{params_total}  "
+          f"MACs {macs_sparse}/{macs_dense}  -> {cfg.run.workdir}", flush=True)
+    return result
+
+
+# --- the run ----------------------------------------------------------------------------
+
+def use_compilation_cache(cfg: Config) -> None:
+    """JAX's persistent compilation cache in a user directory, unless one is already set
+    (e.g. by ``JAX_COMPILATION_CACHE_DIR``) or ``--compilation_cache=false``."""
+    if not cfg.run.compilation_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif not jax.config.jax_compilation_cache_dir:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "hflows_jax", "jax"))
+
+
+def check_devices(cfg: Config) -> None:
+    devices = jax.device_count()
+    if cfg.data.batch_size % devices:
+        raise ValueError(f"--batch_size={cfg.data.batch_size} is not divisible by the "
+                         f"{devices} devices; use a multiple of {devices}.")
+
+
+def run(cfg: Config) -> dict:
+    cfg.validate()
+    check_devices(cfg)
+    use_compilation_cache(cfg)
+    started = time.time()
+    os.makedirs(cfg.run.workdir, exist_ok=True)
+    inputs = load_inputs(cfg)
+    method = methods.get(cfg.method.name)
+    setup = Setup(cfg, inputs, build_model(cfg, inputs.data.num_classes, method), method,
+                  started)
+    dense = dense_phase(cfg, inputs.steps_per_epoch)
+    params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
+    phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
+        cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
+        first_epoch=len(dense.epochs) + 1))
+    ckpts = {p.name: Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", p.name))
+             for p in phases}
+    try:
+        state, history, timings = run_phases(setup, phases, ckpts, params, batch_stats)
+    finally:
+        for ckpt in ckpts.values():
+            ckpt.close()
+    return finish(setup, phases[-1], state, history, timings)
+
+
+def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
+    """Train every phase from where the checkpoints leave off; each phase starts from the
+    weights the previous one ended with."""
+    start, restored = resume_point(phases, ckpts)
+    state, history, timings = None, [], []
+    for i, phase in enumerate(phases[start:], start):
+        if not phase.epochs:
+            continue
+        if state is not None:
+            params, batch_stats = state.params, state.batch_stats
+        first = phase.epochs[0]
+        if i == start and restored is not None:
+            state, saved = ckpts[phase.name].restore(
+                restored, abstract_state(phase.tx, params, batch_stats))
+            check_same_run(setup.cfg, saved)
+            history, first = saved["history"], restored + 1
+            print(f"Resuming {phase.name} after epoch {restored} from "
+                  f"{ckpts[phase.name].directory}", flush=True)
+        else:
+            state = new_state(phase.tx, params, batch_stats)
+        state, history, timing = train_phase(setup, phase, state, first, history,
+                                             ckpts[phase.name])
+        timings.append(timing)
+    return state, history, timings

@@ -1,0 +1,91 @@
+"""Config, presets and the command line: flat flags, one place of checks, explicit flags win."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from hflows_jax import methods, models
+from hflows_jax.training import Config, cli, presets
+from hflows_jax.training.config import FLAGS, GROUPS
+
+
+def test_every_field_is_one_flag_and_replace_round_trips():
+    cfg = Config()
+    fields = sum(len(dataclasses.fields(cls)) for cls in GROUPS.values())
+    assert len(FLAGS) == fields == len(cfg.flags())
+    assert {"model", "method", "dataset", "target_sparsity", "workdir"} <= set(FLAGS)
+    changed = cfg.replace(model="resnet20", batch_size=64, method="rigl", seed=3)
+    assert (changed.model.name, changed.data.batch_size, changed.method.name,
+            changed.run.seed) == ("resnet20", 64, "rigl", 3)
+    assert changed.model.width == cfg.model.width  # untouched fields stay
+    assert Config().replace(**changed.flags()) == changed
+    with pytest.raises(ValueError, match=r"Unknown config fields \['modle'\]"):
+        cfg.replace(modle="vgg19")
+
+
+def test_the_config_module_needs_no_jax():
+    code = ("import sys, importlib.util, pathlib; "
+            "spec = importlib.util.spec_from_file_location('config', "
+            "'hflows_jax/training/config.py'); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['config'] = m; spec.loader.exec_module(m); "
+            "m.Config().replace(seed=1); assert 'jax' not in sys.modules, 'jax imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(target_sparsity=0.0), r"--target_sparsity must lie in \(0, 1\)"),
+    (dict(target_sparsity=1.0), r"--target_sparsity must lie in \(0, 1\)"),
+    (dict(model="alexnet"), "Unknown model 'alexnet'"),
+    (dict(method="obd"), "Unknown method 'obd'"),
+    (dict(dtype="float16"), "--dtype must be one of"),
+    (dict(batch_size=0), "--batch_size"),
+    (dict(pruning_epochs=0), "--pruning_epochs >= 1"),
+    (dict(dense_only=True, dense_epochs=0), "--dense_only"),
+    (dict(method="random", distribution="global"), "does not apply to random"),
+    (dict(regrowth_allowance=-0.1), "--regrowth_allowance"),
+])
+def test_validate_names_the_bad_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        Config().replace(**flags).validate()
+
+
+def test_presets_are_complete_valid_configs():
+    assert {"cifar", "mnist", "compare_mnist", "compare_mnist_quick", "compare_cifar10_5k",
+            "compare_cifar10_5k_quick"} <= set(presets.PRESETS)
+    for name, cfg in presets.PRESETS.items():
+        assert isinstance(cfg, Config) and cfg.validate() is cfg, name
+        assert cfg.model.name in models.MODELS and cfg.method.name in methods.REGISTRY
+    quick = presets.get("compare_cifar10_5k_quick")
+    assert (quick.model.name, quick.schedule.pruning_epochs) == ("lenet5", 3)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        presets.get("imagenet")
+
+
+def test_cli_starts_from_a_preset_and_explicit_flags_win():
+    cfg = cli.parse(presets.CIFAR, "prog", "doc", ["--preset=mnist", "--seed=4",
+                                                    "--augment=true"])
+    assert cfg.model.name == "lenet300" and cfg.schedule.pruning_epochs == 40
+    assert cfg.run.seed == 4 and cfg.data.augment is True
+    plain = cli.parse(presets.CIFAR, "prog", "doc", ["--width=0.5", "--dense_only"])
+    assert plain.model.name == "vgg19" and plain.model.width == 0.5
+    assert plain.schedule.dense_only is True
+    with pytest.raises(ValueError, match="Unknown model 'alexnet'"):
+        cli.parse(presets.CIFAR, "prog", "doc", ["--model=alexnet"])
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar", "--model=alexnet",
+                             f"--workdir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "error: Unknown model 'alexnet'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_shared_data_skips_instead_of_failing():
+    from tests import conftest
+
+    with pytest.raises(pytest.skip.Exception, match="no_such_file.npz is missing"):
+        conftest.shared_file("no_such_file.npz")

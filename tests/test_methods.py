@@ -1,0 +1,91 @@
+"""The method registry, and its model and loss hooks reaching the train step and the run."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import hflows_jax as hf
+from hflows_jax import methods, models
+from hflows_jax.training import Config, TrainState, make_train_step, run
+from tests.helpers import subset_npz
+
+PENALTY = 0.3
+
+
+class Temperature(nn.Module):
+    """A model wrapper with one extra parameter, sown for the loss term."""
+
+    inner: nn.Module
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        t = self.param("temperature", nn.initializers.constant(1.5), ())
+        self.sow("intermediates", "temperature", t)
+        return self.inner(x, train=train) * t
+
+
+def temperature_penalty(params, intermediates):
+    return PENALTY * intermediates["temperature"][0] ** 2
+
+
+@pytest.fixture
+def tempered_method():
+    method = methods.register(methods.Method(
+        "tempered_random", lambda b: hf.baselines.random(b.target_sparsity, "uniform"),
+        distributions=("uniform",), prunes_at_init=True, wrap_model=Temperature,
+        loss_term=temperature_penalty))
+    yield method
+    methods.REGISTRY.pop(method.name)
+
+
+def test_registry_describes_every_method():
+    assert list(methods.REGISTRY) == ["hyperflows", "magnitude", "snip", "grasp", "random",
+                                      "rigl"]
+    assert [m.name for m in methods.REGISTRY.values() if m.has_pressure] == ["hyperflows"]
+    assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
+        "snip", "grasp", "random", "rigl"}
+    assert methods.get("random").distribution(None) == "erk"
+    assert methods.get("magnitude").distribution("uniform") == "uniform"
+    with pytest.raises(ValueError, match="does not apply to magnitude"):
+        methods.get("magnitude").distribution("erk")
+    with pytest.raises(ValueError, match="Unknown method 'obd'"):
+        methods.get("obd")
+
+
+def test_model_and_loss_hooks_reach_the_train_step(tempered_method):
+    model = tempered_method.wrap_model(models.create("lenet300", 3, width=0.05))
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
+    y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+    params = model.init(jax.random.key(2), x)["params"]
+    tx = optax.chain(hf.baselines.random(0.5, "uniform"), optax.sgd(0.1))
+    state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params))
+    step = jax.jit(make_train_step(model, tx, masked=True,
+                                   loss_term=tempered_method.loss_term, axis_name=None))
+    new_state, metrics = step(state, x, y)
+
+    def oracle(weights):  # the task loss on W * M, plus the penalty on the temperature
+        logits = model.apply({"params": weights}, x)
+        task = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return task + PENALTY * weights["temperature"] ** 2
+
+    effective = hf.apply_masks(params, state.opt_state)
+    loss, grads = jax.value_and_grad(oracle)(effective)
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    want = jax.tree.map(lambda p, g, m: p - 0.1 * (g if m is None else g * m),
+                        params, grads, hf.masks(state.opt_state), is_leaf=lambda v: v is None)
+    chex.assert_trees_all_close(new_state.params, want, atol=1e-6)
+
+
+def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_npz, tmp_path):
+    dataset = subset_npz(mnist_npz, tmp_path / "small.npz", train=64, test=32)
+    report = run(Config().replace(model="lenet300", width=0.05, dataset=dataset,
+                                  method="tempered_random", target_sparsity=0.5,
+                                  batch_size=32, dense_epochs=0, pruning_epochs=1,
+                                  regrowth_epochs=0, augment=False,
+                                  workdir=str(tmp_path / "run")))
+    lenet = 784 * 15 + 15 + 15 * 5 + 5 + 5 * 10 + 10
+    assert report["params_total"] == lenet + 1  # the wrapper's temperature
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
