@@ -15,8 +15,8 @@ Writes pressure_law.json, pressure_law.md and pressure_law.png to --out.
 
 from __future__ import annotations
 
+import functools
 import sys
-
 import time
 
 import jax
@@ -89,21 +89,23 @@ def train(step, state: TrainState, train_set, args, epochs: range):
         yield state
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _flow_stats(model, state: TrainState, images, labels):
+    def loss(w):
+        return smoothed_cross_entropy(model.apply({"params": w}, images), labels, 0.0)
+
+    grads = jax.grad(loss)(hf.apply_masks(state.params, state.opt_state))
+    flows = hf.flows(state.params, grads, state.opt_state)
+    present = masking.map_prunable(
+        lambda m, f: jnp.where(m & (f != 0), jnp.abs(f), jnp.nan).ravel(),
+        hf.masks(state.opt_state), flows)
+    flat = jnp.concatenate(masking.prunable_leaves(present))
+    return jnp.nanmin(flat), jnp.nanpercentile(flat, 1.0)
+
+
 def present_flow_stats(model, state: TrainState, probe) -> tuple[float, float]:
     """(smallest, 1st percentile) of the non-zero |flow| of present weights on ``probe``."""
-    @jax.jit
-    def stat(state):
-        def loss(w):
-            return smoothed_cross_entropy(model.apply({"params": w}, probe[0]), probe[1], 0.0)
-
-        grads = jax.grad(loss)(hf.apply_masks(state.params, state.opt_state))
-        flows = hf.flows(state.params, grads, state.opt_state)
-        present = masking.map_prunable(
-            lambda m, f: jnp.where(m & (f != 0), jnp.abs(f), jnp.nan).ravel(),
-            hf.masks(state.opt_state), flows)
-        flat = jnp.concatenate(masking.prunable_leaves(present))
-        return jnp.nanmin(flat), jnp.nanpercentile(flat, 1.0)
-    return tuple(float(v) for v in stat(state))
+    return tuple(float(v) for v in _flow_stats(model, state, *probe))
 
 
 def accuracy(model, state: TrainState, test_set) -> float:

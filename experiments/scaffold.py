@@ -4,17 +4,17 @@
   explicit flags always win over them.
 - ``write_results`` writes NAME.json, NAME.md and NAME.png to ``--out`` (atomically) and
   prints the markdown.
-- ``command_line`` runs a ``main`` with one-line errors instead of tracebacks.
+- ``command_line`` runs a ``main`` with one-line errors instead of tracebacks
+  (``cli.exit_on_user_errors``, as the training experiments do).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
-from hflows_jax.training import outputs
+from hflows_jax.training import cli, outputs
 
 
 def parser(prog: str, doc: str, out: str, quick_help: str) -> argparse.ArgumentParser:
@@ -50,8 +50,4 @@ def write_results(out: str, name: str, result: dict, markdown: str,
     print(markdown)
 
 
-def command_line(main: Callable[[], Any]) -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+command_line = cli.exit_on_user_errors

@@ -41,7 +41,7 @@ class Budget:
     controller_period: int  # steps between pressure-controller decisions
     presence_lr: optax.Schedule
     regrowth_allowance: float
-    distribution: str | None  # None: the method's default
+    distribution: str | None  # resolved by Method.distribution; None for methods without
     seed: int
     scoring: Scoring
 
@@ -90,32 +90,28 @@ def _hyperflows(b: Budget):
         presence_optimizer=optax.adam(b.presence_lr), seed=b.seed)
 
 
-def _distribution(name: str, b: Budget) -> str:
-    return get(name).distribution(b.distribution)
-
-
 register(Method("hyperflows", _hyperflows, has_pressure=True))
 register(Method(
     "magnitude", lambda b: hf.baselines.magnitude(
         b.target_sparsity, end_step=b.pruning_steps, update_every=b.steps_per_epoch,
-        distribution=_distribution("magnitude", b)),
+        distribution=b.distribution),
     distributions=("global", "uniform")))
 register(Method(
     "snip", lambda b: hf.baselines.snip(
         b.target_sparsity, b.scoring.loss_fn, b.scoring.batches,
-        distribution=_distribution("snip", b)),
+        distribution=b.distribution),
     distributions=("global", "uniform", "erk"), prunes_at_init=True))
 register(Method(
     "grasp", lambda b: hf.baselines.grasp(
         b.target_sparsity, b.scoring.loss_fn, b.scoring.batches,
-        distribution=_distribution("grasp", b)),
+        distribution=b.distribution),
     distributions=("global", "uniform", "erk"), prunes_at_init=True))
 register(Method(
     "random", lambda b: hf.baselines.random(
-        b.target_sparsity, distribution=_distribution("random", b), seed=b.seed),
+        b.target_sparsity, distribution=b.distribution, seed=b.seed),
     distributions=("erk", "uniform"), prunes_at_init=True))
 register(Method(
     "rigl", lambda b: hf.baselines.rigl(
         b.target_sparsity, end_step=b.pruning_steps, update_every=b.steps_per_epoch,
-        distribution=_distribution("rigl", b), seed=b.seed),
+        distribution=b.distribution, seed=b.seed),
     distributions=("erk", "uniform"), prunes_at_init=True))

@@ -1,12 +1,52 @@
-"""Learning-rate schedules of the reference recipe (METHOD.md section 4), as optax schedules.
+"""The reference recipe (METHOD.md sections 4 and 8) as functions of a run's length.
 
 The run after dense training has two phases: pruning (pressure on) and regrowth
-(pressure 0). Both schedules count optimizer steps from the start of the pruning phase.
+(pressure 0). The schedules count optimizer steps from the start of the pruning phase.
 """
 
 from __future__ import annotations
 
 import optax
+
+PRESENCE_INIT_MEAN = 0.35  # presence scores start uniform in (0.2, 0.5)
+
+
+def presence_regime(pruning_steps: int, decisions: int = 100,
+                    min_crossing_steps: int = 100) -> tuple[float, int]:
+    """(presence lr, steps between controller decisions) that keep a run of any length in
+    the reference's regime.
+
+    The reference prunes for 100 epochs of 391 steps with presence lr 1e-3: the
+    controller decides 100 times, and a score, which Adam moves by about the lr per step
+    of one-signed flow, needs about 0.35 / 1e-3 = 350 steps (about one controller period)
+    to cross zero. So: ``decisions`` periods over the pruning phase, and an lr at which
+    crossing takes one period, but never fewer than ``min_crossing_steps`` steps, so
+    that masks follow the flow's sign over many batches rather than its noise. The
+    reference's 39100 steps give lr 9.0e-4 and periods of 391 steps.
+    """
+    if pruning_steps < 1:
+        raise ValueError(f"pruning_steps must be >= 1, got {pruning_steps!r}.")
+    period = max(1, pruning_steps // decisions)
+    return PRESENCE_INIT_MEAN / max(min_crossing_steps, period), period
+
+
+def unreachable_warning(target_sparsity: float, presence_lr: float, pruning_steps: int,
+                        presence_init: tuple[float, float] = (0.2, 0.5)) -> str | None:
+    """Why the pruning phase cannot reach ``target_sparsity``, or None if it can.
+
+    Adam moves a score by at most about the lr per step, so in ``pruning_steps`` a score
+    travels at most ``lr * steps``. To prune a fraction s of scores that start uniform in
+    ``presence_init``, the s-quantile of that range must cross zero.
+    """
+    low, high = presence_init
+    needed = low + (high - low) * target_sparsity
+    travel = presence_lr * pruning_steps
+    if travel >= needed:
+        return None
+    return (f"the pruning phase cannot reach {target_sparsity:.2%} sparsity: in "
+            f"{pruning_steps} steps at presence lr {presence_lr:.3g} a presence score moves "
+            f"at most {travel:.3f}, and {needed:.3f} is needed. Give it more pruning epochs "
+            f"or leave --presence_lr to its default (recipe.presence_regime).")
 
 
 def weight_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int) -> optax.Schedule:

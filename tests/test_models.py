@@ -82,3 +82,41 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ValueError, match="known models are .*resnet20.*vgg19"):
         models.create("alexnet", 10)
+
+
+def test_reference_recipe_options_bn_scale_and_he_uniform():
+    x = jnp.ones((4, 32, 32, 3))
+    frozen = models.create("resnet20", 10, width=0.25, train_bn_scale=False,
+                           kernel_init="he_uniform", zero_init_residual=False)
+    trained = models.create("resnet20", 10, width=0.25)
+    vf, vt = frozen.init(jax.random.key(0), x), trained.init(jax.random.key(0), x)
+    scales = lambda v: [p for path, p in jax.tree.leaves_with_path(v["params"])  # noqa: E731
+                        if path[-1].key == "scale"]
+    assert scales(vf) == [] and len(scales(vt)) > 0  # frozen: no scale to train, it is 1
+    # zero-init of each block's last BatchNorm only in the default
+    assert float(vt["params"]["ResNetBlock_0"]["BatchNorm_1"]["scale"].sum()) == 0.0
+
+    def two_sgd_steps(model, variables):
+        def loss(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.mean(out ** 2)
+        params = variables["params"]
+        for _ in range(2):
+            params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
+        return params
+
+    moved = two_sgd_steps(trained, vt)
+    assert any(not jnp.array_equal(a, b) for a, b in zip(scales({"params": moved}), scales(vt)))
+    assert scales({"params": two_sgd_steps(frozen, vf)}) == []
+
+    # He-uniform: U(+-sqrt(6 / fan_in)), variance 2 / fan_in; Flax's lecun_normal: 1 / fan_in.
+    big = models.create("vgg19", 10, kernel_init="he_uniform")
+    kernel = big.init(jax.random.key(1), x[:1])["params"]["Conv_8"]["kernel"]  # 3x3x512->512
+    fan_in = 3 * 3 * kernel.shape[2]
+    assert float(jnp.var(kernel)) == pytest.approx(2.0 / fan_in, rel=0.02)
+    assert float(jnp.abs(kernel).max()) <= (6.0 / fan_in) ** 0.5
+    lecun = models.create("vgg19", 10).init(jax.random.key(1), x[:1])["params"]["Conv_8"]
+    assert float(jnp.var(lecun["kernel"])) == pytest.approx(1.0 / fan_in, rel=0.05)
+    with pytest.raises(ValueError, match="Unknown kernel init"):
+        models.create("lenet300", 10, kernel_init="orthogonal")

@@ -125,3 +125,16 @@ def test_steps_with_non_finite_gradients_are_reported(small_cifar, tmp_path, cap
     assert f"skipped {steps_per_epoch}" in capsys.readouterr().out
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["skipped_steps"] == report["skipped_steps"]
+
+
+def test_a_run_that_cannot_prune_says_so_at_start_and_in_its_report(small_cifar, tmp_path,
+                                                                      capsys):
+    report = run(config(model="lenet5", dataset=small_cifar, batch_size=16, dense_epochs=0,
+                        pruning_epochs=1, regrowth_epochs=0, target_sparsity=0.9,
+                        presence_lr=1e-3, workdir=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert out.index("WARNING: the pruning phase cannot reach") < out.index("epoch   1")
+    assert report["sparsity"] == 0.0  # 6 steps of lr 1e-3 move no score past 0
+    assert report["target_missed_by"] == pytest.approx(-0.9)
+    assert len(report["warnings"]) == 2 and "-90.00 points" in report["warnings"][1]
+    assert "WARNING: the run ended at 0.00% sparsity" in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hflows_jax.models.initializers import KERNEL_INITS, kernel_initializer
 from hflows_jax.models.lenet import LeNet5, LeNet300
 from hflows_jax.models.resnet import ResNet, ResNet18, ResNet20, ResNet50
 from hflows_jax.models.vgg import VGG
@@ -26,15 +27,26 @@ _HAS_BATCHNORM = {"resnet18", "resnet20", "resnet50", "vgg19"}
 
 
 def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = jnp.float32,
-           axis_name: str | None = None) -> nn.Module:
-    """The linen module for a ``--model`` name."""
+           axis_name: str | None = None, kernel_init: str = "lecun_normal",
+           train_bn_scale: bool = True, zero_init_residual: bool = True) -> nn.Module:
+    """The linen module for a ``--model`` name.
+
+    The recipe options apply where the model has the part they name: ``train_bn_scale``
+    and ``axis_name`` to BatchNorm nets, ``zero_init_residual`` to ResNets.
+    """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}: known models are {sorted(MODELS)}.")
     if width <= 0:
         raise ValueError(f"width must be positive, got {width!r}.")
-    kwargs = {"axis_name": axis_name} if name in _HAS_BATCHNORM else {}
-    return MODELS[name](num_classes=num_classes, width=width, dtype=dtype, **kwargs)
+    kernel_initializer(kernel_init)  # a clear error for an unknown name
+    kwargs = {}
+    if name in _HAS_BATCHNORM:
+        kwargs.update(axis_name=axis_name, train_bn_scale=train_bn_scale)
+    if name.startswith("resnet"):
+        kwargs.update(zero_init_residual=zero_init_residual)
+    return MODELS[name](num_classes=num_classes, width=width, dtype=dtype,
+                        kernel_init=kernel_init, **kwargs)
 
 
-__all__ = ["MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
+__all__ = ["KERNEL_INITS", "MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
            "VGG", "create"]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax.numpy as jnp
+
+from hflows_jax.models.initializers import kernel_initializer
 
 
 class LeNet300(nn.Module):
@@ -12,14 +16,17 @@ class LeNet300(nn.Module):
     num_classes: int = 10
     width: float = 1.0
     dtype: jnp.dtype = jnp.float32
+    kernel_init: str = "lecun_normal"  # or "he_uniform"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
+        init = kernel_initializer(self.kernel_init)
+        dense = partial(nn.Dense, dtype=self.dtype, kernel_init=init)
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for features in (300, 100):
-            x = nn.relu(nn.Dense(max(1, int(features * self.width)), dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+            x = nn.relu(dense(max(1, int(features * self.width)))(x))
+        return dense(self.num_classes)(x)
 
 
 class LeNet5(nn.Module):
@@ -28,16 +35,19 @@ class LeNet5(nn.Module):
     num_classes: int = 10
     width: float = 1.0
     dtype: jnp.dtype = jnp.float32
+    kernel_init: str = "lecun_normal"  # or "he_uniform"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
+        init = kernel_initializer(self.kernel_init)
+        dense = partial(nn.Dense, dtype=self.dtype, kernel_init=init)
         x = x.astype(self.dtype)
         for features in (6, 16):
             x = nn.Conv(max(1, int(features * self.width)), (5, 5), padding="VALID",
-                        dtype=self.dtype)(x)
+                        dtype=self.dtype, kernel_init=init)(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for features in (120, 84):
-            x = nn.relu(nn.Dense(max(1, int(features * self.width)), dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+            x = nn.relu(dense(max(1, int(features * self.width)))(x))
+        return dense(self.num_classes)(x)

@@ -8,7 +8,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hflows_jax.models.initializers import kernel_initializer
+
 ModuleDef = Any
+
+
+def last_norm(block) -> nn.Module:
+    """A block's last BatchNorm: scale initialized to 0 (Goyal et al.), or to 1."""
+    return block.norm(scale_init=nn.initializers.zeros) if block.zero_init_residual \
+        else block.norm()
 
 
 class ResNetBlock(nn.Module):
@@ -18,12 +26,13 @@ class ResNetBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
+    zero_init_residual: bool = True  # the last BatchNorm's scale starts at 0
 
     @nn.compact
     def __call__(self, x):
         residual = x
         y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)))
-        y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters, (3, 3))(y))
+        y = last_norm(self)(self.conv(self.filters, (3, 3))(y))
         if residual.shape != y.shape:
             residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
                                  name="conv_proj")(residual)
@@ -38,13 +47,14 @@ class BottleneckResNetBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
+    zero_init_residual: bool = True  # the last BatchNorm's scale starts at 0
 
     @nn.compact
     def __call__(self, x):
         residual = x
         y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
         y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)))
-        y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters * 4, (1, 1))(y))
+        y = last_norm(self)(self.conv(self.filters * 4, (1, 1))(y))
         if residual.shape != y.shape:
             residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
                                  name="conv_proj")(residual)
@@ -60,21 +70,28 @@ class ResNet(nn.Module):
     width: float = 1.0
     dtype: jnp.dtype = jnp.float32
     axis_name: str | None = None  # BatchNorm statistics are averaged over this axis
+    kernel_init: str = "lecun_normal"  # or "he_uniform" (the reference)
+    train_bn_scale: bool = True  # False: BatchNorm scale fixed at 1 (the reference)
+    zero_init_residual: bool = True  # False: every BatchNorm scale starts at 1 (the reference)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        init = kernel_initializer(self.kernel_init)
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=init)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
+                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
+                       use_scale=self.train_bn_scale)
         filters = max(1, int(self.num_filters * self.width))
         x = conv(filters, (3, 3), name="conv_init")(x.astype(self.dtype))
         x = nn.relu(norm(name="bn_init")(x))
         for i, block_count in enumerate(self.stage_sizes):
             for j in range(block_count):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = self.block_cls(filters * 2 ** i, conv=conv, norm=norm, strides=strides)(x)
+                x = self.block_cls(filters * 2 ** i, conv=conv, norm=norm, strides=strides,
+                                   zero_init_residual=self.zero_init_residual)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init)(x).astype(
+            jnp.float32)
 
 
 ResNet20 = partial(ResNet, stage_sizes=(3, 3, 3), block_cls=ResNetBlock, num_filters=16)

@@ -8,6 +8,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hflows_jax.models.initializers import kernel_initializer
+
 VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                 512, 512, 512, 512, "M", 512, 512, 512, 512)
 
@@ -20,18 +22,23 @@ class VGG(nn.Module):
     width: float = 1.0
     dtype: jnp.dtype = jnp.float32
     axis_name: str | None = None  # BatchNorm statistics are averaged over this axis
+    kernel_init: str = "lecun_normal"  # or "he_uniform" (the reference)
+    train_bn_scale: bool = True  # False: BatchNorm scale fixed at 1 (the reference)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
+                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
+                       use_scale=self.train_bn_scale)
+        init = kernel_initializer(self.kernel_init)
         x = x.astype(self.dtype)
         for layer in self.layers:
             if layer == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             else:
                 x = nn.Conv(max(1, int(layer * self.width)), (3, 3), use_bias=False,
-                            dtype=self.dtype)(x)
+                            dtype=self.dtype, kernel_init=init)(x)
                 x = nn.relu(norm()(x))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init)(x).astype(
+            jnp.float32)

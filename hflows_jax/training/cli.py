@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
 from hflows_jax import methods, models
 from hflows_jax.training import presets
-from hflows_jax.training.config import DTYPES, Config
+from hflows_jax.training.config import DTYPES, FLAGS, Config
 from hflows_jax.training.train import run
 
 HELP = {
@@ -27,12 +28,16 @@ HELP = {
     "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense directory",
     "batch_size": "global batch size, split over all devices",
     "lr": "weight learning rate (SGD, momentum 0.9)",
-    "presence_lr": "Adam learning rate of the presence scores",
+    "presence_lr": "Adam learning rate of the presence scores (default: from the number of "
+                   "pruning steps, recipe.presence_regime)",
+    "kernel_init": "conv and dense kernel init: lecun_normal (Flax) or he_uniform (reference)",
+    "train_bn_scale": "train BatchNorm scales; false keeps them at 1, as the reference does",
+    "zero_init_residual": "ResNets: start each block's last BatchNorm scale at 0",
     "regrowth_allowance": "expected relative density gain of the regrowth phase; the pruning "
                           "phase aims that much below the target density",
     "dense_only": "the dense baseline: train --dense_epochs, no pruning",
-    "pressure_updates_per_epoch": "pressure-controller periods per epoch (the reference: 1); "
-                                  "more help short runs land on the target",
+    "pressure_updates_per_epoch": "pressure-controller periods per epoch (default: about 100 "
+                                  "over the pruning phase, recipe.presence_regime)",
     "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",
@@ -50,22 +55,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parser(defaults: Config, prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc,
+def parser(defaults: Config, prog: str, doc: str, add_help: bool = True
+           ) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"start from a named preset: {', '.join(presets.PRESETS)}")
     for flag, default in defaults.flags().items():
+        kind = FLAGS[flag][2]
         kwargs = {"default": default, "help": HELP.get(flag)}
-        if isinstance(default, bool):
+        if kind is bool:
             kwargs.update(type=_bool, nargs="?", const=True)
-        elif isinstance(default, (int, float)):
-            kwargs["type"] = type(default)
+        else:
+            kwargs["type"] = kind
         p.add_argument(f"--{flag}", **kwargs)
     return p
 
 
 def parse(defaults: Config, prog: str, doc: str, argv=None) -> Config:
-    known, _ = parser(defaults, prog, doc).parse_known_args(argv)
+    # First pass: only --preset, so that --help lists the chosen preset's defaults.
+    known, _ = parser(defaults, prog, doc, add_help=False).parse_known_args(argv)
     if known.preset:
         defaults = presets.get(known.preset)
     flags = vars(parser(defaults, prog, doc).parse_args(argv))
@@ -77,9 +85,13 @@ def main(defaults: Config, prog: str, doc: str, argv=None) -> dict:
     return run(parse(defaults, prog, doc, argv))
 
 
-def command_line(defaults: Config, prog: str, doc: str) -> None:
-    """``main`` for ``python -m``: errors a user can fix exit with one line, no traceback."""
+def exit_on_user_errors(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` for ``python -m``: errors a user can fix exit with one line, no traceback."""
     try:
-        main(defaults, prog, doc)
+        fn()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def command_line(defaults: Config, prog: str, doc: str) -> None:
+    exit_on_user_errors(lambda: main(defaults, prog, doc))

@@ -26,6 +26,9 @@ class ModelConfig:
     name: str = "vgg19"
     width: float = 1.0
     dtype: str = "float32"  # compute dtype: float32 or bfloat16
+    kernel_init: str = "lecun_normal"  # or "he_uniform" (the reference)
+    train_bn_scale: bool = True  # False: BatchNorm scale fixed at 1 (the reference)
+    zero_init_residual: bool = True  # ResNets: a block's last BatchNorm scale starts at 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +36,9 @@ class MethodConfig:
     name: str = "hyperflows"  # or a baseline: magnitude, snip, grasp, random, rigl
     target_sparsity: float = 0.98
     distribution: str | None = None  # baselines: global, uniform or erk (None: the method's)
-    presence_lr: float = 1e-3
+    presence_lr: float | None = None  # None: recipe.presence_regime of the pruning steps
     regrowth_allowance: float = 0.15
-    pressure_updates_per_epoch: int = 1  # controller periods per epoch (reference: 1)
+    pressure_updates_per_epoch: int | None = None  # None: recipe.presence_regime (~100 in all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +70,11 @@ RESUMABLE_CHANGES = frozenset({"workdir", "eval_every", "log_every", "data_dir",
 DTYPES = ("float32", "bfloat16")
 
 
-def _flag_table() -> dict[str, tuple[str, str]]:
-    """flag -> (group, field)."""
-    return {(group if f.name == "name" else f.name): (group, f.name)
+def _flag_table() -> dict[str, tuple[str, str, type]]:
+    """flag -> (group, field, value type); a field ``float | None`` has type float."""
+    types = {t.__name__: t for t in (bool, int, float, str)}
+    return {(group if f.name == "name" else f.name):
+            (group, f.name, types[str(f.type).split(" |")[0]])
             for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 
@@ -87,7 +92,7 @@ class Config:
     def flags(self) -> dict[str, Any]:
         """The flat view: ``{flag: value}``, as on the command line and in report.json."""
         return {flag: getattr(getattr(self, group), name)
-                for flag, (group, name) in FLAGS.items()}
+                for flag, (group, name, _) in FLAGS.items()}
 
     def replace(self, **flags: Any) -> Config:
         """A copy with some flags changed: ``cfg.replace(model="resnet20", batch_size=64)``."""
@@ -96,7 +101,7 @@ class Config:
             raise ValueError(f"Unknown config fields {unknown}: known are {sorted(FLAGS)}.")
         groups = {}
         for flag, value in flags.items():
-            group, name = FLAGS[flag]
+            group, name, _ = FLAGS[flag]
             groups.setdefault(group, {})[name] = value
         return dataclasses.replace(self, **{
             group: dataclasses.replace(getattr(self, group), **changes)
@@ -126,12 +131,16 @@ class Config:
         _require(min(s.dense_epochs, s.regrowth_epochs) >= 0 and s.pruning_epochs >= 1,
                  "--dense_epochs and --regrowth_epochs must be >= 0, --pruning_epochs >= 1.")
         _require(min(d.batch_size, r.eval_every, r.log_every,
-                     p.pressure_updates_per_epoch) >= 1,
+                     p.pressure_updates_per_epoch or 1) >= 1,
                  "--batch_size, --eval_every, --log_every and --pressure_updates_per_epoch "
                  "must be >= 1.")
         _require(p.regrowth_allowance >= 0,
                  f"--regrowth_allowance must be >= 0, got {p.regrowth_allowance}.")
-        _require(p.presence_lr > 0 and s.lr > 0, "--lr and --presence_lr must be positive.")
+        _require((p.presence_lr is None or p.presence_lr > 0) and s.lr > 0,
+                 "--lr and --presence_lr must be positive.")
+        _require(m.kernel_init in models.KERNEL_INITS,
+                 f"--kernel_init must be one of {list(models.KERNEL_INITS)}, "
+                 f"got {m.kernel_init!r}.")
         methods.get(p.name).distribution(p.distribution)
         return self
 

@@ -38,6 +38,7 @@ from hflows_jax.training.step import make_eval_step, make_train_step, smoothed_c
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_BATCH = 1000
+TARGET_TOLERANCE = 0.005  # a final sparsity further than this from the target is a miss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Setup:
     model: nn.Module
     method: methods.Method
     started: float  # time.time() at the start of this process's run
+    test_set: Any  # the test set on the devices (device_test_set)
+    warnings: tuple[str, ...] = ()  # what keeps the run from its target, known at start
 
 
 # --- config -> data -> model and method -> phases ------------------------------------------
@@ -89,8 +92,11 @@ def load_inputs(cfg: Config) -> Inputs:
 
 def build_model(cfg: Config, num_classes: int, method: methods.Method,
                 axis_name: str | None = "batch", dtype=None) -> nn.Module:
-    model = models.create(cfg.model.name, num_classes, cfg.model.width,
-                          dtype or DTYPES[cfg.model.dtype], axis_name=axis_name)
+    m = cfg.model
+    model = models.create(m.name, num_classes, m.width, dtype or DTYPES[m.dtype],
+                          axis_name=axis_name, kernel_init=m.kernel_init,
+                          train_bn_scale=m.train_bn_scale,
+                          zero_init_residual=m.zero_init_residual)
     return method.wrap_model(model) if method.wrap_model else model
 
 
@@ -142,17 +148,39 @@ def dense_phase(cfg: Config, spe: int) -> Phase:
                  learning_rates=lambda step: {"lr": float(lr(step))})
 
 
+def presence_settings(cfg: Config, spe: int) -> tuple[float, int]:
+    """(presence lr, controller period in steps): the flags where given, else the
+    reference regime for this run's length (``recipe.presence_regime``)."""
+    p = cfg.method
+    lr, period = recipe.presence_regime(cfg.schedule.pruning_epochs * spe)
+    if p.pressure_updates_per_epoch:
+        period = max(1, spe // p.pressure_updates_per_epoch)
+    return p.presence_lr or lr, period
+
+
+def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
+    """What can be told before the run that keeps it from its target."""
+    if not cfg.pruned or not method.has_pressure:
+        return []
+    p = cfg.method
+    warning = recipe.unreachable_warning(
+        recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance),
+        presence_settings(cfg, spe)[0], cfg.schedule.pruning_epochs * spe)
+    return [warning] if warning else []
+
+
 def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
                   first_epoch: int) -> Phase:
     s, p = cfg.schedule, cfg.method
     pruning_steps, regrowth_steps = s.pruning_epochs * spe, s.regrowth_epochs * spe
     weight_lr = recipe.weight_learning_rate(s.lr, pruning_steps, regrowth_steps)
-    presence_lr = recipe.presence_learning_rate(p.presence_lr, pruning_steps, spe)
+    lr, period = presence_settings(cfg, spe)
+    presence_lr = recipe.presence_learning_rate(lr, pruning_steps, spe)
     budget = methods.Budget(
         target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
-        controller_period=max(1, spe // p.pressure_updates_per_epoch),
-        presence_lr=presence_lr, regrowth_allowance=p.regrowth_allowance,
-        distribution=p.distribution, seed=cfg.run.seed, scoring=score)
+        controller_period=period, presence_lr=presence_lr,
+        regrowth_allowance=p.regrowth_allowance,
+        distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score)
     tx = optax.chain(method.build(budget), optax.add_decayed_weights(s.weight_decay),
                      optax.sgd(weight_lr, momentum=0.9))
 
@@ -198,8 +226,8 @@ def check_same_run(cfg: Config, saved: dict) -> None:
 
 def resume_point(phases: tuple[Phase, ...], ckpts: dict) -> tuple[int, int | None]:
     """(index of the latest phase with a checkpoint, its last saved epoch), else (0, None)."""
-    found = [(i, ckpts[p.name].latest()) for i, p in enumerate(phases)
-             if ckpts[p.name].latest() is not None]
+    found = [(i, epoch) for i, epoch in enumerate(ckpts[p.name].latest() for p in phases)
+             if epoch is not None]
     return found[-1] if found else (0, None)
 
 
@@ -227,8 +255,8 @@ def device_test_set(inputs: Inputs, num_devices: int, max_batch: int = EVAL_BATC
     padded with zero-weight images, so evaluation is one program."""
     images = normalize(inputs.data.x_test, inputs.mean, inputs.std)
     count = len(images)
-    # As few batches as max_batch allows, as even as the device count allows: 1017 images
-    # make 2 batches of 510, not 1000 + 17 (and 983 images of padding).
+    # As few batches as max_batch allows, as even as the device count allows: on one
+    # device 1017 images make 2 batches of 509, not 1000 + 17 (and 983 of padding).
     batches = -(-count // max_batch)
     batch_size = -(-count // (batches * num_devices)) * num_devices
     padded = batches * batch_size
@@ -278,39 +306,37 @@ def skipped_steps(state: TrainState, masked: bool) -> int:
 
 
 def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, history: list,
-                ckpt: Checkpoints) -> tuple[TrainState, list, dict]:
-    """Epochs ``first..`` of a phase; returns the state, the history and timings."""
+                ckpt: Checkpoints) -> tuple[TrainState, list]:
+    """Epochs ``first..`` of a phase; returns the state and the history. The first epoch
+    row of the phase in this process carries the compile time of its steps."""
     cfg, n = setup.cfg, jax.local_device_count()
     replicated = parallel.replicate(state, n)
-    test_set = device_test_set(setup.inputs, n)
-    train_step, eval_step, compile_s = compile_steps(setup, phase, replicated, test_set)
-    timing = {"compile_s": compile_s, "train_s": 0.0, "images": 0}
-    print(f"{phase.name}: compiled in {compile_s:.1f} s", flush=True)
+    train_step, eval_step, compile_s = compile_steps(setup, phase, replicated, setup.test_set)
     skipped = skipped_steps(state, phase.masked)
     for epoch in range(first, phase.epochs[-1] + 1):
         replicated, means, seconds = train_epoch(setup, train_step, replicated, epoch,
                                                  phase.label(epoch))
         state = parallel.unreplicate(replicated)
-        images = setup.inputs.steps_per_epoch * cfg.data.batch_size
-        timing = {**timing, "train_s": timing["train_s"] + seconds,
-                  "images": timing["images"] + images}
         evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
         now_skipped = skipped_steps(state, phase.masked)
         row = {"phase": phase.label(epoch), "epoch": epoch, **means,
-               "test_accuracy": accuracy(eval_step, replicated, test_set) if evaluate else None,
+               "test_accuracy": (accuracy(eval_step, replicated, setup.test_set)
+                                 if evaluate else None),
                "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
                "pressure": (float(hf.pressure_value(state.opt_state))
                             if phase.masked and setup.method.has_pressure else 0.0),
                **phase.learning_rates(int(state.step)),
                "skipped_steps": now_skipped - skipped,
-               "images_per_s": images / seconds,
+               "compile_s": compile_s if epoch == first else 0.0,
+               "train_s": seconds,
+               "images_per_s": setup.inputs.steps_per_epoch * cfg.data.batch_size / seconds,
                "time_s": time.time() - setup.started}
         skipped = now_skipped
         history = history + [row]
         log(row)
         ckpt.save(epoch, state, record(cfg, epoch, history))
         outputs.write_csv(os.path.join(cfg.run.workdir, "metrics.csv"), history)
-    return state, history, timing
+    return state, history
 
 
 def accuracy(eval_step, replicated: TrainState, test_set) -> float:
@@ -322,16 +348,17 @@ def log(row: dict) -> None:
     test = "  n/a " if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
     lrs = "  ".join(f"{k} {row[k]:.3g}" for k in ("lr", "presence_lr") if k in row)
     skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
+    compiled = f"  compile {row['compile_s']:.1f}s" if row["compile_s"] else ""
     print(f"{row['phase']:>8} epoch {row['epoch']:3d}  loss {row['loss']:.4f}  "
           f"train_acc {row['train_accuracy']:.4f}  test_acc {test}  "
           f"sparsity {row['sparsity']:.4f}  pressure {row['pressure']:.4g}  {lrs}  "
-          f"{row['images_per_s']:.0f} img/s{skipped}  [{row['time_s']:.0f}s]", flush=True)
+          f"{row['images_per_s']:.0f} img/s{compiled}{skipped}  [{row['time_s']:.0f}s]",
+          flush=True)
 
 
 # --- outputs ----------------------------------------------------------------------------
 
-def finish(setup: Setup, phase: Phase, state: TrainState, history: list,
-           timings: list[dict]) -> dict:
+def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
     cfg, data = setup.cfg, setup.inputs.data
     if phase.masked:
@@ -344,19 +371,30 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list,
                                            data.image_shape, masks)
     params_total = sum(int(p.size) for p in jax.tree.leaves(state.params))
     pruned = sum(int(m.size - m.sum()) for m in jax.tree.leaves(masks))
-    train_s = sum(t["train_s"] for t in timings)
+    train_s = sum(r["train_s"] for r in history)
+    images = len(history) * setup.inputs.steps_per_epoch * cfg.data.batch_size
+    sparsity = float(hf.sparsity(state.opt_state)) if phase.masked else 0.0
+    missed_by = sparsity - cfg.method.target_sparsity if phase.masked else None
+    warnings = list(setup.warnings)
+    if missed_by is not None and abs(missed_by) > TARGET_TOLERANCE:
+        warnings.append(f"the run ended at {sparsity:.2%} sparsity, {100 * missed_by:+.2f} "
+                        f"points from the {cfg.method.target_sparsity:.2%} target.")
+    else:
+        missed_by = None
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
-        "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
+        "sparsity": sparsity,
+        "target_missed_by": missed_by,  # final - target when over 0.5 points apart, else None
+        "warnings": warnings,
         "layer_sparsity": layer_sparsity,
         "params_total": params_total,
         "params_remaining": params_total - pruned,
         "flops_dense": macs_dense,
         "flops_sparse": macs_sparse,
         "skipped_steps": sum(r["skipped_steps"] for r in history),
-        "compile_s": sum(t["compile_s"] for t in timings),
-        "images_per_s": sum(t["images"] for t in timings) / train_s if train_s else None,
+        "compile_s": sum(r["compile_s"] for r in history),  # over every process of the run
+        "images_per_s": images / train_s,  # steady training, compile and evaluation excluded
         "wall_time_s": time.time() - setup.started,
         "devices": [str(d) for d in jax.local_devices()],
         "config": cfg.flags(),
@@ -368,6 +406,8 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list,
     print(f"test_accuracy {result['test_accuracy']:.4f}  sparsity {result['sparsity']:.4f}  "
           f"params {result['params_remaining']}/{params_total}  "
           f"MACs {macs_sparse}/{macs_dense}  -> {cfg.run.workdir}", flush=True)
+    for warning in warnings:
+        print(f"WARNING: {warning}", flush=True)
     return result
 
 
@@ -376,9 +416,8 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list,
 def use_compilation_cache(cfg: Config) -> None:
     """JAX's persistent compilation cache in a user directory, unless one is already set
     (e.g. by ``JAX_COMPILATION_CACHE_DIR``) or ``--compilation_cache=false``."""
-    if not cfg.run.compilation_cache:
-        jax.config.update("jax_enable_compilation_cache", False)
-    elif not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_enable_compilation_cache", cfg.run.compilation_cache)
+    if cfg.run.compilation_cache and not jax.config.jax_compilation_cache_dir:
         root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         jax.config.update("jax_compilation_cache_dir", os.path.join(root, "hflows_jax", "jax"))
 
@@ -399,7 +438,10 @@ def run(cfg: Config) -> dict:
     inputs = load_inputs(cfg)
     method = methods.get(cfg.method.name)
     setup = Setup(cfg, inputs, build_model(cfg, inputs.data.num_classes, method), method,
-                  started)
+                  started, device_test_set(inputs, jax.local_device_count()),
+                  tuple(start_warnings(cfg, inputs.steps_per_epoch, method)))
+    for warning in setup.warnings:
+        print(f"WARNING: {warning}", flush=True)
     dense = dense_phase(cfg, inputs.steps_per_epoch)
     params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
     phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
@@ -408,18 +450,18 @@ def run(cfg: Config) -> dict:
     ckpts = {p.name: Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", p.name))
              for p in phases}
     try:
-        state, history, timings = run_phases(setup, phases, ckpts, params, batch_stats)
+        state, history = run_phases(setup, phases, ckpts, params, batch_stats)
     finally:
         for ckpt in ckpts.values():
             ckpt.close()
-    return finish(setup, phases[-1], state, history, timings)
+    return finish(setup, phases[-1], state, history)
 
 
 def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
     """Train every phase from where the checkpoints leave off; each phase starts from the
-    weights the previous one ended with."""
+    weights the previous one ended with. Returns the last state and the history."""
     start, restored = resume_point(phases, ckpts)
-    state, history, timings = None, [], []
+    state, history = None, []
     for i, phase in enumerate(phases[start:], start):
         if not phase.epochs:
             continue
@@ -435,7 +477,7 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
                   f"{ckpts[phase.name].directory}", flush=True)
         else:
             state = new_state(phase.tx, params, batch_stats)
-        state, history, timing = train_phase(setup, phase, state, first, history,
-                                             ckpts[phase.name])
-        timings.append(timing)
-    return state, history, timings
+        if first <= phase.epochs[-1]:  # a finished phase is not compiled again
+            state, history = train_phase(setup, phase, state, first, history,
+                                         ckpts[phase.name])
+    return state, history

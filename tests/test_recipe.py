@@ -1,0 +1,41 @@
+"""The reference recipe as functions of a run's length: presence regime, reachability."""
+
+import pytest
+
+from hflows_jax import methods, recipe
+from hflows_jax.training import presets, train
+
+
+def test_presence_regime_keeps_the_reference_and_scales_with_length():
+    lr, period = recipe.presence_regime(100 * 391)  # the reference: 100 epochs of 391 steps
+    assert period == 391 and lr == pytest.approx(0.35 / 391)
+    assert 0.8e-3 < lr < 1.2e-3  # the reference's 1e-3
+    lr, period = recipe.presence_regime(20 * 79)  # cifar10_5k, batch 64, 20 epochs
+    assert period == 15 and lr == pytest.approx(0.35 / 100)  # crossing takes >= 100 steps
+    for steps in (50, 1580, 18720, 39100, 10 ** 6):
+        lr, period = recipe.presence_regime(steps)
+        assert 0.35 / lr >= 100  # a score needs at least 100 one-signed steps to cross
+        assert 100 <= steps // period <= 200 or period == 1  # about 100 decisions
+    with pytest.raises(ValueError, match="pruning_steps"):
+        recipe.presence_regime(0)
+
+
+def test_unreachable_warning_from_the_travel_bound():
+    # 0.9 of scores uniform in (0.2, 0.5) need to travel 0.2 + 0.3 * 0.9 = 0.47.
+    assert recipe.unreachable_warning(0.9, 1e-3, 470) is None
+    message = recipe.unreachable_warning(0.9, 1e-3, 469)
+    assert "cannot reach 90.00%" in message and "0.469" in message and "0.470" in message
+
+
+def test_start_warning_fires_for_a_too_short_run_and_not_for_the_defaults():
+    hyperflows = methods.get("hyperflows")
+    # The run of the issue: ResNet-20 on cifar10_5k, batch 128 (39 steps an epoch), two
+    # pruning epochs at the recipe's presence lr 1e-3: scores move at most 0.078.
+    short = presets.CIFAR.replace(model="resnet20", dense_epochs=1, pruning_epochs=2,
+                                  regrowth_epochs=1, target_sparsity=0.9, presence_lr=1e-3)
+    assert train.start_warnings(short, 39, hyperflows)
+    # With its presence lr from the regime it still cannot prune in 78 steps.
+    assert train.start_warnings(short.replace(presence_lr=None), 39, hyperflows)
+    assert train.start_warnings(presets.MNIST, 468, hyperflows) == []
+    assert train.start_warnings(presets.CIFAR, 390, hyperflows) == []
+    assert train.start_warnings(short, 39, methods.get("magnitude")) == []
