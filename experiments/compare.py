@@ -3,14 +3,17 @@
     python -m experiments.compare --setting=mnist --out=results/compare_mnist
     python -m experiments.compare --setting=cifar10_5k --quick --out=/tmp/compare
 
-Methods x target sparsities x seeds. Where the setting's schedule has dense epochs
-(mnist), Hyperflows and gradual magnitude pruning start from a dense model (trained once
-per seed and shared), prune, then fine-tune (Hyperflows regrows there), and a row's wall
-time includes that dense training; SNIP, GraSP, random and RigL prune at initialization
-and train sparse for the same total number of epochs. Where it has none (cifar10_5k),
-every method starts from the same initialization. Each run is an ordinary training run
-(its own workdir under OUT/runs, resumable); finished runs are reused. Writes
-compare.json, compare.md and compare.png to --out.
+Methods x target sparsities x seeds, and a dense row (method "dense", target 0) trained
+for the same total epochs. Where the setting's schedule has dense epochs (mnist, and
+cifar10_5k in the reference's regime: 10 dense, 20 pruning, 5 regrowth epochs at batch
+64), Hyperflows and gradual magnitude pruning start from a dense model (trained once per
+seed and shared), prune, then fine-tune (Hyperflows regrows there), and a row's wall time
+includes that dense training; SNIP, GraSP, random and RigL prune at initialization and
+train sparse for the same total number of epochs. Where it has none (cifar10_5k_short,
+the earlier 6-epoch setting), every method starts from the same initialization. Each run
+is an ordinary training run (its own workdir under OUT/runs, resumable); finished runs
+are reused, so a killed sweep continues. Writes compare.json, compare.md and compare.png
+to --out.
 """
 
 from __future__ import annotations
@@ -28,22 +31,25 @@ from experiments import scaffold
 from hflows_jax import methods
 from hflows_jax.training import Config, outputs, presets, run
 
-SETTINGS = ("mnist", "cifar10_5k")  # presets compare_SETTING and compare_SETTING_quick
+SETTINGS = ("mnist", "cifar10_5k", "cifar10_5k_short")  # presets compare_SETTING[_quick]
+DENSE = "dense"  # the dense row: no pruning, the same total epochs, target_sparsity 0
 
 
 def parse_args(argv=None):
     p = scaffold.parser("python -m experiments.compare", __doc__, "workdir/compare",
                         "2 sparsities, 1 seed, short runs: under 5 minutes on 2 CPU cores")
     p.add_argument("--setting", default="mnist", choices=SETTINGS)
-    p.add_argument("--methods", default=",".join(methods.REGISTRY))
+    p.add_argument("--methods", default=",".join([*methods.REGISTRY, DENSE]),
+                   help=f"pruning methods, and {DENSE!r} for the dense row")
     p.add_argument("--sparsities", default="0.90,0.95,0.98,0.99")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", default=None, help="override the setting's npz:PATH")
     args = scaffold.parse(p, argv, {"sparsities": "0.9,0.98", "seeds": 1})
     args.methods = args.methods.split(",")
-    unknown = set(args.methods) - set(methods.REGISTRY)
+    unknown = set(args.methods) - {*methods.REGISTRY, DENSE}
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}: choose from {list(methods.REGISTRY)}")
+        p.error(f"unknown methods {sorted(unknown)}: choose from "
+                f"{[*methods.REGISTRY, DENSE]}")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     if any(not 0 < s < 1 for s in args.sparsities) or args.seeds < 1:
         p.error("sparsities must lie in (0, 1) and --seeds be >= 1")
@@ -65,6 +71,14 @@ def dense_config(args, seed: int) -> Config:
     """The dense training that the dense-first methods of this seed start from."""
     return setting_config(args).replace(dense_only=True, seed=seed, workdir=os.path.join(
         args.out, "runs", f"dense_seed{seed}"))
+
+
+def dense_row_config(args, seed: int) -> Config:
+    """Dense training for as many epochs as every pruning run has in all."""
+    s = setting_config(args).schedule
+    return setting_config(args).replace(
+        dense_only=True, seed=seed, dense_epochs=s.dense_epochs + s.pruning_epochs
+        + s.regrowth_epochs, workdir=os.path.join(args.out, "runs", f"dense_total_seed{seed}"))
 
 
 def run_config(args, method: str, sparsity: float, seed: int) -> Config:
@@ -125,7 +139,11 @@ def markdown(setting: str, summary: list[dict]) -> str:
 
 def plot(fig, setting: str, summary: list[dict]) -> None:
     ax = fig.subplots()
-    for method in dict.fromkeys(s["method"] for s in summary):
+    for s in summary:
+        if s["method"] == DENSE:
+            ax.axhline(100 * s["acc_mean"], color="black", ls="--", lw=1,
+                       label=f"dense ({100 * s['acc_mean']:.2f} %)")
+    for method in dict.fromkeys(s["method"] for s in summary if s["method"] != DENSE):
         # At the sparsity reached, not the one asked for: a method that overshoots its
         # target is compared where it actually stands.
         pts = sorted((s["sparsity_mean"], s["acc_mean"], s["acc_std"]) for s in summary
@@ -145,15 +163,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     env = outputs.environment()
     jobs = [(m, s, seed) for s in args.sparsities for seed in range(args.seeds)
-            for m in args.methods]
+            for m in args.methods if m != DENSE]
+    jobs += [(DENSE, 0.0, seed) for seed in range(args.seeds) if DENSE in args.methods]
     rows, dense_seconds = [], {}
     for method, sparsity, seed in tqdm(jobs, desc="compare", file=sys.stderr):
         seconds = 0.0
-        if starts_dense(args, method):
+        if method != DENSE and starts_dense(args, method):
             if seed not in dense_seconds:
                 dense_seconds[seed] = one_run(dense_config(args, seed))["wall_time_s"]
             seconds = dense_seconds[seed]
-        result = one_run(run_config(args, method, sparsity, seed))
+        result = one_run(dense_row_config(args, seed) if method == DENSE
+                         else run_config(args, method, sparsity, seed))
         rows.append({"method": method, "target_sparsity": sparsity, "seed": seed,
                      "test_accuracy": result["test_accuracy"], "sparsity": result["sparsity"],
                      "wall_time_s": seconds + result["wall_time_s"]})

@@ -1,7 +1,12 @@
-"""The pressure law and the neural pruning law, measured on LeNet-300-100 / MNIST.
+"""The pressure law and the neural pruning law, on LeNet-300-100 / MNIST or a BN conv net.
 
     python -m experiments.pressure_law --out=results/pressure_law
+    python -m experiments.pressure_law --setting=cifar10_5k --out=results/pressure_law_cifar
     python -m experiments.pressure_law --quick --out=/tmp/pl
+
+Settings: ``mnist`` (LeNet-300-100) and ``cifar10_5k`` (the narrow VGG-19 with BatchNorm
+on the CIFAR-10 subset, batch 64, 10 dense epochs, then 20 epochs per pressure at the
+presence lr of ``recipe.presence_regime``: the reference's regime). Explicit flags win.
 
 1. Constant-pressure runs over pressures spanning two decades, each from the same dense
    start and trained until the density settles. Fits ``density = c * gamma^(-alpha)``
@@ -27,17 +32,26 @@ from tqdm import tqdm
 
 import hflows_jax as hf
 from experiments import scaffold
-from hflows_jax import data, masking, models
+from hflows_jax import data, masking, models, recipe
 from hflows_jax.training import TrainState, make_train_step, outputs
 from hflows_jax.training.step import smoothed_cross_entropy
 
 QUICK = {"train_examples": 20000, "epochs": 8, "dense_epochs": 1}
+SETTINGS = {
+    "mnist": {},  # the flags' own defaults
+    "cifar10_5k": dict(dataset="npz:../shared/data/cifar10_5k.npz", model="vgg19", width=0.125,
+                       batch_size=64, dense_epochs=10, epochs=20,
+                       presence_lr=recipe.presence_regime(20 * (5085 // 64))[0]),
+}
 
 
 def parse_args(argv=None):
     p = scaffold.parser("python -m experiments.pressure_law", __doc__, "workdir/pressure_law",
                         "20k images, 8 epochs: a few minutes")
+    p.add_argument("--setting", default="mnist", choices=sorted(SETTINGS))
     p.add_argument("--dataset", default="npz:../shared/data/mnist.npz")
+    p.add_argument("--model", default="lenet300")
+    p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--gamma_min", type=float, default=0.1)
     p.add_argument("--gamma_max", type=float, default=10.0)
     p.add_argument("--points", type=int, default=8)
@@ -53,6 +67,7 @@ def parse_args(argv=None):
                    help="larger than the recipe's 1e-3, so that each run settles sooner")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(**SETTINGS[p.parse_known_args(argv)[0].setting])
     args = scaffold.parse(p, argv, QUICK)
     if not 0 < args.gamma_min < args.gamma_max or args.points < 3:
         p.error("need 0 < --gamma_min < --gamma_max and --points >= 3")
@@ -64,6 +79,8 @@ def parse_args(argv=None):
 def power_fit(x: np.ndarray, y: np.ndarray, degree: int = 1) -> tuple[np.ndarray, float]:
     """Polynomial fit of ln y on ln x, and its R^2 in log space."""
     lx, ly = np.log(x), np.log(y)
+    if np.ptp(lx) == 0:  # every x the same (e.g. nothing was pruned): no fit
+        return np.full(degree + 1, np.nan), float("nan")
     coef = np.polyfit(lx, ly, degree)
     residual = ly - np.polyval(coef, lx)
     total = np.sum((ly - ly.mean()) ** 2)  # 0 when every y is the same: no R^2
@@ -89,10 +106,16 @@ def train(step, state: TrainState, train_set, args, epochs: range):
         yield state
 
 
+def apply(model, state: TrainState, params, images):
+    """Logits in evaluation mode (BatchNorm on its running averages)."""
+    return model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                       train=False)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _flow_stats(model, state: TrainState, images, labels):
     def loss(w):
-        return smoothed_cross_entropy(model.apply({"params": w}, images), labels, 0.0)
+        return smoothed_cross_entropy(apply(model, state, w, images), labels, 0.0)
 
     grads = jax.grad(loss)(hf.apply_masks(state.params, state.opt_state))
     flows = hf.flows(state.params, grads, state.opt_state)
@@ -108,8 +131,10 @@ def present_flow_stats(model, state: TrainState, probe) -> tuple[float, float]:
     return tuple(float(v) for v in _flow_stats(model, state, *probe))
 
 
-def accuracy(model, state: TrainState, test_set) -> float:
-    logits = model.apply({"params": hf.finalize(state.params, state.opt_state)}, test_set[0])
+def accuracy(model, state: TrainState, test_set, batch: int = 1000) -> float:
+    final = hf.finalize(state.params, state.opt_state)
+    logits = jnp.concatenate([apply(model, state, final, test_set[0][i:i + batch])
+                              for i in range(0, len(test_set[0]), batch)])
     return float(jnp.mean(jnp.argmax(logits, -1) == test_set[1]))
 
 
@@ -144,10 +169,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
     train_set, test_set, num_classes = load(args)
-    model = models.create("lenet300", num_classes)
-    params = model.init(jax.random.key(args.seed), train_set[0][:1])["params"]
+    model = models.create(args.model, num_classes, args.width)
+    variables = model.init(jax.random.key(args.seed), train_set[0][:1])
+    params = variables["params"]
     dense_tx = optax.sgd(args.lr, momentum=0.9)
-    dense = TrainState(jnp.zeros((), jnp.int32), params, {}, dense_tx.init(params))
+    dense = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
+                       dense_tx.init(params))
     step = jax.jit(make_train_step(model, dense_tx, masked=False, axis_name=None))
     for dense in train(step, dense, train_set, args, range(1, args.dense_epochs + 1)):
         pass
@@ -207,7 +234,8 @@ def markdown(r: dict) -> str:
     rows = [[f"{p['gamma']:.4g}", f"{p['density']:.4f}", "yes" if p["settled"] else "no",
              f"{100 * p['test_accuracy']:.2f} %"] for p in r["runs"]]
     law = r["pruning_law"]
-    return (f"# pressure law (LeNet-300-100, MNIST)\n\n"
+    c = r["config"]
+    return (f"# pressure law ({c['model']} x{c['width']:g}, {c['dataset']})\n\n"
             f"density = {r['c']:.4g} * gamma^(-{r['alpha']:.4f}), R^2 = {r['r2']:.4f}\n\n"
             f"ln S = {r['quadratic']['ln_c']:.4f} - {r['quadratic']['a0']:.4f} ln gamma - "
             f"{r['quadratic']['a1']:.4f} (ln gamma)^2, R^2 = {r['quadratic']['r2']:.4f}\n\n"

@@ -39,6 +39,7 @@ class Budget:
     pruning_steps: int
     steps_per_epoch: int
     controller_period: int  # steps between pressure-controller decisions
+    controller: str  # a name in CONTROLLERS
     presence_lr: optax.Schedule
     regrowth_allowance: float
     distribution: str | None  # resolved by Method.distribution; None for methods without
@@ -70,6 +71,8 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+# Pressure controllers that track the expected-density trajectory, by --controller name.
+CONTROLLERS = {"trajectory": hf.pressure.trajectory, "pi": hf.pressure.log_density_pi}
 
 
 def register(method: Method) -> Method:
@@ -86,7 +89,8 @@ def get(name: str) -> Method:
 def _hyperflows(b: Budget):
     target = recipe.pruning_phase_sparsity(b.target_sparsity, b.regrowth_allowance)
     return hf.hyperflows(
-        pressure=hf.pressure.trajectory(target, b.pruning_steps, update_every=b.controller_period),
+        pressure=CONTROLLERS[b.controller](target, b.pruning_steps,
+                                           update_every=b.controller_period),
         presence_optimizer=optax.adam(b.presence_lr), seed=b.seed)
 
 

@@ -112,6 +112,21 @@ def expected_density(target_sparsity: float, epochs: int, end_ratio: float = 0.9
     return np.exp(np.cumsum(np.log(d0 + (end_ratio - d0) * sig)))
 
 
+def _expected_table(target_sparsity: float, total_steps: int, update_every: int
+                    ) -> tuple[int, int, int, jax.Array]:
+    """Checked (total_steps, update_every, periods) and the expected density per period."""
+    if not 0.0 < target_sparsity < 1.0:
+        raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}.")
+    total_steps = _check_positive_int("total_steps", total_steps)
+    update_every = _check_positive_int("update_every", update_every)
+    if update_every > total_steps:
+        raise ValueError(f"update_every={update_every} exceeds total_steps={total_steps}: "
+                         "the controller would never act.")
+    periods = total_steps // update_every
+    table = jnp.asarray(expected_density(target_sparsity, periods), jnp.float32)
+    return total_steps, update_every, periods, table
+
+
 def trajectory(target_sparsity: float, total_steps: int, update_every: int,
                step_size: float = 0.2, exponent: float = 1.5) -> PressureController:
     """The reference controller (METHOD.md section 5): track the expected density.
@@ -121,16 +136,9 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
     otherwise it falls likewise, floored at 0. The applied pressure is ``g ** exponent``
     and drops to 0 once ``total_steps`` have passed, which opens the regrowth phase.
     """
-    if not 0.0 < target_sparsity < 1.0:
-        raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}.")
-    total_steps = _check_positive_int("total_steps", total_steps)
-    update_every = _check_positive_int("update_every", update_every)
-    if update_every > total_steps:
-        raise ValueError(f"update_every={update_every} exceeds total_steps={total_steps}: "
-                         "the controller would never act.")
+    total_steps, update_every, epochs, table = _expected_table(target_sparsity, total_steps,
+                                                               update_every)
     _check_nonnegative("step_size", step_size)
-    epochs = total_steps // update_every
-    table = jnp.asarray(expected_density(target_sparsity, epochs), jnp.float32)
 
     def init():
         zero = jnp.zeros((), jnp.float32)
@@ -151,6 +159,47 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
             inertia_down=jnp.where(above, 0.0, state.inertia_down + step_size / 4),
         )
         new = jax.tree.map(lambda a, b: jnp.where(acts, a, b), stepped, state)
+        gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
+        return new._replace(gamma=gamma.astype(jnp.float32))
+
+    return PressureController(init, update)
+
+
+class LogDensityPIState(NamedTuple):
+    gamma: jax.Array  # applied pressure, g ** exponent (0 once the pruning phase is over)
+    g: jax.Array  # controller output before the exponent
+    error: jax.Array  # log(density / expected) at the last decision
+
+
+def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
+                   kp: float = 1.0, ki: float = 0.5, exponent: float = 1.5
+                   ) -> PressureController:
+    """A PI controller on the log-density error against the same expected trajectory.
+
+    At each decision ``e = log(density / expected)`` (positive: too dense) and
+    ``g <- max(g + kp * (e - e_last) + ki * e, 0)``: the integral term settles ``g`` where
+    the density follows the trajectory, and the proportional term, acting on the change
+    of the error, brakes as soon as the density turns, which the reference's growing
+    inertia does only after the density has crossed the curve. Not the reference
+    (``trajectory`` is); the pressure is ``g ** exponent`` and 0 after ``total_steps``.
+    """
+    total_steps, update_every, periods, table = _expected_table(target_sparsity, total_steps,
+                                                                update_every)
+    kp, ki = _check_nonnegative("kp", kp), _check_nonnegative("ki", ki)
+
+    def init():
+        zero = jnp.zeros((), jnp.float32)
+        return LogDensityPIState(gamma=zero, g=zero, error=zero)
+
+    def update(state, density, step):
+        step = jnp.asarray(step, jnp.int32)
+        period = step // update_every
+        acts = (step % update_every == 0) & (period >= 1) & (period <= periods)
+        expected = table[jnp.clip(period - 1, 0, periods - 1)]
+        error = jnp.log(jnp.maximum(density, 1e-6)) - jnp.log(expected)
+        g = jnp.maximum(state.g + kp * (error - state.error) + ki * error, 0.0)
+        new = LogDensityPIState(state.gamma, jnp.where(acts, g, state.g),
+                                jnp.where(acts, error, state.error))
         gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
         return new._replace(gamma=gamma.astype(jnp.float32))
 

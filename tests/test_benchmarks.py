@@ -105,8 +105,8 @@ def test_overhead_counts_state_bytes_exactly(tmp_path):
 
 
 def test_compare_without_dense_epochs_starts_every_method_from_initialization():
-    args = compare.parse_args(["--setting=cifar10_5k"])
-    preset = presets.get("compare_cifar10_5k").schedule
+    args = compare.parse_args(["--setting=cifar10_5k_short"])
+    preset = presets.get("compare_cifar10_5k_short").schedule
     assert preset.dense_epochs == 0
     for method in ("hyperflows", "magnitude", "random"):
         cfg = compare.run_config(args, method, 0.9, seed=1)
@@ -116,6 +116,13 @@ def test_compare_without_dense_epochs_starts_every_method_from_initialization():
         assert not compare.starts_dense(args, method)
     mnist = compare.parse_args(["--setting=mnist"])
     assert compare.starts_dense(mnist, "hyperflows") and not compare.starts_dense(mnist, "snip")
+    regime = compare.parse_args(["--setting=cifar10_5k"])  # the reference's regime
+    assert compare.starts_dense(regime, "hyperflows") and not compare.starts_dense(regime, "rigl")
+    cfg = compare.run_config(regime, "hyperflows", 0.95, seed=0)
+    assert cfg.method.presence_lr is None and cfg.method.pressure_updates_per_epoch is None
+    assert cfg.schedule.pruning_epochs * 5056 // cfg.data.batch_size >= 1500  # pruning steps
+    dense = compare.dense_row_config(regime, seed=0).schedule
+    assert dense.dense_only and dense.dense_epochs == 10 + 20 + 5
     at_init = compare.run_config(mnist, "snip", 0.9, seed=0).schedule
     dense_first = presets.get("compare_mnist").schedule
     assert at_init.dense_epochs == 0
@@ -140,3 +147,20 @@ def test_pressure_law_with_one_epoch_reports_no_settling(mnist_npz, tmp_path):
     assert all(r["last_change"] is None for r in result["runs"])
     assert result["pruning_law"]["exponent"] is None
     assert "n/a (one epoch)" in (tmp_path / "pressure_law.md").read_text()
+
+
+def test_pressure_law_on_a_batchnorm_net(cifar_npz, tmp_path):
+    """The cifar10_5k setting: a BatchNorm conv net, its running statistics in evaluation."""
+    result = pressure_law.main(["--setting=cifar10_5k", f"--dataset=npz:{cifar_npz}",
+                                "--model=resnet20", "--width=0.25", "--train_examples=256",
+                                "--points=3", "--epochs=2", "--dense_epochs=1",
+                                "--presence_lr=0.05", "--gamma_min=0.5", "--gamma_max=50",
+                                f"--out={tmp_path}"])
+    assert result["config"]["batch_size"] == 64  # the setting's, not the MNIST default
+    assert pressure_law.parse_args(["--setting=cifar10_5k"]).presence_lr == pytest.approx(
+        0.0035)  # the regime's, for 20 epochs of 79 steps
+    densities = [p["density"] for p in result["points"]]
+    assert densities[0] > densities[-1]  # more pressure, fewer weights
+    assert all(0.0 <= p["test_accuracy"] <= 1.0 for p in result["runs"])
+    assert np.isnan(pressure_law.power_fit(np.ones(3), np.arange(1.0, 4.0))[1])  # no x spread
+    assert "resnet20 x0.25" in (tmp_path / "pressure_law.md").read_text()

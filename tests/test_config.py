@@ -46,6 +46,8 @@ def test_the_config_module_needs_no_jax():
     (dict(dense_only=True, dense_epochs=0), "--dense_only"),
     (dict(method="random", distribution="global"), "does not apply to random"),
     (dict(regrowth_allowance=-0.1), "--regrowth_allowance"),
+    (dict(controller="bang_bang"), "--controller must be one of"),
+    (dict(kernel_init="orthogonal"), "--kernel_init must be one of"),
 ])
 def test_validate_names_the_bad_flag(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -53,11 +55,18 @@ def test_validate_names_the_bad_flag(flags, message):
 
 
 def test_presets_are_complete_valid_configs():
-    assert {"cifar", "mnist", "compare_mnist", "compare_mnist_quick", "compare_cifar10_5k",
-            "compare_cifar10_5k_quick"} <= set(presets.PRESETS)
+    assert {"cifar", "cifar_flax", "mnist", "compare_mnist", "compare_mnist_quick",
+            "compare_cifar10_5k", "compare_cifar10_5k_quick", "compare_cifar10_5k_short",
+            "compare_cifar10_5k_short_quick"} <= set(presets.PRESETS)
     for name, cfg in presets.PRESETS.items():
         assert isinstance(cfg, Config) and cfg.validate() is cfg, name
         assert cfg.model.name in models.MODELS and cfg.method.name in methods.REGISTRY
+    reference = {"kernel_init": "he_uniform", "train_bn_scale": False,
+                 "zero_init_residual": False}
+    for name in ("cifar", "compare_cifar10_5k"):  # the reference's model choices
+        assert {k: presets.get(name).flags()[k] for k in reference} == reference, name
+    assert presets.get("cifar_flax").model.kernel_init == "lecun_normal"
+    assert presets.get("mnist").model.kernel_init == "lecun_normal"  # MNIST unchanged
     quick = presets.get("compare_cifar10_5k_quick")
     assert (quick.model.name, quick.schedule.pruning_epochs) == ("lenet5", 3)
     with pytest.raises(ValueError, match="Unknown preset"):

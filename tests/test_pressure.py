@@ -108,3 +108,44 @@ def test_exponential_and_constant():
 def test_bad_controller_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_log_density_pi_matches_a_plain_restatement():
+    periods, every, kp, ki = 10, 4, 1.0, 0.5
+    ctrl = pressure.log_density_pi(0.95, periods * every, every, kp=kp, ki=ki)
+    expected = pressure.expected_density(0.95, periods)
+    rng = np.random.default_rng(1)
+    densities = expected * np.exp(rng.normal(0, 0.2, periods))
+    g, last, want = 0.0, 0.0, []
+    for density, target in zip(densities, expected):  # the docstring's rule, in floats
+        error = math.log(density / target)
+        g = max(g + kp * (error - last) + ki * error, 0.0)
+        last = error
+        want.append(g ** 1.5)
+    update = jax.jit(ctrl.update)
+    state = ctrl.init()
+    for step in range(1, periods * every + 1):
+        state = update(state, jnp.float32(densities[(step - 1) // every]), step)
+        if step % every == 0 and step < periods * every:
+            assert float(state.gamma) == pytest.approx(want[step // every - 1], rel=1e-4,
+                                                       abs=1e-6)
+    assert float(state.gamma) == 0.0  # pruning phase over
+
+
+def lagged_plant(ctrl, periods, every, lag=0.5, c=0.3, alpha=0.7):
+    """Density relaxes towards the pressure law c * gamma^-alpha with a lag per period."""
+    state, density, out = ctrl.init(), 1.0, []
+    for step in range(1, periods * every + 1):
+        if step % every == 1 or every == 1:
+            law = min(1.0, c * max(float(state.gamma), 1e-3) ** -alpha)
+            density = density + lag * (law - density)
+            out.append(density)
+        state = ctrl.update(state, jnp.float32(density), step)
+    return np.array(out)
+
+
+def test_both_controllers_steer_a_lagged_plant_to_the_trajectory_end():
+    periods, every = 40, 2
+    for make in (pressure.trajectory, pressure.log_density_pi):
+        densities = lagged_plant(make(0.9, periods * every, every), periods, every)
+        assert densities[-1] == pytest.approx(0.1, rel=0.1), make.__name__

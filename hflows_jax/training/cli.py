@@ -38,6 +38,8 @@ HELP = {
     "dense_only": "the dense baseline: train --dense_epochs, no pruning",
     "pressure_updates_per_epoch": "pressure-controller periods per epoch (default: about 100 "
                                   "over the pruning phase, recipe.presence_regime)",
+    "controller": "pressure controller: trajectory (the reference's) or pi (PI on the "
+                  "log-density error, hf.pressure.log_density_pi)",
     "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",

@@ -39,6 +39,7 @@ class MethodConfig:
     presence_lr: float | None = None  # None: recipe.presence_regime of the pruning steps
     regrowth_allowance: float = 0.15
     pressure_updates_per_epoch: int | None = None  # None: recipe.presence_regime (~100 in all)
+    controller: str = "trajectory"  # pressure controller: trajectory (reference) or pi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,9 @@ class Config:
                  f"--kernel_init must be one of {list(models.KERNEL_INITS)}, "
                  f"got {m.kernel_init!r}.")
         methods.get(p.name).distribution(p.distribution)
+        _require(p.controller in methods.CONTROLLERS,
+                 f"--controller must be one of {list(methods.CONTROLLERS)}, "
+                 f"got {p.controller!r}.")
         return self
 
 

@@ -178,7 +178,7 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
     presence_lr = recipe.presence_learning_rate(lr, pruning_steps, spe)
     budget = methods.Budget(
         target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
-        controller_period=period, presence_lr=presence_lr,
+        controller_period=period, controller=p.controller, presence_lr=presence_lr,
         regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score)
     tx = optax.chain(method.build(budget), optax.add_decayed_weights(s.weight_decay),
