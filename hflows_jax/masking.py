@@ -99,11 +99,16 @@ def check_update_args(grads: PyTree, params: PyTree | None, mask_tree: PyTree) -
     check_same_structure("masks in the optimizer state", mask_tree, params)
 
 
+def _map_masked(fn: Callable, tree: PyTree, mask_tree: PyTree) -> PyTree:
+    """``fn(m, x)`` where the mask is set; leaves where it is None unchanged."""
+    check_same_structure("masks", mask_tree, tree)
+    return jax.tree.map(lambda m, x: x if m is None else fn(m, x), mask_tree, tree,
+                        is_leaf=_is_none)
+
+
 def multiply_masks(tree: PyTree, mask_tree: PyTree) -> PyTree:
     """``x * M`` on prunable leaves, in the dtype of ``x``; leaves where M is None unchanged."""
-    check_same_structure("masks", mask_tree, tree)
-    return jax.tree.map(lambda m, x: x if m is None else x * m.astype(x.dtype), mask_tree,
-                        tree, is_leaf=_is_none)
+    return _map_masked(lambda m, x: x * m.astype(x.dtype), tree, mask_tree)
 
 
 def _is_pruner_state(x: Any) -> bool:
@@ -138,10 +143,8 @@ def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
 
 def finalize(params: PyTree, opt_state: PyTree) -> PyTree:
     """Params with every pruned entry exactly 0 (even if W held inf or NaN), for export."""
-    mask_tree = masks(opt_state)
-    check_same_structure("masks", mask_tree, params)
-    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-                        mask_tree, params, is_leaf=_is_none)
+    return _map_masked(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), params,
+                       masks(opt_state))
 
 
 def count_present(mask_tree: PyTree) -> tuple[jax.Array, int]:

@@ -358,6 +358,12 @@ def log(row: dict) -> None:
 
 # --- outputs ----------------------------------------------------------------------------
 
+def missed_target(cfg: Config, sparsity: float) -> float | None:
+    """Final minus target sparsity when they are further apart than TARGET_TOLERANCE."""
+    missed_by = sparsity - cfg.method.target_sparsity
+    return missed_by if abs(missed_by) > TARGET_TOLERANCE else None
+
+
 def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
     cfg, data = setup.cfg, setup.inputs.data
@@ -374,13 +380,11 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     train_s = sum(r["train_s"] for r in history)
     images = len(history) * setup.inputs.steps_per_epoch * cfg.data.batch_size
     sparsity = float(hf.sparsity(state.opt_state)) if phase.masked else 0.0
-    missed_by = sparsity - cfg.method.target_sparsity if phase.masked else None
+    missed_by = missed_target(cfg, sparsity) if phase.masked else None
     warnings = list(setup.warnings)
-    if missed_by is not None and abs(missed_by) > TARGET_TOLERANCE:
+    if missed_by is not None:
         warnings.append(f"the run ended at {sparsity:.2%} sparsity, {100 * missed_by:+.2f} "
                         f"points from the {cfg.method.target_sparsity:.2%} target.")
-    else:
-        missed_by = None
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
