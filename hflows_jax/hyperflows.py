@@ -142,9 +142,11 @@ def flows(params: PyTree, grads: PyTree, opt_state: PyTree) -> PyTree:
     """The flows ``ste_scale * W * grad`` Hyperflows computes: float32, None off prunable leaves.
 
     ``grads`` is the task gradient with respect to the effective weights ``W * M``;
-    ``ste_scale`` is read from the Hyperflows state in ``opt_state``.
+    ``ste_scale`` is read from the Hyperflows state in ``opt_state``. NNX ``Param`` states
+    are read through their values; the flows come back as plain arrays.
     """
     state = _hyperflows_state(opt_state, "flows")
+    params, grads = masking.unwrap_nnx(params), masking.unwrap_nnx(grads)
     masking.check_update_args(grads, params, state.presence)
     return _flows(state.ste_scale, state.presence, params, grads)
 

@@ -6,11 +6,17 @@ state anywhere in an optimizer state (inside ``optax.chain``, ``optax.MultiSteps
 ``optax.inject_hyperparams``, ...) so users never have to unpack the chain by hand.
 Masks are trees shaped like params, boolean where a leaf is prunable and ``None``
 where it is not.
+
+Flax NNX works too: the helpers take ``nnx.Optimizer.opt_state`` (every leaf wrapped in an
+``OptVariable``/``OptArray``) and ``nnx.state(model, nnx.Param)`` (leaves wrapped in
+``Param``). They read the values inside those wrappers (:func:`unwrap_nnx`); helpers that
+return params return them in the wrappers they were given, ready for ``nnx.update``.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
@@ -51,6 +57,30 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def unwrap_nnx(tree: PyTree) -> PyTree:
+    """Every Flax NNX Variable in ``tree`` (``Param``, ``OptVariable``, ...) replaced by its value.
+
+    A tree without NNX Variables (linen params, optax states) comes back as it is.
+    """
+    # NNX Variables exist only once flax.nnx is loaded: no import here, and none needed.
+    # (Since flax 0.11, nnx.state leaves are Variables too: VariableState is an alias.)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return tree
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if not any(map(is_variable, jax.tree.leaves(tree, is_leaf=is_variable))):
+        return tree
+    return jax.tree.map(lambda x: (x.get_value() if hasattr(x, "get_value") else x.value)
+                        if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def _rewrap_like(like: PyTree, tree: PyTree) -> PyTree:
+    """``tree`` (shaped like ``unwrap_nnx(like)``) in the NNX Variables of ``like``, if any."""
+    if unwrap_nnx(like) is like:
+        return tree
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(tree))
+
+
 def map_prunable(fn: Callable, like: PyTree, *trees: PyTree) -> PyTree:
     """``jax.tree.map`` over the prunable leaves of ``like`` (non-None), keeping None elsewhere."""
     return jax.tree.map(lambda t, *xs: None if t is None else fn(t, *xs),
@@ -68,7 +98,7 @@ def prunable_like(params: PyTree, is_prunable: IsPrunable | None,
       ValueError: if no leaf is prunable.
     """
     is_prunable = default_is_prunable if is_prunable is None else is_prunable
-    leaves, treedef = jax.tree.flatten_with_path(params)
+    leaves, treedef = jax.tree.flatten_with_path(unwrap_nnx(params))
     out = [fill(i, leaf) if is_prunable(path, leaf) else None
            for i, (path, leaf) in enumerate(leaves)]
     if all(x is None for x in out):
@@ -108,7 +138,8 @@ def _map_masked(fn: Callable, tree: PyTree, mask_tree: PyTree) -> PyTree:
 
 def multiply_masks(tree: PyTree, mask_tree: PyTree) -> PyTree:
     """``x * M`` on prunable leaves, in the dtype of ``x``; leaves where M is None unchanged."""
-    return _map_masked(lambda m, x: x * m.astype(x.dtype), tree, mask_tree)
+    out = _map_masked(lambda m, x: x * m.astype(x.dtype), unwrap_nnx(tree), unwrap_nnx(mask_tree))
+    return _rewrap_like(tree, out)
 
 
 def _is_pruner_state(x: Any) -> bool:
@@ -117,7 +148,11 @@ def _is_pruner_state(x: Any) -> bool:
 
 
 def find_pruner_state(opt_state: PyTree) -> PrunerState:
-    """The one :class:`PrunerState` (a NamedTuple) inside an optimizer state."""
+    """The one :class:`PrunerState` (a NamedTuple) inside an optimizer state.
+
+    In an NNX optimizer state, the pruner state comes back with plain values in its fields.
+    """
+    opt_state = unwrap_nnx(opt_state)
     if _is_pruner_state(opt_state):
         return opt_state
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_pruner_state)
@@ -143,8 +178,9 @@ def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
 
 def finalize(params: PyTree, opt_state: PyTree) -> PyTree:
     """Params with every pruned entry exactly 0 (even if W held inf or NaN), for export."""
-    return _map_masked(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), params,
-                       masks(opt_state))
+    out = _map_masked(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), unwrap_nnx(params),
+                      masks(opt_state))
+    return _rewrap_like(params, out)
 
 
 def count_present(mask_tree: PyTree) -> tuple[jax.Array, int]:

@@ -48,6 +48,9 @@ def test_the_config_module_needs_no_jax():
     (dict(regrowth_allowance=-0.1), "--regrowth_allowance"),
     (dict(controller="bang_bang"), "--controller must be one of"),
     (dict(kernel_init="orthogonal"), "--kernel_init must be one of"),
+    (dict(parallel="vmap"), "--parallel must be one of"),
+    (dict(coordinator_address="127.0.0.1:1234"), "go together"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), "--process_id must lie"),
 ])
 def test_validate_names_the_bad_flag(flags, message):
     with pytest.raises(ValueError, match=message):

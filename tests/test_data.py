@@ -36,6 +36,20 @@ def test_epoch_order_is_deterministic_and_process_shards_partition_each_batch():
         next(data.train_batches(images, labels, 10, 0, 0, mean, std, process_count=4))
 
 
+def test_augmented_process_shards_make_the_one_process_batch():
+    images = np.random.default_rng(2).integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    labels = np.arange(40, dtype=np.int32)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    whole = list(data.train_batches(images, labels, 8, 5, 1, mean, std, augment=True))
+    shards = [list(data.train_batches(images, labels, 8, 5, 1, mean, std, augment=True,
+                                      process_index=p, process_count=2)) for p in range(2)]
+    for step, (x, y) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([s[step][0] for s in shards]), x)
+        np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shards]), y)
+    plain = next(data.train_batches(images, labels, 8, 5, 1, mean, std, augment=False))
+    assert not np.array_equal(whole[0][0], plain[0])  # augmentation did happen
+
+
 def test_channel_stats_and_normalize():
     images = np.random.default_rng(1).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
     mean, std = data.channel_stats(images)
@@ -70,11 +84,6 @@ def test_tfds_through_data_source_on_mock_data(name, shape, classes):
         ds = data.load_dataset(name)
     assert ds.x_train.shape == (24,) + shape and ds.x_train.dtype == np.uint8
     assert ds.num_classes == classes and ds.y_test.shape == (24,)
-
-
-def test_unprepared_tfds_fails_fast_with_instructions(tmp_path):
-    with pytest.raises(FileNotFoundError, match="(?s)not.*download_and_prepare.*npz:PATH"):
-        data.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
 def test_tfds_errors_other_than_not_prepared_pass_through(monkeypatch):

@@ -27,6 +27,14 @@ def test_unreachable_warning_from_the_travel_bound():
     assert "cannot reach 90.00%" in message and "0.469" in message and "0.470" in message
 
 
+def test_overshoot_warning_below_five_crossing_times():
+    # 0.47 to travel at lr 1e-3: 470 steps to cross; five times that is 2350.
+    assert recipe.overshoot_warning(0.9, 1e-3, 2350) is None
+    message = recipe.overshoot_warning(0.9, 1e-3, 2349)
+    assert "about 470 steps" in message and "2349 steps" in message
+    assert recipe.overshoot_warning(0.9, 1e-3, 400) is None  # unreachable: the other warning
+
+
 def test_start_warning_fires_for_a_too_short_run_and_not_for_the_defaults():
     hyperflows = methods.get("hyperflows")
     # The run of the issue: ResNet-20 on cifar10_5k, batch 128 (39 steps an epoch), two
@@ -36,6 +44,10 @@ def test_start_warning_fires_for_a_too_short_run_and_not_for_the_defaults():
     assert train.start_warnings(short, 39, hyperflows)
     # With its presence lr from the regime it still cannot prune in 78 steps.
     assert train.start_warnings(short.replace(presence_lr=None), 39, hyperflows)
+    # Three pruning epochs of the narrow-VGG probe (79 steps an epoch): reachable, but
+    # short; that run ended at 99.87 % for a 90 % target.
+    probe = presets.CIFAR.replace(pruning_epochs=3, target_sparsity=0.9)
+    assert "overshoot" in " ".join(train.start_warnings(probe, 79, hyperflows))
     assert train.start_warnings(presets.MNIST, 468, hyperflows) == []
     assert train.start_warnings(presets.CIFAR, 390, hyperflows) == []
     assert train.start_warnings(short, 39, methods.get("magnitude")) == []

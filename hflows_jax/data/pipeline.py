@@ -3,9 +3,10 @@
 The order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, so a resumed
 run replays the same batches, and every process agrees on it without talking. Each
 process takes its own contiguous slice of every global batch (``jax.process_index()``),
-so multi-host runs read disjoint data. Augmentation runs on the host in NumPy with its
-own ``(seed, epoch, step, process)`` stream, before the batch is split over devices:
-the device count never changes what a global batch looks like.
+so multi-host runs read disjoint data. Augmentation runs on the host in NumPy; its random
+draws are made for the whole global batch from a ``(seed, epoch, step)`` stream and each
+process applies its slice of them: neither the device count nor the process count
+changes what a global batch looks like.
 """
 
 from __future__ import annotations
@@ -25,14 +26,22 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
     return (images.astype(np.float32) / 255.0 - mean) / std
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Random crop after zero-padding by ``pad`` pixels, then a random horizontal flip."""
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
+                     first: int = 0, total: int | None = None) -> np.ndarray:
+    """Random crop after zero-padding by ``pad`` pixels, then a random horizontal flip.
+
+    ``images`` are rows ``first, first + 1, ...`` of a batch of ``total`` (default: all
+    of it). The draws are made for the whole batch, so a process's share of a global
+    batch is augmented exactly as in a one-process run.
+    """
     n, h, w, _ = images.shape
+    total = total or n
+    part = slice(first, first + n)
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy = rng.integers(0, 2 * pad + 1, n)
-    dx = rng.integers(0, 2 * pad + 1, n)
+    dy = rng.integers(0, 2 * pad + 1, total)[part]
+    dx = rng.integers(0, 2 * pad + 1, total)[part]
     cols = dx[:, None] + np.arange(w)[None, :]
-    flip = rng.random(n) < 0.5
+    flip = (rng.random(total) < 0.5)[part]
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
     rows = dy[:, None] + np.arange(h)[None, :]
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -58,8 +67,11 @@ def train_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, see
     for step, idx in enumerate(order[:, process_index * local:(process_index + 1) * local]):
         batch = images[idx]
         if augment:
-            rng = np.random.default_rng((seed, epoch, step, process_index, 1))
-            batch = random_crop_flip(batch, rng)
+            # The 0 stood for the process index before the draws were made per global
+            # batch; kept so one-process runs replay the streams of earlier versions.
+            rng = np.random.default_rng((seed, epoch, step, 0, 1))
+            batch = random_crop_flip(batch, rng, first=process_index * local,
+                                     total=global_batch)
         yield normalize(batch, mean, std), labels[idx]
 
 

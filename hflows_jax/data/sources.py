@@ -3,13 +3,19 @@
 Both end as an in-memory ``ArrayDataset`` of uint8 NHWC images. CIFAR and MNIST fit in
 host memory many times over, and random access to plain arrays keeps shuffling,
 sharding and resuming exact and cheap. tfds is read with ``tfds.data_source`` (random
-access over array_record files), so no TensorFlow is needed at read time.
+access over array_record files), so no TensorFlow is needed at read time. On first use
+a tfds dataset is downloaded and prepared as array_record into ``data_dir``; that one
+step does need TensorFlow (tfds's builders read and encode with it), which the
+``prepare`` extra installs: ``pip install "hflows_jax[prepare]"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import urllib.parse
+import urllib.request
 
 import numpy as np
 
@@ -66,23 +72,104 @@ def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
     return _as_images(images), labels
 
 
+PREPARE_EXTRA = 'pip install "hflows_jax[prepare]"'
+
+
+def _prepare_command(name: str) -> str:
+    return (f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+            f"data_dir=DIR).download_and_prepare(file_format='array_record')\"")
+
+
+def _not_prepared(name: str, where: str, why: str) -> FileNotFoundError:
+    """The one error for "not prepared here, and it cannot be prepared here"."""
+    return FileNotFoundError(
+        f"The tfds dataset {name!r} is not prepared in {where} and {why}.\n"
+        f"On a machine with internet access and TensorFlow (the prepare extra: "
+        f"{PREPARE_EXTRA}) prepare it with\n{_prepare_command(name)}\n"
+        f"then copy DIR here and pass --data_dir=DIR, or use local arrays with "
+        f"--dataset=npz:PATH.")
+
+
+def _require_prepare_packages(name: str, where: str) -> None:
+    """tfds prepares mnist/cifar with TensorFlow, and imports importlib_resources lazily
+    (not a tfds dependency): both come with the ``prepare`` extra."""
+    try:
+        import importlib_resources  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"The tfds dataset {name!r} is not prepared in {where}, and preparing it "
+            f"needs TensorFlow and importlib_resources ({e}).\n"
+            f"Install them with {PREPARE_EXTRA} (in a checkout: pip install -e "
+            f"\".[prepare]\"), or prepare the dataset on another "
+            f"machine and pass --data_dir=DIR, or use local arrays with "
+            f"--dataset=npz:PATH.") from e
+
+
+def _check_reachable(builder, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, without a network: tfds retries a failed download
+    ten times with backoff (about 3.5 minutes). Skipped behind a proxy, which only
+    tfds's own request can test."""
+    if urllib.request.getproxies():
+        return
+    hosts = {urllib.parse.urlsplit(url) for url in (builder.url_infos or {})}
+    for host in sorted({(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+                        for u in hosts if u.hostname}):
+        try:
+            socket.create_connection(host, timeout=timeout).close()
+        except OSError as e:
+            raise ConnectionError(f"cannot reach {host[0]}: {e}") from e
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    from tensorflow_datasets.core.download.util import DownloadError
+    return (ConnectionError, TimeoutError, socket.gaierror,
+            requests.exceptions.RequestException, DownloadError)
+
+
+def _download_and_prepare(builder, name: str) -> None:
+    where = os.fspath(builder.data_dir_root)
+    _require_prepare_packages(name, where)
+    print(f"Downloading and preparing the tfds dataset {name!r} (first use) as "
+          f"array_record in {os.fspath(builder.data_dir)}", flush=True)
+    try:
+        _check_reachable(builder)
+        builder.download_and_prepare(file_format="array_record")
+    except _download_errors() as e:
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise _not_prepared(
+            name, where, f"could not be downloaded; no network access? "
+            f"({type(e).__name__}: {reason})") from e
+
+
+def _data_source(tfds, name: str, data_dir: str | None):
+    return tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
+                            download=False)
+
+
 def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
-    """A prepared tfds dataset, read through ``tfds.data_source`` without TensorFlow."""
+    """A tfds dataset, read through ``tfds.data_source`` without TensorFlow; downloaded
+    and prepared as array_record into ``data_dir`` first if it is not there yet."""
     import tensorflow_datasets as tfds
 
     try:
-        splits = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
-                                  download=False)
+        splits = _data_source(tfds, name, data_dir)
     except (NotImplementedError, FileNotFoundError) as e:
-        # What tfds raises when the dataset is not prepared (or not as array_record, which
-        # random access needs); any other error is not ours to rename.
-        raise FileNotFoundError(
-            f"The tfds dataset {name!r} is not prepared for random access in "
-            f"{data_dir or 'the default data_dir'} ({type(e).__name__}: {e}).\nOn a machine "
-            f"with internet access prepare it with\n"
-            f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
-            f"data_dir=DIR).download_and_prepare(file_format='array_record')\"\n"
-            f"then pass --data_dir=DIR, or use local arrays with --dataset=npz:PATH.") from e
+        # What tfds raises when the dataset is not prepared (tfds 4.9 takes an empty
+        # data_dir for tfrecord: NotImplementedError) or not as array_record, which random
+        # access needs; any other error is not ours to rename.
+        builder = tfds.builder(name, data_dir=data_dir)
+        if builder.is_prepared():  # prepared, but in a format without random access
+            raise FileNotFoundError(
+                f"The tfds dataset {name!r} is prepared in {builder.data_dir} but not as "
+                f"array_record, which random access needs.\nPrepare it as array_record "
+                f"into another directory DIR with\n{_prepare_command(name)}\n"
+                f"(or let hflows_jax do it: pass an empty --data_dir=DIR), or use local "
+                f"arrays with --dataset=npz:PATH.") from e
+        _download_and_prepare(builder, name)
+        splits = _data_source(tfds, name, data_dir)
     (x_train, y_train), (x_test, y_test) = (_read_split(s) for s in splits)
     return ArrayDataset(name, x_train, y_train, x_test, y_test, TFDS_DATASETS[name])
 

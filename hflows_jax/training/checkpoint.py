@@ -5,6 +5,10 @@ a run killed mid-save leaves the previous checkpoint intact. The JSON side holds
 data position (epochs done), the seed (batch order and augmentation are pure functions
 of seed, epoch and step, so the seed is the whole RNG state), the metrics history and
 the run's config.
+
+In a multi-process run every process takes part in a save: the state is handed to orbax
+as global arrays replicated over all devices, so orbax writes each array once and the
+JSON record from process 0, and commits the checkpoint when every process is done.
 """
 
 from __future__ import annotations
@@ -12,28 +16,40 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+from hflows_jax.training.parallel import batch_mesh, global_replicated, local_copy
 
 
 class Checkpoints:
-    def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str, max_to_keep: int | None = 2):
+        # Orbax also writes to cloud storage (gs://...), which has no absolute path.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
 
     def latest(self) -> int | None:
         return self._manager.latest_step()
 
+    def epochs(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, epoch: int, state: Any, record: dict) -> None:
         self._manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
+            state=ocp.args.StandardSave(global_replicated(state)),
+            record=ocp.args.JsonSave(record)))
 
     def restore(self, epoch: int, abstract: Any) -> tuple[Any, dict]:
         """The state saved at ``epoch``, restored onto ``abstract`` (``jax.ShapeDtypeStruct``
-        leaves, e.g. from ``jax.eval_shape``), and its JSON record."""
+        leaves, e.g. from ``jax.eval_shape``), and its JSON record. The state comes back
+        as this process's copy."""
+        replicated = jax.sharding.NamedSharding(batch_mesh(), jax.sharding.PartitionSpec())
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
         restored = self._manager.restore(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-        return restored.state, restored.record
+        return local_copy(restored.state), restored.record
 
     def close(self) -> None:
         self._manager.wait_until_finished()

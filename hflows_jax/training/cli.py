@@ -44,6 +44,12 @@ HELP = {
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",
     "log_every": "steps between progress-bar updates",
+    "keep_checkpoints": "checkpoints kept per phase (0: every epoch's, for analysis)",
+    "parallel": "pmap (default) or shard_map: the same per-device step over a device mesh",
+    "coordinator_address": "multi-process run started by hand: HOST:PORT of process 0 (with "
+                           "--num_processes and --process_id; TPU pods and SLURM need none)",
+    "num_processes": "multi-process run: how many processes (one per host)",
+    "process_id": "multi-process run: this process's index, 0 to --num_processes - 1",
     "compilation_cache": "JAX's persistent compilation cache in ~/.cache/hflows_jax "
                          "(repeated and resumed runs start in seconds); false to turn off",
 }

@@ -61,13 +61,22 @@ class RunConfig:
     eval_every: int = 1
     log_every: int = 50
     compilation_cache: bool = True  # JAX's persistent compilation cache, in a user directory
+    keep_checkpoints: int = 2  # checkpoints kept per phase; 0 keeps every epoch's
+    parallel: str = "pmap"  # or "shard_map": the same per-device step over a device mesh
+    # A multi-process run started by hand: the same command on every host with its own
+    # --process_id. Clusters JAX detects itself (TPU pods, SLURM) need none of these.
+    coordinator_address: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig,
           "schedule": ScheduleConfig, "run": RunConfig}
 # Flags that may change between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"workdir", "eval_every", "log_every", "data_dir",
-                               "compilation_cache"})
+                               "compilation_cache", "keep_checkpoints", "parallel", "coordinator_address",
+                               "num_processes", "process_id"})
+PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -143,6 +152,16 @@ class Config:
                  f"--kernel_init must be one of {list(models.KERNEL_INITS)}, "
                  f"got {m.kernel_init!r}.")
         methods.get(p.name).distribution(p.distribution)
+        _require(r.keep_checkpoints >= 0,
+                 f"--keep_checkpoints must be >= 0, got {r.keep_checkpoints}.")
+        _require(r.parallel in PARALLEL,
+                 f"--parallel must be one of {list(PARALLEL)}, got {r.parallel!r}.")
+        explicit = (r.coordinator_address, r.num_processes, r.process_id)
+        _require(all(v is None for v in explicit) or all(v is not None for v in explicit),
+                 "--coordinator_address, --num_processes and --process_id go together.")
+        _require(r.num_processes is None or 0 <= r.process_id < r.num_processes,
+                 f"--process_id must lie in [0, --num_processes), got {r.process_id} of "
+                 f"{r.num_processes}.")
         _require(p.controller in methods.CONTROLLERS,
                  f"--controller must be one of {list(methods.CONTROLLERS)}, "
                  f"got {p.controller!r}.")

@@ -75,6 +75,7 @@ class Setup:
     model: nn.Module
     method: methods.Method
     started: float  # time.time() at the start of this process's run
+    parallel: parallel.Pmap | parallel.ShardMap  # how steps run over devices and processes
     test_set: Any  # the test set on the devices (device_test_set)
     warnings: tuple[str, ...] = ()  # what keeps the run from its target, known at start
 
@@ -82,7 +83,7 @@ class Setup:
 # --- config -> data -> model and method -> phases ------------------------------------------
 
 def load_inputs(cfg: Config) -> Inputs:
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    data = parallel.primary_first(lambda: load_dataset(cfg.data.dataset, cfg.data.data_dir))
     if len(data.x_train) < cfg.data.batch_size:
         raise ValueError(f"--batch_size={cfg.data.batch_size} exceeds the "
                          f"{len(data.x_train)} training images.")
@@ -163,10 +164,10 @@ def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
     if not cfg.pruned or not method.has_pressure:
         return []
     p = cfg.method
-    warning = recipe.unreachable_warning(
-        recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance),
-        presence_settings(cfg, spe)[0], cfg.schedule.pruning_epochs * spe)
-    return [warning] if warning else []
+    args = (recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance),
+            presence_settings(cfg, spe)[0], cfg.schedule.pruning_epochs * spe)
+    warnings = (recipe.unreachable_warning(*args), recipe.overshoot_warning(*args))
+    return [w for w in warnings if w]
 
 
 def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
@@ -233,26 +234,31 @@ def resume_point(phases: tuple[Phase, ...], ckpts: dict) -> tuple[int, int | Non
 
 # --- epochs -----------------------------------------------------------------------------
 
-def compile_steps(setup: Setup, phase: Phase, replicated: TrainState, test_set) -> tuple:
-    """The phase's pmapped train and eval steps, compiled ahead of time, and the seconds
-    that took (JAX's persistent compilation cache makes a repeated run's compile short)."""
-    cfg, n = setup.cfg, jax.local_device_count()
+def compile_steps(setup: Setup, phase: Phase, placed: TrainState) -> tuple:
+    """The phase's train and eval steps over the devices, compiled ahead of time, and the
+    seconds that took (JAX's persistent compilation cache makes a repeated run's compile
+    short)."""
+    cfg, par, n = setup.cfg, setup.parallel, jax.local_device_count()
     started = time.time()
-    train_step = parallel.pmapped(make_train_step(
+    train_step = par.compile(make_train_step(
         setup.model, phase.tx, phase.masked, cfg.schedule.label_smoothing,
-        setup.method.loss_term), donate_state=True)
-    local = cfg.data.batch_size // jax.process_count()
-    images = np.zeros((n, local // n) + setup.inputs.data.image_shape, np.float32)
-    labels = np.zeros((n, local // n), np.int32)
-    train_step = train_step.lower(replicated, images, labels).compile()
-    eval_step = parallel.pmapped(make_eval_step(setup.model, phase.masked))
-    eval_step = eval_step.lower(replicated, *test_set).compile()
+        setup.method.loss_term), num_batch_args=2, donate_state=True)
+    per_device = cfg.data.batch_size // jax.device_count()
+    images = par.put_batch(np.zeros((n, per_device) + setup.inputs.data.image_shape,
+                                    np.float32))
+    labels = par.put_batch(np.zeros((n, per_device), np.int32))
+    train_step = par.precompile(train_step, placed, images, labels)
+    eval_step = par.precompile(par.compile(make_eval_step(setup.model, phase.masked),
+                                           num_batch_args=3), placed, *setup.test_set)
     return train_step, eval_step, time.time() - started
 
 
-def device_test_set(inputs: Inputs, num_devices: int, max_batch: int = EVAL_BATCH):
+def device_test_set(inputs: Inputs, par: parallel.Pmap | parallel.ShardMap,
+                    max_batch: int = EVAL_BATCH):
     """The normalized test set on the devices, ``(devices, batches, per_device, ...)``,
-    padded with zero-weight images, so evaluation is one program."""
+    padded with zero-weight images, so evaluation is one program. Each process holds the
+    rows of its own devices."""
+    num_devices, local = jax.device_count(), jax.local_device_count()
     images = normalize(inputs.data.x_test, inputs.mean, inputs.std)
     count = len(images)
     # As few batches as max_batch allows, as even as the device count allows: on one
@@ -267,13 +273,13 @@ def device_test_set(inputs: Inputs, num_devices: int, max_batch: int = EVAL_BATC
         return np.swapaxes(a, 0, 1)
 
     valid = np.ones(count, np.float32)
-    arrays = tuple(layout(a) for a in (images, inputs.data.y_test, valid))
-    return jax.pmap(lambda *a: a)(*arrays)
+    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    return par.put_resident(*(layout(a)[mine] for a in (images, inputs.data.y_test, valid)))
 
 
-def train_epoch(setup: Setup, train_step, replicated: TrainState, epoch: int, label: str):
+def train_epoch(setup: Setup, train_step, placed: TrainState, epoch: int, label: str):
     """One epoch of steps; returns the new state, mean loss and accuracy, and seconds."""
-    cfg, inputs, n = setup.cfg, setup.inputs, jax.local_device_count()
+    cfg, inputs, par, n = setup.cfg, setup.inputs, setup.parallel, jax.local_device_count()
     spe = inputs.steps_per_epoch
     started = time.time()
     sums = {"loss": 0.0, "accuracy": 0.0}
@@ -281,21 +287,21 @@ def train_epoch(setup: Setup, train_step, replicated: TrainState, epoch: int, la
                             cfg.run.seed, epoch, inputs.mean, inputs.std, cfg.data.augment,
                             jax.process_index(), jax.process_count())
     bar = tqdm(batches, total=spe, desc=f"{label} {epoch}", leave=False, file=sys.stderr,
-               disable=None)
+               disable=None if parallel.is_primary() else True)
     pending = []
     for step, (images, labels) in enumerate(bar, 1):
-        replicated, metrics = train_step(replicated, parallel.split_for_devices(images, n),
-                                         parallel.split_for_devices(labels, n))
+        placed, metrics = train_step(placed, par.put_batch(parallel.split_for_devices(images, n)),
+                                     par.put_batch(parallel.split_for_devices(labels, n)))
         pending.append(metrics)
         if step % cfg.run.log_every == 0 or step == spe:
-            for m in jax.device_get(pending):
+            for m in pending:
                 for k in sums:
-                    sums[k] += float(m[k][0])
+                    sums[k] += par.scalar(m[k])
             pending = []
             bar.set_postfix(loss=f"{sums['loss'] / step:.4f}")
     bar.close()
     means = {"loss": sums["loss"] / spe, "train_accuracy": sums["accuracy"] / spe}
-    return replicated, means, time.time() - started
+    return placed, means, time.time() - started
 
 
 def skipped_steps(state: TrainState, masked: bool) -> int:
@@ -309,19 +315,18 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
                 ckpt: Checkpoints) -> tuple[TrainState, list]:
     """Epochs ``first..`` of a phase; returns the state and the history. The first epoch
     row of the phase in this process carries the compile time of its steps."""
-    cfg, n = setup.cfg, jax.local_device_count()
-    replicated = parallel.replicate(state, n)
-    train_step, eval_step, compile_s = compile_steps(setup, phase, replicated, setup.test_set)
+    cfg, par = setup.cfg, setup.parallel
+    placed = par.put_state(state)
+    train_step, eval_step, compile_s = compile_steps(setup, phase, placed)
     skipped = skipped_steps(state, phase.masked)
     for epoch in range(first, phase.epochs[-1] + 1):
-        replicated, means, seconds = train_epoch(setup, train_step, replicated, epoch,
-                                                 phase.label(epoch))
-        state = parallel.unreplicate(replicated)
+        placed, means, seconds = train_epoch(setup, train_step, placed, epoch,
+                                             phase.label(epoch))
+        state = par.get_state(placed)
         evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
         now_skipped = skipped_steps(state, phase.masked)
         row = {"phase": phase.label(epoch), "epoch": epoch, **means,
-               "test_accuracy": (accuracy(eval_step, replicated, setup.test_set)
-                                 if evaluate else None),
+               "test_accuracy": (accuracy(setup, eval_step, placed) if evaluate else None),
                "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
                "pressure": (float(hf.pressure_value(state.opt_state))
                             if phase.masked and setup.method.has_pressure else 0.0),
@@ -333,15 +338,16 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
                "time_s": time.time() - setup.started}
         skipped = now_skipped
         history = history + [row]
-        log(row)
-        ckpt.save(epoch, state, record(cfg, epoch, history))
-        outputs.write_csv(os.path.join(cfg.run.workdir, "metrics.csv"), history)
+        ckpt.save(epoch, state, record(cfg, epoch, history))  # every process takes part
+        if parallel.is_primary():
+            log(row)
+            outputs.write_csv(os.path.join(cfg.run.workdir, "metrics.csv"), history)
     return state, history
 
 
-def accuracy(eval_step, replicated: TrainState, test_set) -> float:
-    correct, count = eval_step(replicated, *test_set)
-    return float(correct[0]) / float(count[0])
+def accuracy(setup: Setup, eval_step, placed: TrainState) -> float:
+    correct, count = eval_step(placed, *setup.test_set)
+    return setup.parallel.scalar(correct) / setup.parallel.scalar(count)
 
 
 def log(row: dict) -> None:
@@ -400,10 +406,13 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         "compile_s": sum(r["compile_s"] for r in history),  # over every process of the run
         "images_per_s": images / train_s,  # steady training, compile and evaluation excluded
         "wall_time_s": time.time() - setup.started,
-        "devices": [str(d) for d in jax.local_devices()],
+        "devices": [str(d) for d in jax.devices()],  # of every process
+        "processes": jax.process_count(),
         "config": cfg.flags(),
         "history": history,
     }
+    if not parallel.is_primary():
+        return result
     outputs.write_json(os.path.join(cfg.run.workdir, "report.json"), result)
     plots.plot_run(os.path.join(cfg.run.workdir, "run.png"), history, layer_sparsity,
                    f"{cfg.model.name} on {data.name}, target {cfg.method.target_sparsity:.1%}")
@@ -433,25 +442,40 @@ def check_devices(cfg: Config) -> None:
                          f"{devices} devices; use a multiple of {devices}.")
 
 
+def describe_devices(cfg: Config) -> str:
+    """The run's first log line: what it runs on."""
+    return (f"{jax.default_backend()}: {jax.device_count()} devices "
+            f"({jax.devices()[0].device_kind}) in {jax.process_count()} process(es), "
+            f"{jax.local_device_count()} here (process {jax.process_index()}); "
+            f"--parallel={cfg.run.parallel}")
+
+
 def run(cfg: Config) -> dict:
     cfg.validate()
+    r = cfg.run
+    parallel.initialize_distributed(r.coordinator_address, r.num_processes, r.process_id)
     check_devices(cfg)
     use_compilation_cache(cfg)
     started = time.time()
-    os.makedirs(cfg.run.workdir, exist_ok=True)
+    primary = parallel.is_primary()
+    if primary:
+        print(describe_devices(cfg), flush=True)
+        os.makedirs(r.workdir, exist_ok=True)
     inputs = load_inputs(cfg)
     method = methods.get(cfg.method.name)
+    par = parallel.backend(r.parallel)
     setup = Setup(cfg, inputs, build_model(cfg, inputs.data.num_classes, method), method,
-                  started, device_test_set(inputs, jax.local_device_count()),
+                  started, par, device_test_set(inputs, par),
                   tuple(start_warnings(cfg, inputs.steps_per_epoch, method)))
-    for warning in setup.warnings:
+    for warning in setup.warnings if primary else ():
         print(f"WARNING: {warning}", flush=True)
     dense = dense_phase(cfg, inputs.steps_per_epoch)
     params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
     phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
         cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
         first_epoch=len(dense.epochs) + 1))
-    ckpts = {p.name: Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", p.name))
+    ckpts = {p.name: Checkpoints(os.path.join(r.workdir, "checkpoints", p.name),
+                                 max_to_keep=r.keep_checkpoints or None)
              for p in phases}
     try:
         state, history = run_phases(setup, phases, ckpts, params, batch_stats)
@@ -477,8 +501,9 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
                 restored, abstract_state(phase.tx, params, batch_stats))
             check_same_run(setup.cfg, saved)
             history, first = saved["history"], restored + 1
-            print(f"Resuming {phase.name} after epoch {restored} from "
-                  f"{ckpts[phase.name].directory}", flush=True)
+            if parallel.is_primary():
+                print(f"Resuming {phase.name} after epoch {restored} from "
+                      f"{ckpts[phase.name].directory}", flush=True)
         else:
             state = new_state(phase.tx, params, batch_stats)
         if first <= phase.epochs[-1]:  # a finished phase is not compiled again
