@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,13 @@ def presence_histograms(states, bins: np.ndarray, picks: int = 5) -> dict[int, l
     return hists
 
 
+def in_network_order(layers: dict) -> dict:
+    """Conv_2 before Conv_10: numbers in names compared as numbers."""
+    key = lambda name: [int(t) if t.isdigit() else t  # noqa: E731
+                        for t in re.split(r"(\d+)", name)]
+    return {k: layers[k] for k in sorted(layers, key=key)}
+
+
 def markdown(result: dict) -> str:
     erk = result["erk_layer_sparsity"]
     balance = result["filter_balance"]
@@ -139,7 +147,7 @@ def plot(fig, result: dict) -> None:
         c.plot(centers, counts, label=f"epoch {epoch}")
     c.set_yscale("log")
     c.axvline(0, color="black", lw=0.8)
-    c.set_xlabel("presence score T (mask: T >= 0)")
+    c.set_xlabel("presence score T (kept: T >= 0)", fontsize=8)
     c.legend(fontsize=7)
 
 
@@ -158,9 +166,10 @@ def main(argv=None) -> dict:
         "run": args.run, "erk_run": args.erk_run,
         "accuracy": report["test_accuracy"], "sparsity": report["sparsity"],
         "erk_accuracy": erk["test_accuracy"], "erk_sparsity": erk["sparsity"],
-        "layer_sparsity": report["layer_sparsity"],
+        "layer_sparsity": in_network_order(report["layer_sparsity"]),
         "erk_layer_sparsity": erk["layer_sparsity"],
-        "filter_balance": filter_balance(model, end, cfg, inputs, args.batches),
+        "filter_balance": in_network_order(
+            filter_balance(model, end, cfg, inputs, args.batches)),
         "bins": bins.tolist(),
         "presence_histograms": presence_histograms(states, bins),
         "environment": outputs.environment(),

@@ -16,9 +16,11 @@ from hflows_jax.masking import (
 )
 
 from hflows_jax import baselines  # noqa: E402  (after the core: baselines build on it)
+from hflows_jax import export  # noqa: E402  (compact models: hf.export.export(...))
 
 __all__ = [
     "baselines",
+    "export",
     "HyperflowsState",
     "PrunerState",
     "apply_masks",
