@@ -1,0 +1,281 @@
+"""A finished run as a deployable model: the compact model, serialized, and how fast it is.
+
+    python -m experiments.export --workdir=RUN --out=DIR
+
+RUN is a finished pruning run (its report.json and its pruning checkpoints; the last one
+is exported). Writes to --out:
+
+- ``model.jax``: the compact model (``hflows_jax.export``: dead units and channels removed,
+  BatchNorm folded) as one function, uint8 NHWC images -> float32 logits, the run's
+  normalization inside (``(images / 255 - mean) / std``, the training images' channel
+  statistics, as in training). Serialized with ``jax.export`` with a symbolic batch size;
+  load it without this package::
+
+      exported = jax.export.deserialize(open("model.jax", "rb").read())
+      logits = exported.call(images)  # uint8, (batch, H, W, C)
+
+  Its layers are dense (``bcsr=False``): BCSR layers run as a CPU custom call that
+  ``jax.export`` gives no compatibility guarantee for. The weights are constants inside.
+  It is exported for the platform this runs on (CPU here).
+- ``dense.jax``: the same for the masked dense model (the linen model on W * M, eval mode).
+- ``export.json``, ``export.md``, ``export.png``: parameters and multiply-adds of both,
+  their test accuracy (through the serialized functions), and latency at batch 1, 32 and
+  256: the median of interleaved calls (dense, compact, dense, ...; each waited for)
+  after a warm-up, beside the MAC-bound speed-up macs_dense / macs_compact. Where
+  ``hflows_jax.export``'s automatic choice (``bcsr=None``) runs some layers as BCSR, that
+  in-process compact model is timed too (``compact_bcsr_ms``).
+
+The models run in float32 whatever the run's compute dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hflows_jax as hf
+from experiments import scaffold
+from hflows_jax import methods
+from hflows_jax.export import export
+from hflows_jax.training import Config, outputs, train
+from hflows_jax.training.checkpoint import Checkpoints
+
+BATCHES = (1, 32, 256)
+EVAL_BATCH = 1000
+
+
+def parse_args(argv=None):
+    p = scaffold.parser("python -m experiments.export", __doc__, "workdir/export",
+                        "5 timed calls per batch size instead of 100")
+    p.add_argument("--workdir", required=True, help="a finished pruning run's workdir")
+    p.add_argument("--repeats", type=int, default=100, help="timed calls per model and batch")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
+    p.add_argument("--dataset", default=None,
+                   help="the run's dataset where it moved (default: as in report.json)")
+    p.add_argument("--border", default="keep", choices=("keep", "map"),
+                   help="hflows_jax.export's border rule for constant channels")
+    return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
+
+
+def read_report(workdir: str) -> dict:
+    path = os.path.join(workdir, "report.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a finished run.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_last(cfg: Config):
+    """The run's inputs, its linen model (float32, no device axis) and its last pruning
+    state (``(epoch, TrainState)``)."""
+    if cfg.schedule.dense_only:
+        raise ValueError(f"{cfg.run.workdir} is a dense-only run (dense_only: true): it has "
+                         "no masks, so there is no compact model to export.")
+    directory = os.path.join(cfg.run.workdir, "checkpoints", "pruning")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no pruning checkpoints in this run.")
+    inputs = train.load_inputs(cfg)
+    method = methods.get(cfg.method.name)
+    model = train.build_model(cfg, inputs.data.num_classes, method, axis_name=None,
+                              dtype=jnp.float32)
+    variables = model.init(jax.random.key(0), jnp.zeros((1,) + inputs.data.image_shape))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    # At-initialization methods (SNIP, GraSP) trace their scores in tx.init.
+    score = train.scoring(cfg, inputs, method, batch_stats)
+    phase = train.pruning_phase(cfg, inputs.steps_per_epoch, method, score, first_epoch=1)
+    ckpt = Checkpoints(directory, None)
+    try:
+        epoch = ckpt.latest()
+        if epoch is None:
+            raise FileNotFoundError(f"{directory} holds no checkpoint.")
+        state, _ = ckpt.restore(epoch, train.abstract_state(phase.tx, params, batch_stats))
+    finally:
+        ckpt.close()
+    return inputs, model, epoch, state
+
+
+def predict_functions(model, state, inputs, border: str = "keep", bcsr=False):
+    """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
+    (the masked linen model, the compact one with ``bcsr``), normalization inside."""
+    mean, std = jnp.asarray(inputs.mean), jnp.asarray(inputs.std)
+    weights = hf.finalize(state.params, state.opt_state)
+    masks = hf.masks(state.opt_state)
+    variables = {"params": weights, "batch_stats": state.batch_stats}
+    compact = export(model, weights, masks, state.batch_stats,
+                     image_shape=inputs.data.image_shape, border=border, bcsr=bcsr)
+
+    def normalize(images):
+        return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+    def dense(images):
+        return model.apply(variables, normalize(images), train=False).astype(jnp.float32)
+
+    def compact_fn(images):
+        return compact.forward(compact.arrays, normalize(images))
+
+    return dense, compact_fn, compact
+
+
+def serialize(fn, image_shape: tuple[int, ...]) -> bytes:
+    """``fn`` (uint8 images -> logits) exported with a symbolic batch size."""
+    (b,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((b,) + tuple(image_shape), jnp.uint8)
+    return bytes(jax.export.export(jax.jit(fn))(spec).serialize())
+
+
+def load(path: str):
+    """A serialized model (``jax.export.Exported``), as a user of model.jax loads it."""
+    with open(path, "rb") as f:
+        return jax.export.deserialize(bytearray(f.read()))
+
+
+def test_accuracy(fn, images: np.ndarray, labels: np.ndarray) -> float:
+    correct = 0
+    for i in range(0, len(images), EVAL_BATCH):
+        logits = fn(images[i:i + EVAL_BATCH])
+        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[i:i + EVAL_BATCH]))
+    return correct / len(images)
+
+
+def latency(fns: dict, images: np.ndarray, batch: int, repeats: int, warmup: int) -> dict:
+    """Median milliseconds per call of each function, calls interleaved, each waited for."""
+    x = jnp.asarray(np.resize(images, (batch,) + images.shape[1:]))
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn(x).block_until_ready()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def markdown(result: dict) -> str:
+    bcsr = result["bcsr_timed"]
+    header = ["batch", "dense ms", "compact ms", "speed-up"]
+    if bcsr:
+        header += ["compact BCSR ms", "BCSR speed-up"]
+    header.append("MAC-bound speed-up")
+    rows = []
+    for r in result["latency"]:
+        row = [r["batch"], f"{r['dense_ms']:.3f}", f"{r['compact_ms']:.3f}",
+               f"{r['speedup']:.2f}x"]
+        if bcsr:
+            row += [f"{r['compact_bcsr_ms']:.3f}", f"{r['speedup_bcsr']:.2f}x"]
+        rows.append(row + [f"{result['mac_bound_speedup']:.2f}x"])
+    bound = (f", {result['mac_bound_speedup_bcsr']:.2f}x with the BCSR layers "
+             f"({', '.join(result['bcsr_layers'])}) counting their nonzeros" if bcsr else "")
+    return (f"# export: {result['run']}\n\n"
+            f"Params {result['params_dense']} dense, {result['params_compact']} compact; "
+            f"MACs per image {result['macs_dense']} dense, {result['macs_compact']} compact "
+            f"(MAC-bound speed-up {result['mac_bound_speedup']:.2f}x{bound}). Test accuracy "
+            f"{100 * result['test_accuracy_dense']:.2f} % dense (masked), "
+            f"{100 * result['test_accuracy_compact']:.2f} % compact. model.jax and dense.jax "
+            f"are dense-layer programs (BCSR used in the serialized model: "
+            f"{result['bcsr_serialized']}); median of {result['repeats']} interleaved calls "
+            f"after {result['warmup']} warm-up calls.\n\n"
+            + outputs.markdown_table(header, rows))
+
+
+def plot(fig, result: dict) -> None:
+    a, b = fig.subplots(1, 2)
+    batches = [r["batch"] for r in result["latency"]]
+    x = np.arange(len(batches))
+    series = [("dense", "dense_ms"), ("compact", "compact_ms")]
+    if result["bcsr_timed"]:
+        series.append(("compact BCSR", "compact_bcsr_ms"))
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        a.bar(x + (i - (len(series) - 1) / 2) * width,
+              [r[key] for r in result["latency"]], width, label=label)
+    a.set_xticks(x, [str(n) for n in batches])
+    a.set_xlabel("batch")
+    a.set_ylabel("median latency (ms)")
+    a.set_yscale("log")
+    a.legend(fontsize=7)
+    b.plot(batches, [r["speedup"] for r in result["latency"]], "o-", label="compact")
+    if result["bcsr_timed"]:
+        b.plot(batches, [r["speedup_bcsr"] for r in result["latency"]], "s-",
+               label="compact BCSR")
+    b.axhline(result["mac_bound_speedup"], color="black", ls="--", lw=0.8,
+              label="MAC bound (compact)")
+    if result["bcsr_timed"]:
+        b.axhline(result["mac_bound_speedup_bcsr"], color="gray", ls=":", lw=0.8,
+                  label="MAC bound (BCSR nonzeros)")
+    b.axhline(1.0, color="black", lw=0.5)
+    b.set_xscale("log")
+    b.set_xlabel("batch")
+    b.set_ylabel("speed-up over the masked dense model")
+    b.legend(fontsize=7)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = read_report(args.workdir)
+    flags = {**report["config"], "workdir": args.workdir}
+    if args.dataset:
+        flags["dataset"] = args.dataset
+    cfg = Config().replace(**flags)
+    inputs, model, epoch, state = restore_last(cfg)
+    shape = inputs.data.image_shape
+    dense, compact, compact_model = predict_functions(model, state, inputs, args.border, False)
+    os.makedirs(args.out, exist_ok=True)
+    paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
+    outputs.atomic_write(paths["model"], serialize(compact, shape))
+    outputs.atomic_write(paths["dense"], serialize(dense, shape))
+    served = {"dense": load(paths["dense"]), "compact": load(paths["model"])}
+    loaded = {name: jax.jit(e.call) for name, e in served.items()}
+    _, compact_bcsr, bcsr_model = predict_functions(model, state, inputs, args.border, None)
+    bcsr_timed = any(r.bcsr for r in bcsr_model.counts.layers)
+    fns = dict(loaded)
+    if bcsr_timed:
+        fns["compact_bcsr"] = jax.jit(compact_bcsr)
+    x_test, y_test = inputs.data.x_test, inputs.data.y_test
+    rows = []
+    for batch in BATCHES:
+        ms = latency(fns, x_test, batch, args.repeats, args.warmup)
+        row = {"batch": batch, "dense_ms": ms["dense"], "compact_ms": ms["compact"],
+               "speedup": ms["dense"] / ms["compact"]}
+        if bcsr_timed:
+            row.update(compact_bcsr_ms=ms["compact_bcsr"],
+                       speedup_bcsr=ms["dense"] / ms["compact_bcsr"])
+        rows.append(row)
+    counts = compact_model.counts
+    result = {
+        "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
+        "dataset": cfg.data.dataset, "sparsity": report["sparsity"],
+        "params_dense": counts.params_total, "params_nonzero": counts.params_nonzero,
+        "params_compact": counts.params_compact,
+        "macs_dense": counts.macs_total, "macs_nonzero": counts.macs_nonzero,
+        "macs_compact": counts.macs_compact,
+        "mac_bound_speedup": counts.macs_total / max(counts.macs_compact, 1),
+        # BCSR layers count their nonzero entries: the bound of hflows_jax.export's choice.
+        "macs_compact_bcsr": bcsr_model.counts.macs_compact,
+        "mac_bound_speedup_bcsr": counts.macs_total / max(bcsr_model.counts.macs_compact, 1),
+        "test_accuracy_dense": test_accuracy(loaded["dense"], x_test, y_test),
+        "test_accuracy_compact": test_accuracy(loaded["compact"], x_test, y_test),
+        "test_accuracy_run": report["test_accuracy"],
+        "bcsr_serialized": False,
+        "bcsr_timed": bcsr_timed,
+        "bcsr_layers": [r.name for r in bcsr_model.counts.layers if r.bcsr],
+        "border": args.border,
+        "repeats": args.repeats, "warmup": args.warmup,
+        "latency": rows,
+        "files": {"model": paths["model"], "dense": paths["dense"]},
+        "platforms": list(served["compact"].platforms),
+        "summary": compact_model.summary(),
+        "environment": outputs.environment(),
+    }
+    scaffold.write_results(args.out, "export", result, markdown(result),
+                           lambda fig: plot(fig, result))
+    return result
+
+
+if __name__ == "__main__":
+    scaffold.command_line(main)
