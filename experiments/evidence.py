@@ -19,20 +19,15 @@ evidence.md and evidence.png to --out:
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import hflows_jax as hf
 from experiments import scaffold
-from hflows_jax import methods
 from hflows_jax.data import train_batches
-from hflows_jax.training import Config, outputs, train
-from hflows_jax.training.checkpoint import Checkpoints
+from hflows_jax.training import Config, outputs
 from hflows_jax.training.step import smoothed_cross_entropy
 
 
@@ -45,28 +40,13 @@ def parse_args(argv=None):
     return scaffold.parse(p, argv, {"batches": 1})
 
 
-def read_report(workdir: str) -> dict:
-    path = os.path.join(workdir, "report.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a finished run.")
-    with open(path) as f:
-        return json.load(f)
-
-
 def pruning_states(cfg: Config):
     """The run's data, its model, and ``[(epoch, state)]`` for every pruning checkpoint."""
-    inputs = train.load_inputs(cfg)
-    method = methods.get(cfg.method.name)
-    model = train.build_model(cfg, inputs.data.num_classes, method, axis_name=None,
-                              dtype=jnp.float32)
-    variables = model.init(jax.random.key(0), jnp.zeros((1,) + inputs.data.image_shape))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    phase = train.pruning_phase(cfg, inputs.steps_per_epoch, method, None, first_epoch=1)
-    ckpt = Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", "pruning"), None)
-    abstract = train.abstract_state(phase.tx, params, batch_stats)
-    states = [(e, ckpt.restore(e, abstract)[0]) for e in ckpt.epochs()]
-    ckpt.close()
-    return inputs, model, states
+    inputs, model, ckpt, abstract = scaffold.open_pruning_run(cfg)
+    try:
+        return inputs, model, [(e, ckpt.restore(e, abstract)[0]) for e in ckpt.epochs()]
+    finally:
+        ckpt.close()
 
 
 def filter_balance(model, state, cfg: Config, inputs, num_batches: int) -> dict[str, float]:
@@ -153,7 +133,7 @@ def plot(fig, result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    report, erk = read_report(args.run), read_report(args.erk_run)
+    report, erk = scaffold.read_report(args.run), scaffold.read_report(args.erk_run)
     cfg = Config().replace(**{**report["config"], "workdir": args.run})
     inputs, model, states = pruning_states(cfg)
     if len(states) < 2:

@@ -30,7 +30,6 @@ The models run in float32 whatever the run's compute dtype.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -41,10 +40,8 @@ import numpy as np
 
 import hflows_jax as hf
 from experiments import scaffold
-from hflows_jax import methods
 from hflows_jax.export import export
-from hflows_jax.training import Config, outputs, train
-from hflows_jax.training.checkpoint import Checkpoints
+from hflows_jax.training import Config, outputs
 
 BATCHES = (1, 32, 256)
 EVAL_BATCH = 1000
@@ -63,14 +60,6 @@ def parse_args(argv=None):
     return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
 
 
-def read_report(workdir: str) -> dict:
-    path = os.path.join(workdir, "report.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a finished run.")
-    with open(path) as f:
-        return json.load(f)
-
-
 def restore_last(cfg: Config):
     """The run's inputs, its linen model (float32, no device axis) and its last pruning
     state (``(epoch, TrainState)``)."""
@@ -80,21 +69,12 @@ def restore_last(cfg: Config):
     directory = os.path.join(cfg.run.workdir, "checkpoints", "pruning")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no pruning checkpoints in this run.")
-    inputs = train.load_inputs(cfg)
-    method = methods.get(cfg.method.name)
-    model = train.build_model(cfg, inputs.data.num_classes, method, axis_name=None,
-                              dtype=jnp.float32)
-    variables = model.init(jax.random.key(0), jnp.zeros((1,) + inputs.data.image_shape))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    # At-initialization methods (SNIP, GraSP) trace their scores in tx.init.
-    score = train.scoring(cfg, inputs, method, batch_stats)
-    phase = train.pruning_phase(cfg, inputs.steps_per_epoch, method, score, first_epoch=1)
-    ckpt = Checkpoints(directory, None)
+    inputs, model, ckpt, abstract = scaffold.open_pruning_run(cfg)
     try:
         epoch = ckpt.latest()
         if epoch is None:
             raise FileNotFoundError(f"{directory} holds no checkpoint.")
-        state, _ = ckpt.restore(epoch, train.abstract_state(phase.tx, params, batch_stats))
+        state, _ = ckpt.restore(epoch, abstract)
     finally:
         ckpt.close()
     return inputs, model, epoch, state
@@ -217,7 +197,7 @@ def plot(fig, result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    report = read_report(args.workdir)
+    report = scaffold.read_report(args.workdir)
     flags = {**report["config"], "workdir": args.workdir}
     if args.dataset:
         flags["dataset"] = args.dataset
