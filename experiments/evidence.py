@@ -26,9 +26,8 @@ import numpy as np
 
 import hflows_jax as hf
 from experiments import scaffold
-from hflows_jax.data import train_batches
-from hflows_jax.training import Config, outputs
-from hflows_jax.training.step import smoothed_cross_entropy
+from hflows_jax import methods
+from hflows_jax.training import Config, outputs, train
 
 
 def parse_args(argv=None):
@@ -41,27 +40,22 @@ def parse_args(argv=None):
 
 
 def pruning_states(cfg: Config):
-    """The run's data, its model, and ``[(epoch, state)]`` for every pruning checkpoint."""
-    inputs, model, ckpt, abstract = scaffold.open_pruning_run(cfg)
+    """The run's data and ``[(epoch, state)]`` for every pruning checkpoint."""
+    inputs, _, ckpt, abstract = scaffold.open_pruning_run(cfg)
     try:
-        return inputs, model, [(e, ckpt.restore(e, abstract)[0]) for e in ckpt.epochs()]
+        return inputs, [(e, ckpt.restore(e, abstract)[0]) for e in ckpt.epochs()]
     finally:
         ckpt.close()
 
 
-def filter_balance(model, state, cfg: Config, inputs, num_batches: int) -> dict[str, float]:
+def filter_balance(state, cfg: Config, inputs, num_batches: int) -> dict[str, float]:
     """Per layer: the median over output units of |sum of flows| / sum |flows|."""
     weights = hf.apply_masks(state.params, state.opt_state)
-
-    def loss(w, x, y):
-        logits, _ = model.apply({"params": w, "batch_stats": state.batch_stats}, x,
-                                train=True, mutable=["batch_stats"])
-        return smoothed_cross_entropy(logits, y, cfg.schedule.label_smoothing)
-
-    grad = jax.jit(jax.grad(loss))
-    batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
-                            cfg.run.seed, 0, inputs.mean, inputs.std, augment=False)
-    grads = [grad(weights, x, y) for _, (x, y) in zip(range(num_batches), batches)]
+    # The training loss on the first training batches, BatchNorm on batch statistics.
+    score = train.scoring(cfg, inputs, methods.get(cfg.method.name), state.batch_stats,
+                          num_batches)
+    grad = jax.jit(jax.grad(score.loss_fn))
+    grads = [grad(weights, batch) for batch in score.batches]
     mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
     flows = hf.flows(weights, mean_grad, state.opt_state)
     masks = hf.masks(state.opt_state)
@@ -135,7 +129,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     report, erk = scaffold.read_report(args.run), scaffold.read_report(args.erk_run)
     cfg = Config().replace(**{**report["config"], "workdir": args.run})
-    inputs, model, states = pruning_states(cfg)
+    inputs, states = pruning_states(cfg)
     if len(states) < 2:
         raise FileNotFoundError(f"{args.run} kept {len(states)} pruning checkpoint(s): "
                                 "train it with --keep_checkpoints=0.")
@@ -149,7 +143,7 @@ def main(argv=None) -> dict:
         "layer_sparsity": in_network_order(report["layer_sparsity"]),
         "erk_layer_sparsity": erk["layer_sparsity"],
         "filter_balance": in_network_order(
-            filter_balance(model, end, cfg, inputs, args.batches)),
+            filter_balance(end, cfg, inputs, args.batches)),
         "bins": bins.tolist(),
         "presence_histograms": presence_histograms(states, bins),
         "environment": outputs.environment(),

@@ -40,7 +40,8 @@ import numpy as np
 
 import hflows_jax as hf
 from experiments import scaffold
-from hflows_jax.export import export
+from hflows_jax.data import normalize
+from hflows_jax.export import BORDERS, export
 from hflows_jax.training import Config, outputs
 
 BATCHES = (1, 32, 256)
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
     p.add_argument("--dataset", default=None,
                    help="the run's dataset where it moved (default: as in report.json)")
-    p.add_argument("--border", default="keep", choices=("keep", "map"),
+    p.add_argument("--border", default="keep", choices=BORDERS,
                    help="hflows_jax.export's border rule for constant channels")
     return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
 
@@ -83,21 +84,18 @@ def restore_last(cfg: Config):
 def predict_functions(model, state, inputs, border: str = "keep", bcsr=False):
     """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
     (the masked linen model, the compact one with ``bcsr``), normalization inside."""
-    mean, std = jnp.asarray(inputs.mean), jnp.asarray(inputs.std)
     weights = hf.finalize(state.params, state.opt_state)
     masks = hf.masks(state.opt_state)
     variables = {"params": weights, "batch_stats": state.batch_stats}
     compact = export(model, weights, masks, state.batch_stats,
                      image_shape=inputs.data.image_shape, border=border, bcsr=bcsr)
 
-    def normalize(images):
-        return (images.astype(jnp.float32) / 255.0 - mean) / std
-
     def dense(images):
-        return model.apply(variables, normalize(images), train=False).astype(jnp.float32)
+        return model.apply(variables, normalize(images, inputs.mean, inputs.std),
+                           train=False).astype(jnp.float32)
 
     def compact_fn(images):
-        return compact.forward(compact.arrays, normalize(images))
+        return compact.forward(compact.arrays, normalize(images, inputs.mean, inputs.std))
 
     return dense, compact_fn, compact
 

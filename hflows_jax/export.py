@@ -66,7 +66,6 @@ from hflows_jax.masking import check_same_structure, prunable_leaves, unwrap_nnx
 
 PyTree = Any
 
-EPS = 1e-5  # the BatchNorm epsilon of models/vgg.py and models/resnet.py
 # bcsr=None: on the CPU backend, dense layers at most this dense run as BCSR. Measured on a
 # loaded 2-core CPU (jit, median of 50), BCSR vs dense matmul, 784x300 kernel: density 2 %,
 # batch 256: 0.20 vs 0.68 ms (batch 1: 0.046 vs 0.045 ms); 10 %: 0.46 vs 0.68 ms (batch 16:
@@ -432,9 +431,11 @@ def _load(op: Linear, params, masks, batch_stats, in_hw, in_channels) -> _Layer:
     bias = _f64(p["bias"]) if "bias" in p else np.zeros(w.shape[-1])
     other = bias.size if "bias" in p else 0
     if op.bn is not None:
+        from hflows_jax.models.norm import EPSILON  # the models' (imports flax: lazily)
+
         bn, stats = _get(params, op.bn), _get(batch_stats, op.bn)
         scale = _f64(bn["scale"]) if "scale" in bn else 1.0
-        g = scale / np.sqrt(_f64(stats["var"]) + EPS)
+        g = scale / np.sqrt(_f64(stats["var"]) + EPSILON)
         bias = (bias - _f64(stats["mean"])) * g + _f64(bn["bias"])
         w = w * g
         other += sum(np.size(v) for v in bn.values())

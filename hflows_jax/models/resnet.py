@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hflows_jax.models.initializers import kernel_initializer
+from hflows_jax.models.norm import batch_norm
 
 ModuleDef = Any
 
@@ -78,9 +79,7 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         init = kernel_initializer(self.kernel_init)
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=init)
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
-                       use_scale=self.train_bn_scale)
+        norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
         filters = max(1, int(self.num_filters * self.width))
         x = conv(filters, (3, 3), name="conv_init")(x.astype(self.dtype))
         x = nn.relu(norm(name="bn_init")(x))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from hflows_jax.models.initializers import kernel_initializer
+from hflows_jax.models.norm import batch_norm
 
 VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                 512, 512, 512, 512, "M", 512, 512, 512, 512)
@@ -27,9 +27,7 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
-                       use_scale=self.train_bn_scale)
+        norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
         init = kernel_initializer(self.kernel_init)
         x = x.astype(self.dtype)
         for layer in self.layers:
