@@ -44,8 +44,10 @@ def parse_args(argv=None):
     p = scaffold.parser("python -m experiments.compare", __doc__, "workdir/compare",
                         "2 sparsities, 1 seed, short runs: under 5 minutes on 2 CPU cores")
     p.add_argument("--setting", default="mnist", choices=list(SETTINGS))
-    p.add_argument("--methods", default=",".join([*methods.REGISTRY, DENSE]),
-                   help=f"pruning methods, and {DENSE!r} for the dense row")
+    unstructured = [m.name for m in methods.REGISTRY.values() if m.target == "weights"]
+    p.add_argument("--methods", default=",".join([*unstructured, DENSE]),
+                   help=f"pruning methods, and {DENSE!r} for the dense row (default: every "
+                        "method whose target is a weight sparsity)")
     p.add_argument("--sparsities", help="comma-separated targets (default: the setting's grid)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the setting's grid)")
     p.add_argument("--dataset", default=None, help="override the setting's npz:PATH")

@@ -14,16 +14,20 @@ is exported). Writes to --out:
       exported = jax.export.deserialize(open("model.jax", "rb").read())
       logits = exported.call(images)  # uint8, (batch, H, W, C)
 
-  Its layers are dense (``bcsr=False``): BCSR layers run as a CPU custom call that
-  ``jax.export`` gives no compatibility guarantee for. The weights are constants inside.
-  It is exported for the platform this runs on (CPU here).
+  The weights are constants inside. It is exported for the platform this runs on. With
+  ``--bcsr=auto`` (default) its fully connected layers at most 10 to 20 % dense run as BCSR
+  matrices from batch 16 on, on CPU (``hflows_jax.export``'s measured choice); BCSR runs
+  there as a custom call without ``jax.export``'s compatibility guarantee, so such a file
+  is for a jaxlib like the one that wrote it (``environment`` in export.json).
+  ``--bcsr=off`` writes dense layers only, with the guarantee; ``--bcsr=on`` BCSR for
+  every fully connected layer at every batch size.
 - ``dense.jax``: the same for the masked dense model (the linen model on W * M, eval mode).
 - ``export.json``, ``export.md``, ``export.png``: parameters and multiply-adds of both,
   their test accuracy (through the serialized functions), and latency at batch 1, 32 and
   256: the median of interleaved calls (dense, compact, dense, ...; each waited for)
-  after a warm-up, beside the MAC-bound speed-up macs_dense / macs_compact. Where
-  ``hflows_jax.export``'s automatic choice (``bcsr=None``) runs some layers as BCSR, that
-  in-process compact model is timed too (``compact_bcsr_ms``).
+  after a warm-up, beside the MAC-bound speed-up macs_dense / macs_compact
+  (``macs_compact``: the compact model with dense kernels; ``macs_compact_bcsr``: with the
+  BCSR layers counting their nonzeros).
 
 The models run in float32 whatever the run's compute dtype.
 """
@@ -41,10 +45,11 @@ import numpy as np
 import hflows_jax as hf
 from experiments import scaffold
 from hflows_jax.data import normalize
-from hflows_jax.export import BORDERS, export
+from hflows_jax.export import BCSR_CUSTOM_CALL, BORDERS, export
 from hflows_jax.training import Config, outputs
 
 BATCHES = (1, 32, 256)
+BCSR_CHOICES = {"auto": None, "on": True, "off": False}  # hflows_jax.export's bcsr=
 EVAL_BATCH = 1000
 
 
@@ -58,6 +63,8 @@ def parse_args(argv=None):
                    help="the run's dataset where it moved (default: as in report.json)")
     p.add_argument("--border", default="keep", choices=BORDERS,
                    help="hflows_jax.export's border rule for constant channels")
+    p.add_argument("--bcsr", default="auto", choices=tuple(BCSR_CHOICES),
+                   help="fully connected layers as BCSR: auto (measured rule), on, off")
     return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
 
 
@@ -86,8 +93,13 @@ def predict_functions(model, state, inputs, border: str = "keep", bcsr=False):
     (the masked linen model, the compact one with ``bcsr``), normalization inside."""
     weights = hf.finalize(state.params, state.opt_state)
     masks = hf.masks(state.opt_state)
-    variables = {"params": weights, "batch_stats": state.batch_stats}
-    compact = export(model, weights, masks, state.batch_stats,
+    batch_stats = state.batch_stats
+    pruner = hf.find_pruner_state(state.opt_state)
+    if isinstance(pruner, hf.structured.ChannelHyperflowsState):
+        groups = hf.structured.channel_groups(model, weights, inputs.data.image_shape)
+        batch_stats = groups.settle_statistics(batch_stats, pruner.channel_masks())
+    variables = {"params": weights, "batch_stats": batch_stats}
+    compact = export(model, weights, masks, batch_stats,
                      image_shape=inputs.data.image_shape, border=border, bcsr=bcsr)
 
     def dense(images):
@@ -100,11 +112,13 @@ def predict_functions(model, state, inputs, border: str = "keep", bcsr=False):
     return dense, compact_fn, compact
 
 
-def serialize(fn, image_shape: tuple[int, ...]) -> bytes:
-    """``fn`` (uint8 images -> logits) exported with a symbolic batch size."""
+def serialize(fn, image_shape: tuple[int, ...], bcsr: bool = False) -> bytes:
+    """``fn`` (uint8 images -> logits) exported with a symbolic batch size; ``bcsr``: it
+    runs BCSR layers, whose CPU custom call needs its compatibility check disabled."""
     (b,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((b,) + tuple(image_shape), jnp.uint8)
-    return bytes(jax.export.export(jax.jit(fn))(spec).serialize())
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(BCSR_CUSTOM_CALL)] if bcsr else []
+    return bytes(jax.export.export(jax.jit(fn), disabled_checks=disabled)(spec).serialize())
 
 
 def load(path: str):
@@ -135,28 +149,22 @@ def latency(fns: dict, images: np.ndarray, batch: int, repeats: int, warmup: int
 
 
 def markdown(result: dict) -> str:
-    bcsr = result["bcsr_timed"]
-    header = ["batch", "dense ms", "compact ms", "speed-up"]
-    if bcsr:
-        header += ["compact BCSR ms", "BCSR speed-up"]
-    header.append("MAC-bound speed-up")
-    rows = []
-    for r in result["latency"]:
-        row = [r["batch"], f"{r['dense_ms']:.3f}", f"{r['compact_ms']:.3f}",
-               f"{r['speedup']:.2f}x"]
-        if bcsr:
-            row += [f"{r['compact_bcsr_ms']:.3f}", f"{r['speedup_bcsr']:.2f}x"]
-        rows.append(row + [f"{result['mac_bound_speedup']:.2f}x"])
+    header = ["batch", "dense ms", "compact ms", "speed-up", "MAC-bound speed-up"]
+    rows = [[r["batch"], f"{r['dense_ms']:.3f}", f"{r['compact_ms']:.3f}",
+             f"{r['speedup']:.2f}x", f"{result['mac_bound_speedup']:.2f}x"]
+            for r in result["latency"]]
+    bcsr = result["bcsr_layers"]
     bound = (f", {result['mac_bound_speedup_bcsr']:.2f}x with the BCSR layers "
-             f"({', '.join(result['bcsr_layers'])}) counting their nonzeros" if bcsr else "")
+             f"({', '.join(bcsr)}) counting their nonzeros" if bcsr else "")
+    runs = (f"BCSR for {', '.join(bcsr)} from batch {max(result['bcsr_min_batch'], 1)} on"
+            if bcsr else "no BCSR layer")
     return (f"# export: {result['run']}\n\n"
             f"Params {result['params_dense']} dense, {result['params_compact']} compact; "
             f"MACs per image {result['macs_dense']} dense, {result['macs_compact']} compact "
             f"(MAC-bound speed-up {result['mac_bound_speedup']:.2f}x{bound}). Test accuracy "
             f"{100 * result['test_accuracy_dense']:.2f} % dense (masked), "
-            f"{100 * result['test_accuracy_compact']:.2f} % compact. model.jax and dense.jax "
-            f"are dense-layer programs (BCSR used in the serialized model: "
-            f"{result['bcsr_serialized']}); median of {result['repeats']} interleaved calls "
+            f"{100 * result['test_accuracy_compact']:.2f} % compact. model.jax: {runs} "
+            f"(--bcsr={result['bcsr']}). Median of {result['repeats']} interleaved calls "
             f"after {result['warmup']} warm-up calls.\n\n"
             + outputs.markdown_table(header, rows))
 
@@ -166,8 +174,6 @@ def plot(fig, result: dict) -> None:
     batches = [r["batch"] for r in result["latency"]]
     x = np.arange(len(batches))
     series = [("dense", "dense_ms"), ("compact", "compact_ms")]
-    if result["bcsr_timed"]:
-        series.append(("compact BCSR", "compact_bcsr_ms"))
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series):
         a.bar(x + (i - (len(series) - 1) / 2) * width,
@@ -178,12 +184,9 @@ def plot(fig, result: dict) -> None:
     a.set_yscale("log")
     a.legend(fontsize=7)
     b.plot(batches, [r["speedup"] for r in result["latency"]], "o-", label="compact")
-    if result["bcsr_timed"]:
-        b.plot(batches, [r["speedup_bcsr"] for r in result["latency"]], "s-",
-               label="compact BCSR")
     b.axhline(result["mac_bound_speedup"], color="black", ls="--", lw=0.8,
               label="MAC bound (compact)")
-    if result["bcsr_timed"]:
+    if result["bcsr_layers"]:
         b.axhline(result["mac_bound_speedup_bcsr"], color="gray", ls=":", lw=0.8,
                   label="MAC bound (BCSR nonzeros)")
     b.axhline(1.0, color="black", lw=0.5)
@@ -202,29 +205,22 @@ def main(argv=None) -> dict:
     cfg = Config().replace(**flags)
     inputs, model, epoch, state = restore_last(cfg)
     shape = inputs.data.image_shape
-    dense, compact, compact_model = predict_functions(model, state, inputs, args.border, False)
+    dense, compact, compact_model = predict_functions(model, state, inputs, args.border,
+                                                      BCSR_CHOICES[args.bcsr])
+    bcsr_layers = [r.name for r in compact_model.counts.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
-    outputs.atomic_write(paths["model"], serialize(compact, shape))
+    outputs.atomic_write(paths["model"], serialize(compact, shape, bool(bcsr_layers)))
     outputs.atomic_write(paths["dense"], serialize(dense, shape))
     served = {"dense": load(paths["dense"]), "compact": load(paths["model"])}
     loaded = {name: jax.jit(e.call) for name, e in served.items()}
-    _, compact_bcsr, bcsr_model = predict_functions(model, state, inputs, args.border, None)
-    bcsr_timed = any(r.bcsr for r in bcsr_model.counts.layers)
-    fns = dict(loaded)
-    if bcsr_timed:
-        fns["compact_bcsr"] = jax.jit(compact_bcsr)
     x_test, y_test = inputs.data.x_test, inputs.data.y_test
     rows = []
     for batch in BATCHES:
-        ms = latency(fns, x_test, batch, args.repeats, args.warmup)
-        row = {"batch": batch, "dense_ms": ms["dense"], "compact_ms": ms["compact"],
-               "speedup": ms["dense"] / ms["compact"]}
-        if bcsr_timed:
-            row.update(compact_bcsr_ms=ms["compact_bcsr"],
-                       speedup_bcsr=ms["dense"] / ms["compact_bcsr"])
-        rows.append(row)
-    counts = compact_model.counts
+        ms = latency(loaded, x_test, batch, args.repeats, args.warmup)
+        rows.append({"batch": batch, "dense_ms": ms["dense"], "compact_ms": ms["compact"],
+                     "speedup": ms["dense"] / ms["compact"]})
+    counts = predict_functions(model, state, inputs, args.border, False)[2].counts
     result = {
         "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "sparsity": report["sparsity"],
@@ -233,15 +229,15 @@ def main(argv=None) -> dict:
         "macs_dense": counts.macs_total, "macs_nonzero": counts.macs_nonzero,
         "macs_compact": counts.macs_compact,
         "mac_bound_speedup": counts.macs_total / max(counts.macs_compact, 1),
-        # BCSR layers count their nonzero entries: the bound of hflows_jax.export's choice.
-        "macs_compact_bcsr": bcsr_model.counts.macs_compact,
-        "mac_bound_speedup_bcsr": counts.macs_total / max(bcsr_model.counts.macs_compact, 1),
+        # BCSR layers count their nonzero entries.
+        "macs_compact_bcsr": compact_model.counts.macs_compact,
+        "mac_bound_speedup_bcsr": counts.macs_total / max(compact_model.counts.macs_compact, 1),
         "test_accuracy_dense": test_accuracy(loaded["dense"], x_test, y_test),
         "test_accuracy_compact": test_accuracy(loaded["compact"], x_test, y_test),
         "test_accuracy_run": report["test_accuracy"],
-        "bcsr_serialized": False,
-        "bcsr_timed": bcsr_timed,
-        "bcsr_layers": [r.name for r in bcsr_model.counts.layers if r.bcsr],
+        "bcsr": args.bcsr,
+        "bcsr_layers": bcsr_layers,
+        "bcsr_min_batch": compact_model.min_sparse_batch,
         "border": args.border,
         "repeats": args.repeats, "warmup": args.warmup,
         "latency": rows,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from hflows_jax import methods
+from hflows_jax import methods, structured
 from hflows_jax.training import Config, cli, outputs, train
 from hflows_jax.training.checkpoint import Checkpoints
 
@@ -80,6 +80,8 @@ def open_pruning_run(cfg: Config):
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     # At-initialization methods (SNIP, GraSP) trace their scores in tx.init.
     score = train.scoring(cfg, inputs, method, batch_stats)
-    phase = train.pruning_phase(cfg, inputs.steps_per_epoch, method, score, first_epoch=1)
+    phase = train.pruning_phase(
+        cfg, inputs.steps_per_epoch, method, score, first_epoch=1,
+        channel_groups=lambda: structured.channel_groups(model, params, inputs.data.image_shape))
     ckpt = Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", "pruning"), None)
     return inputs, model, ckpt, train.abstract_state(phase.tx, params, batch_stats)

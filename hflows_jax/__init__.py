@@ -17,6 +17,7 @@ from hflows_jax.masking import (
 
 from hflows_jax import baselines  # noqa: E402  (after the core: baselines build on it)
 from hflows_jax import export  # noqa: E402  (compact models: hf.export.export(...))
+from hflows_jax import structured  # noqa: E402  (channel pruning, built on export's graph)
 
 __all__ = [
     "baselines",
@@ -36,4 +37,5 @@ __all__ = [
     "pressure",
     "pressure_value",
     "sparsity",
+    "structured",
 ]

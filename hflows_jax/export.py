@@ -38,12 +38,19 @@ Either way, a channel that reads a nonzero constant through a padded conv counts
 constant (its value varies at the border), so constants are only ever folded exactly.
 
 BatchNorm is folded into the conv before it (kernel scaled per output channel, bias added).
-A residual stream channel is removed from a tensor only where nothing reads it there; an
-addition whose branches keep different channels picks and zero-fills channels by index,
-and adds the constants of the branches that dropped theirs.
+A residual stream channel is removed from a sum only where nothing reads it there; both
+branches of an addition then compute every channel the sum keeps, a constant one from zero
+kernel columns and its bias. Dropping such a constant from one branch only, and
+zero-filling it back by index at the addition, made a ResNet-20 at 99 % slower than the
+masked model on CPU (0.84x at batch 256; computing it: 1.12x and 1.15x, ``docs/RESULTS.md``).
 
 Dense (fully connected) layers can run as ``jax.experimental.sparse.BCSR`` matrices
-(``bcsr=``), faster on CPU below about 10 % density (measurements at ``BCSR_AUTO_DENSITY``).
+(``bcsr=``), faster on CPU below 10 to 20 % density from batch ``BCSR_MIN_BATCH`` on, slower
+below it (measurements at ``BCSR_AUTO_DENSITY``). The automatic choice keeps both kernels and
+switches on the batch size: at trace time for a concrete batch, by one ``lax.cond`` around the
+whole network for a symbolic one (``jax.export``). On CPU, BCSR runs as a custom call
+(``BCSR_CUSTOM_CALL``) that ``jax.export`` only serializes with that check disabled: such a
+file is tied to the jaxlib that reads it.
 
 Each model family is described by a short list of layers (:class:`Linear`, :class:`Pool`,
 :class:`Add` over named tensors, ``"image"`` in, ``"logits"`` out), built from the linen
@@ -66,12 +73,22 @@ from hflows_jax.masking import check_same_structure, prunable_leaves, unwrap_nnx
 
 PyTree = Any
 
-# bcsr=None: on the CPU backend, dense layers at most this dense run as BCSR. Measured on a
-# loaded 2-core CPU (jit, median of 50), BCSR vs dense matmul, 784x300 kernel: density 2 %,
-# batch 256: 0.20 vs 0.68 ms (batch 1: 0.046 vs 0.045 ms); 10 %: 0.46 vs 0.68 ms (batch 16:
-# 0.075 vs 0.11 ms); 20 %: 0.77 vs 0.67 ms (batch 16: 0.15 vs 0.11 ms); 4096x4096 at 2 %,
-# batch 64: 2.4 vs 14.5 ms. Not measured on GPU or TPU.
+# bcsr=None: on the CPU backend, dense layers at most this dense run as BCSR; small kernels
+# (at most BCSR_SMALL_KERNEL entries) up to BCSR_SMALL_DENSITY. Measured on the 2-core CPU
+# (jit, median of 300), dense / BCSR ms at batch 16, 32, 256 -- 784x300: density 10 %
+# 0.096/0.087, 0.070/0.084, 0.403/0.274; 15 % 0.123/0.128, 0.086/0.124, 0.427/0.423; 512x512
+# at 15 %: 0.092/0.119, 0.128/0.132, 0.640/0.609; 168x79 at 20 %: 0.023/0.013, 0.022/0.015,
+# 0.082/0.054; 300x100 at 20 %: 0.029/0.023, 0.066/0.026, 0.185/0.134, at 30 % 0.146/0.239
+# at batch 256. Not measured on GPU or TPU.
 BCSR_AUTO_DENSITY = 0.1
+BCSR_SMALL_KERNEL = 32_768
+BCSR_SMALL_DENSITY = 0.2
+# bcsr=None: below this batch size the dense kernels run (LeNet-300-100 at 98 %, serialized,
+# median of 100 calls: batch 1 BCSR 0.092 ms vs dense kernels 0.032 ms; batch 32: 0.120 vs
+# 0.162 ms; batch 256: 0.252 vs 0.434 ms). Batches 2 to 15 were not measured.
+BCSR_MIN_BATCH = 16
+# What a BCSR matmul lowers to on CPU (jax 0.10): jax.export needs this check disabled.
+BCSR_CUSTOM_CALL = "cpu_csr_sparse_dense_ffi"
 NO_MASKS = "this run has no masks: it is dense-only; nothing to export"
 BORDERS = ("keep", "map")
 
@@ -192,7 +209,8 @@ class LayerCounts:
     ``*_total``: the dense model; ``*_nonzero``: the masked model (present kernel entries,
     plus biases and BatchNorm parameters); ``*_compact``: the compact model's arrays.
     ``rows``: for dense layers, flattened inputs read (kept, total). ``bcsr``: the compact
-    kernel is stored and run as a BCSR matrix (its compact counts are its nonzero entries).
+    kernel runs as a BCSR matrix (its compact counts are its nonzero entries; with
+    ``bcsr=None`` the dense kernel is kept too, for small batches).
     """
 
     name: str
@@ -211,8 +229,8 @@ class LayerCounts:
 @dataclass(frozen=True)
 class ExportCounts:
     """Whole-model counts (per image for multiply-adds; conv and dense kernels only, as in
-    ``training.flops.forward_macs``). ``params_compact`` counts every float array of the
-    compact model, residual-add constants and ``border="map"`` border kernels included."""
+    ``hflows_jax.flops.forward_macs``). ``params_compact`` sums the layers': kernel (BCSR:
+    its nonzeros), bias and ``border="map"`` border kernel."""
 
     params_total: int
     params_nonzero: int
@@ -249,7 +267,7 @@ class _Dense:
     key: str
     rows: bool  # gather the flattened inputs arrays[key]["rows"] first
     relu: bool
-    bcsr: bool  # arrays[key]["kernel"] is a BCSR matrix of the transposed kernel
+    bcsr: bool  # arrays[key]["sparse"]: a BCSR matrix of the transposed kernel
 
 
 @dataclass(frozen=True)
@@ -265,9 +283,8 @@ class _Add:
     out: str
     a: str
     b: str
-    key: str
+    key: str  # arrays[key]["a" or "b"]: the channels of a branch that keeps more, by index
     relu: bool
-    select: tuple[str, str]  # per branch: "" as is, "take" channels by index, "fill" also zeros
 
 
 @dataclass(frozen=True)
@@ -282,20 +299,22 @@ class CompactModel:
     """The exported model: ``apply(images) -> logits`` (float32), eval mode.
 
     ``forward(arrays, images)`` is the same function with its arrays as an argument (for
-    ``jax.jit``, ``jax.export``, sharding); ``program`` is static. ``jax.export`` serializes
-    it with a symbolic batch size, except with BCSR layers (on CPU their custom call has no
-    compatibility guarantee). ``channels`` maps each tensor of the graph to its
-    :class:`ChannelCount`; ``summary()`` is a per-layer table of the counts.
+    ``jax.jit``, ``jax.export``, sharding); ``program`` and ``min_sparse_batch`` (the batch
+    size from which BCSR layers run, 0 for always) are static. ``jax.export`` serializes it
+    with a symbolic batch size; with BCSR layers only with ``BCSR_CUSTOM_CALL``'s check
+    disabled. ``channels`` maps each tensor of the graph to its :class:`ChannelCount`;
+    ``summary()`` is a per-layer table of the counts.
     """
 
     program: tuple
     arrays: dict
     counts: ExportCounts
     channels: dict
+    min_sparse_batch: int = 0
 
     @property
     def forward(self):
-        return functools.partial(_run, self.program)
+        return functools.partial(_forward, self.program, self.min_sparse_batch)
 
     @functools.cached_property
     def _jitted(self):
@@ -320,13 +339,9 @@ class CompactModel:
         return "\n".join(lines)
 
 
-def _take(x, index, how: str = "take"):
-    """Channels of ``x`` by index; with ``"fill"``, index ``x.shape[-1]`` reads zeros."""
-    if not how:
-        return x
-    if how == "fill":
-        x = jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (1,), x.dtype)], axis=-1)
-    return jnp.take(x, index, axis=-1)
+def _take(x, index):
+    """Channels of ``x`` by index; all of them where ``index`` is None."""
+    return x if index is None else jnp.take(x, index, axis=-1)
 
 
 def _conv(x, kernel, stride: int, padding: str):
@@ -334,7 +349,21 @@ def _conv(x, kernel, stride: int, padding: str):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _run(program: tuple, arrays: dict, images: jax.Array) -> jax.Array:
+def _forward(program: tuple, min_sparse_batch: int, arrays: dict, images: jax.Array):
+    """``_run`` with or without its BCSR layers, chosen on the batch size."""
+    dense = functools.partial(_run, program, False)
+    if not any(isinstance(op, _Dense) and op.bcsr for op in program):
+        return dense(arrays, images)
+    sparse = functools.partial(_run, program, True)
+    batch = images.shape[0]
+    if not min_sparse_batch:
+        return sparse(arrays, images)
+    if isinstance(batch, int):
+        return (sparse if batch >= min_sparse_batch else dense)(arrays, images)
+    return lax.cond(jnp.asarray(batch) >= min_sparse_batch, sparse, dense, arrays, images)
+
+
+def _run(program: tuple, sparse: bool, arrays: dict, images: jax.Array) -> jax.Array:
     env = {"image": jnp.asarray(images, jnp.float32)}
     for op in program:
         if isinstance(op, _Select):
@@ -351,7 +380,7 @@ def _run(program: tuple, arrays: dict, images: jax.Array) -> jax.Array:
             x = x.reshape((x.shape[0], -1))
             if op.rows:
                 x = jnp.take(x, a["rows"], axis=1)
-            y = (a["kernel"] @ x.T).T if op.bcsr else x @ a["kernel"]
+            y = (a["sparse"] @ x.T).T if sparse and op.bcsr else x @ a["kernel"]
             y, relu = y + a["bias"], op.relu
         elif isinstance(op, _Pool):
             x = env[op.inp]
@@ -362,9 +391,7 @@ def _run(program: tuple, arrays: dict, images: jax.Array) -> jax.Array:
             y, relu = (x if op.key is None else _take(x, arrays[op.key])), False
         else:  # _Add
             a = arrays[op.key]
-            y = (_take(env[op.a], a.get("a"), op.select[0])
-                 + _take(env[op.b], a.get("b"), op.select[1]) + a["constant"])
-            relu = op.relu
+            y, relu = _take(env[op.a], a.get("a")) + _take(env[op.b], a.get("b")), op.relu
         env[op.out] = jax.nn.relu(y) if relu else y
     return env["logits"]
 
@@ -469,9 +496,11 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
       border: ``"keep"`` or ``"map"``, what to do with a constant channel read by a padded
         conv (see the module docstring).
       bcsr: run dense (fully connected) layers as ``jax.experimental.sparse.BCSR`` matrices:
-        ``True`` every one, ``False`` none, ``None`` on the CPU backend those whose compact
-        kernel keeps at most ``BCSR_AUTO_DENSITY`` of its entries (faster there, see the
-        measurements above), elsewhere none (not measured on GPU or TPU).
+        ``True`` every one at every batch size, ``False`` none, ``None`` on the CPU backend
+        those whose compact kernel keeps at most ``BCSR_AUTO_DENSITY`` of its entries
+        (``BCSR_SMALL_DENSITY`` for kernels of at most ``BCSR_SMALL_KERNEL`` entries), for
+        batches of ``BCSR_MIN_BATCH`` or more (faster there, see the measurements above),
+        elsewhere none (not measured on GPU or TPU).
 
     Raises:
       ValueError: without masks, when a tree does not match the model, for other models.
@@ -546,8 +575,10 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
         elif isinstance(op, Pool):
             kept[op.inp] |= kept[op.out]
         else:
-            kept[op.a] |= kept[op.out] & ~const[op.a]
-            kept[op.b] |= kept[op.out] & ~const[op.b]
+            # Both branches compute every channel the sum keeps, constants too: zero columns
+            # in their kernels cost less than picking and zero-filling channels per block.
+            kept[op.a] |= kept[op.out]
+            kept[op.b] |= kept[op.out]
 
     # The compact program.
     index = {t: np.flatnonzero(k) for t, k in kept.items()}
@@ -579,19 +610,23 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
                     kernel, entry["rows"] = kernel[rows], jnp.asarray(rows, jnp.int32)
                 nonzero = int(np.count_nonzero(kernel))
                 if bcsr is None:
+                    density = (BCSR_SMALL_DENSITY if kernel.size <= BCSR_SMALL_KERNEL
+                               else BCSR_AUTO_DENSITY)
                     sparse = (jax.default_backend() == "cpu"
-                              and nonzero <= BCSR_AUTO_DENSITY * kernel.size)
+                              and nonzero <= density * kernel.size)
                 else:
                     sparse = bool(bcsr)
                 sparse = sparse and nonzero > 0
                 if sparse:
                     from jax.experimental.sparse import BCSR
-                    entry["kernel"] = BCSR.fromdense(jnp.asarray(kernel.T, jnp.float32))
+                    entry["sparse"] = BCSR.fromdense(jnp.asarray(kernel.T, jnp.float32))
+                if not (sparse and bcsr):  # forced BCSR never runs the dense kernel
+                    entry["kernel"] = jnp.asarray(kernel, jnp.float32)
                 program.append(_Dense(op.out, op.inp, op.name, gather, op.relu, sparse))
             else:
                 program.append(_Conv(op.out, op.inp, op.name, op.stride, op.padding, op.relu,
                                      across_border))
-            entry.setdefault("kernel", jnp.asarray(kernel, jnp.float32))
+                entry["kernel"] = jnp.asarray(kernel, jnp.float32)
             arrays[op.name] = entry
         elif isinstance(op, Pool):
             select = np.searchsorted(index[op.inp], index[op.out])
@@ -601,21 +636,14 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
                 arrays[key] = jnp.asarray(select, jnp.int32)
             program.append(_Pool(op.out, op.inp, op.kind, key))
         else:
-            entry, constant, select = {}, np.zeros(len(index[op.out])), []
+            entry = {}
             for side in ("a", "b"):
                 t = getattr(op, side)
-                position = np.searchsorted(index[t], index[op.out])
-                inside = kept[t][index[op.out]]
-                position = np.where(inside, position, len(index[t]))
-                constant += np.where(inside, 0.0, value[t][index[op.out]])
-                how = "" if len(position) == len(index[t]) and inside.all() else \
-                    "take" if inside.all() else "fill"
-                if how:
-                    entry[side] = jnp.asarray(position, jnp.int32)
-                select.append(how)
-            entry["constant"] = jnp.asarray(constant, jnp.float32)
+                if len(index[t]) > len(index[op.out]):  # the branch is also read elsewhere
+                    entry[side] = jnp.asarray(np.searchsorted(index[t], index[op.out]),
+                                              jnp.int32)
             arrays[op.out] = entry
-            program.append(_Add(op.out, op.a, op.b, op.out, op.relu, tuple(select)))
+            program.append(_Add(op.out, op.a, op.b, op.out, op.relu))
 
     # Counts.
     rows_out = []
@@ -624,8 +652,8 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
             continue
         layer, entry = layers[op.name], arrays[op.name]
         positions = int(np.prod(layer.out_hw))
-        sparse = not isinstance(entry["kernel"], jax.Array)
-        compact_kernel = int(entry["kernel"].nse if sparse else entry["kernel"].size)
+        sparse = "sparse" in entry
+        compact_kernel = int(entry["sparse"].nse if sparse else entry["kernel"].size)
         compact_bias = int(entry["bias"].size) + int(np.size(entry.get("border", ())))
         rows_out.append(LayerCounts(
             name=op.name, inputs=(len(index[op.inp]), width[op.inp]),
@@ -635,19 +663,19 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
             params_compact=compact_kernel + compact_bias,
             macs_total=layer.kernel_size * positions, macs_nonzero=layer.present * positions,
             macs_compact=compact_kernel * positions, bcsr=sparse))
-    float_entries = sum(int(x.size) for x in jax.tree.leaves(arrays)
-                        if jnp.issubdtype(x.dtype, jnp.floating))
     counts = ExportCounts(
         params_total=sum(int(np.size(x)) for x in jax.tree.leaves(params)),
         params_nonzero=sum(r.params_nonzero for r in rows_out),
-        params_compact=float_entries,
+        params_compact=sum(r.params_compact for r in rows_out),
         macs_total=sum(r.macs_total for r in rows_out),
         macs_nonzero=sum(r.macs_nonzero for r in rows_out),
         macs_compact=sum(r.macs_compact for r in rows_out),
         layers=tuple(rows_out))
     channels = {t: ChannelCount(len(index[t]), int(const[t].sum()), width[t]) for t in width}
-    return CompactModel(tuple(program), arrays, counts, channels)
+    return CompactModel(tuple(program), arrays, counts, channels,
+                        0 if bcsr else BCSR_MIN_BATCH)
 
 
-__all__ = ["Add", "BCSR_AUTO_DENSITY", "BORDERS", "ChannelCount", "CompactModel", "ExportCounts",
-           "LayerCounts", "Linear", "NO_MASKS", "Pool", "export", "graph"]
+__all__ = ["Add", "BCSR_AUTO_DENSITY", "BCSR_CUSTOM_CALL", "BCSR_MIN_BATCH",
+           "BCSR_SMALL_DENSITY", "BCSR_SMALL_KERNEL", "BORDERS", "ChannelCount", "CompactModel",
+           "ExportCounts", "LayerCounts", "Linear", "NO_MASKS", "Pool", "export", "graph"]

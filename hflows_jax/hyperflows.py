@@ -152,5 +152,8 @@ def flows(params: PyTree, grads: PyTree, opt_state: PyTree) -> PyTree:
 
 
 def pressure_value(opt_state: PyTree) -> jax.Array:
-    """The pressure gamma the next step applies."""
-    return _hyperflows_state(opt_state, "pressure_value").pressure.gamma
+    """The pressure gamma the next step applies (Hyperflows, weights or channels)."""
+    state = masking.find_pruner_state(opt_state)
+    if not hasattr(getattr(state, "pressure", None), "gamma"):
+        raise ValueError(f"pressure_value needs a Hyperflows state, got {type(state).__name__}.")
+    return state.pressure.gamma

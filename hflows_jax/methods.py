@@ -45,6 +45,7 @@ class Budget:
     distribution: str | None  # resolved by Method.distribution; None for methods without
     seed: int
     scoring: Scoring
+    channel_groups: Callable[[], Any]  # the model's hf.structured.ChannelGroups, built on call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Method:
     # (params, intermediates) -> scalar added to the task loss; ``intermediates`` is the
     # model's "intermediates" collection from the same forward pass.
     loss_term: Callable[[PyTree, PyTree], jax.Array] | None = None
+    # What --target_sparsity removes: "weights", or "flops" (multiply-adds, channel methods).
+    target: str = "weights"
 
     def distribution(self, requested: str | None) -> str | None:
         """The distribution to build with: the requested one, checked, or the default."""
@@ -95,6 +98,18 @@ def _hyperflows(b: Budget):
 
 
 register(Method("hyperflows", _hyperflows, has_pressure=True))
+
+
+def _hyperflows_channel(b: Budget):
+    target = recipe.pruning_phase_sparsity(b.target_sparsity, b.regrowth_allowance)
+    return hf.structured.channel_hyperflows(
+        b.channel_groups(),
+        pressure=CONTROLLERS[b.controller](target, b.pruning_steps,
+                                           update_every=b.controller_period),
+        presence_optimizer=optax.adam(b.presence_lr), seed=b.seed)
+
+
+register(Method("hyperflows_channel", _hyperflows_channel, has_pressure=True, target="flops"))
 register(Method(
     "magnitude", lambda b: hf.baselines.magnitude(
         b.target_sparsity, end_step=b.pruning_steps, update_every=b.steps_per_epoch,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hflows_jax import models
-from hflows_jax.export import NO_MASKS, export
+from hflows_jax.export import BCSR_CUSTOM_CALL, BCSR_MIN_BATCH, NO_MASKS, export
 from hflows_jax.masking import multiply_masks
-from hflows_jax.training.flops import forward_macs
+from hflows_jax.flops import forward_macs
 
 
 def _get(tree, path):
@@ -71,7 +71,10 @@ def _check_counts(compact, model, params, stats, masks, image_shape):
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
     macs = forward_macs(model, variables, image_shape, masks)
     assert (counts.macs_total, counts.macs_nonzero) == macs
-    assert counts.params_compact == sum(int(x.size) for x in jax.tree.leaves(compact.arrays)
+    # Every float array the compact model stores, but a dense kernel kept beside its BCSR one.
+    stored = {key: {k: v for k, v in a.items() if not (k == "kernel" and "sparse" in a)}
+              for key, a in compact.arrays.items() if isinstance(a, dict)}
+    assert counts.params_compact == sum(int(x.size) for x in jax.tree.leaves(stored)
                                         if jnp.issubdtype(x.dtype, jnp.floating))
 
 
@@ -110,6 +113,33 @@ def test_lenet300_dead_units_chains_and_pixels():
     nonzero = sum(int(np.count_nonzero(compact.arrays[f"Dense_{i}"]["kernel"])) for i in range(3))
     assert sparse.counts.params_compact == nonzero + 296 + 97 + 10
     assert sparse.counts.macs_compact == nonzero
+    assert all("kernel" not in sparse.arrays[f"Dense_{i}"] for i in range(3))
+
+
+def test_lenet300_bcsr_from_a_batch_size_on():
+    """bcsr=None on CPU: a layer 3 % dense runs as BCSR from BCSR_MIN_BATCH images on,
+    in-process (static batch) and through jax.export (one lax.cond on the symbolic batch)."""
+    model, params, stats, masks, images = _setup("lenet300", (28, 28, 1))
+    rng = np.random.default_rng(1)
+    masks["Dense_0"]["kernel"] = rng.random((784, 300)) < 0.03
+    compact = export(model, params, masks, image_shape=(28, 28, 1))
+    assert [r.bcsr for r in compact.counts.layers] == [True, False, False]
+    _check_counts(compact, model, params, stats, masks, (28, 28, 1))
+    (b,) = jax.export.symbolic_shape("b")
+    exported = jax.export.export(
+        jax.jit(lambda x: compact.forward(compact.arrays, x)),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(BCSR_CUSTOM_CALL)])(
+        jax.ShapeDtypeStruct((b, 28, 28, 1), jnp.float32))
+    served = jax.export.deserialize(exported.serialize())
+    batch = rng.normal(size=(BCSR_MIN_BATCH, 28, 28, 1)).astype(np.float32)
+    lowered = {n: jax.jit(compact.forward).lower(compact.arrays, batch[:n]).as_text()
+               for n in (1, BCSR_MIN_BATCH)}
+    assert BCSR_CUSTOM_CALL not in lowered[1] and BCSR_CUSTOM_CALL in lowered[BCSR_MIN_BATCH]
+    for n in (1, BCSR_MIN_BATCH - 1, BCSR_MIN_BATCH):
+        _assert_same_logits(compact, model, params, stats, masks, batch[:n])
+        want = _masked_logits(model, params, stats, masks, batch[:n])
+        np.testing.assert_allclose(served.call(batch[:n]), want,
+                                   rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_lenet5_constant_through_pool_and_flatten():
@@ -193,7 +223,7 @@ def test_resnet20_residual_channels():
         kernel(f"{block(i)}/Conv_0")[:, :, 1, :] = False
     kernel(f"{block(3)}/Conv_0")[:, :, 1, :] = False
     # (b) Stage-1 channel 2: constant out of block 3 (both its writers dead), written again by
-    # block 4's Conv_1: dropped from block 3's output, kept in block 4's.
+    # block 4's Conv_1: block 4's sum keeps it, so block 3's writers compute the constant.
     kernel(f"{block(3)}/Conv_1")[..., 2] = False
     kernel(f"{block(3)}/conv_proj")[..., 2] = False
     _set_bn_constant(params, stats, f"{block(3)}/norm_proj", 2, beta=0.9)
@@ -216,10 +246,10 @@ def test_resnet20_residual_channels():
         layers = {r.name: r for r in compact.counts.layers}
         assert layers[f"{block(3)}/conv_proj"].inputs == (3, 4)  # (a) folded into its bias
         assert layers[f"{block(3)}/Conv_0"].inputs == (3, 4)
-        assert ch[block(3)].kept == 7 and ch[f"{block(3)}/z"].kept == 7  # (b)
-        assert ch[f"{block(3)}/proj"].kept == 7
+        assert (ch[block(3)].kept, ch[block(3)].constant) == (8, 1)  # (b)
+        assert ch[f"{block(3)}/z"].kept == 8 and ch[f"{block(3)}/proj"].kept == 8
         assert ch[block(4)].kept == 8 and ch[block(4)].constant == 0
-        assert "a" in compact.arrays[block(4)]  # block 4's add zero-fills channel 2 of its input
+        assert not compact.arrays[block(4)]  # no channel picked at block 4's addition
         for i in (6, 7, 8):  # (c)
             assert ch[block(i)].kept == 15 and ch[f"{block(i)}/z"].kept == 15
         assert compact.counts.params_compact < base.counts.params_compact

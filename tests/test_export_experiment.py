@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
     report = run(cfg)
     out = tmp / "out"
     result = export_experiment.main([f"--workdir={cfg.run.workdir}", f"--out={out}",
-                                     "--quick"])
+                                     "--quick", "--bcsr=on"])
     return cfg, report, out, result
 
 
@@ -60,7 +60,7 @@ def test_export_json_holds_counts_accuracy_and_latency(exported):
     on_disk = json.loads((out / "export.json").read_text())
     for key in ("params_dense", "params_compact", "macs_dense", "macs_compact",
                 "test_accuracy_dense", "test_accuracy_compact", "latency",
-                "mac_bound_speedup", "bcsr_serialized", "bcsr_timed"):
+                "mac_bound_speedup", "bcsr", "bcsr_layers", "macs_compact_bcsr"):
         assert key in on_disk, key
     assert on_disk["params_dense"] == report["params_total"]
     assert on_disk["macs_dense"] == report["flops_dense"]
@@ -68,10 +68,9 @@ def test_export_json_holds_counts_accuracy_and_latency(exported):
     assert 0 < on_disk["params_compact"] < on_disk["params_dense"]
     assert on_disk["mac_bound_speedup"] == pytest.approx(
         on_disk["macs_dense"] / on_disk["macs_compact"])
-    assert on_disk["bcsr_serialized"] is False and on_disk["platforms"] == ["cpu"]
-    if on_disk["bcsr_timed"]:
-        assert on_disk["bcsr_layers"] and all("compact_bcsr_ms" in r for r in on_disk["latency"])
-        assert on_disk["macs_compact_bcsr"] < on_disk["macs_compact"]
+    assert on_disk["platforms"] == ["cpu"]
+    assert on_disk["bcsr_layers"] == ["Dense_0", "Dense_1", "Dense_2"]  # --bcsr=on
+    assert on_disk["macs_compact_bcsr"] < on_disk["macs_compact"]
     assert [r["batch"] for r in on_disk["latency"]] == [1, 32, 256]
     for r in on_disk["latency"]:
         assert r["dense_ms"] > 0 and r["compact_ms"] > 0
@@ -91,7 +90,7 @@ def test_compact_accuracy_equals_dense_and_the_run(exported):
 def test_serialized_models_match_the_in_process_ones(exported):
     cfg, _, out, _ = exported
     inputs, model, _, state = export_experiment.restore_last(cfg)
-    dense, compact, _ = export_experiment.predict_functions(model, state, inputs)
+    dense, compact, _ = export_experiment.predict_functions(model, state, inputs, bcsr=True)
     images = np.random.default_rng(1).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
     for name, fn in (("model.jax", compact), ("dense.jax", dense)):
         loaded = jax.export.deserialize(bytearray((out / name).read_bytes()))

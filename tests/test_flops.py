@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 import hflows_jax as hf
 from hflows_jax import models
-from hflows_jax.training.flops import forward_macs
+from hflows_jax.flops import forward_macs
 
 
 def test_forward_macs_against_hand_count():

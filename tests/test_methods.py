@@ -42,9 +42,12 @@ def tempered_method():
 
 
 def test_registry_describes_every_method():
-    assert list(methods.REGISTRY) == ["hyperflows", "magnitude", "snip", "grasp", "random",
-                                      "rigl"]
-    assert [m.name for m in methods.REGISTRY.values() if m.has_pressure] == ["hyperflows"]
+    assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "magnitude", "snip",
+                                      "grasp", "random", "rigl"]
+    assert [m.name for m in methods.REGISTRY.values() if m.has_pressure] == [
+        "hyperflows", "hyperflows_channel"]
+    assert [m.name for m in methods.REGISTRY.values() if m.target == "flops"] == [
+        "hyperflows_channel"]
     assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
         "snip", "grasp", "random", "rigl"}
     assert methods.get("random").distribution(None) == "erk"

@@ -32,7 +32,7 @@ from hflows_jax.data import (ArrayDataset, channel_stats, load_dataset, normaliz
 from hflows_jax.training import outputs, parallel, plots
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
-from hflows_jax.training.flops import forward_macs
+from hflows_jax.flops import forward_macs
 from hflows_jax.training.state import TrainState
 from hflows_jax.training.step import make_eval_step, make_train_step, smoothed_cross_entropy
 
@@ -171,7 +171,7 @@ def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
 
 
 def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
-                  first_epoch: int) -> Phase:
+                  first_epoch: int, channel_groups: Callable[[], Any]) -> Phase:
     s, p = cfg.schedule, cfg.method
     pruning_steps, regrowth_steps = s.pruning_epochs * spe, s.regrowth_epochs * spe
     weight_lr = recipe.weight_learning_rate(s.lr, pruning_steps, regrowth_steps)
@@ -181,7 +181,8 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
         target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
         controller_period=period, controller=p.controller, presence_lr=presence_lr,
         regrowth_allowance=p.regrowth_allowance,
-        distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score)
+        distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
+        channel_groups=channel_groups)
     tx = optax.chain(method.build(budget), optax.add_decayed_weights(s.weight_decay),
                      optax.sgd(weight_lr, momentum=0.9))
 
@@ -386,15 +387,22 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     train_s = sum(r["train_s"] for r in history)
     images = len(history) * setup.inputs.steps_per_epoch * cfg.data.batch_size
     sparsity = float(hf.sparsity(state.opt_state)) if phase.masked else 0.0
-    missed_by = missed_target(cfg, sparsity) if phase.masked else None
+    removed, what = sparsity, "sparsity"  # what --target_sparsity counts
+    if phase.masked and setup.method.target == "flops":
+        groups = hf.structured.channel_groups(setup.model, final, data.image_shape)
+        removed = 1.0 - float(hf.structured.flops_fraction(groups, state.opt_state))
+        what = "of the multiply-adds removed"
+    missed_by = missed_target(cfg, removed) if phase.masked else None
     warnings = list(setup.warnings)
     if missed_by is not None:
-        warnings.append(f"the run ended at {sparsity:.2%} sparsity, {100 * missed_by:+.2f} "
+        warnings.append(f"the run ended at {removed:.2%} {what}, {100 * missed_by:+.2f} "
                         f"points from the {cfg.method.target_sparsity:.2%} target.")
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
         "sparsity": sparsity,
+        "target": setup.method.target,  # what target_sparsity counts: weights or flops
+        "target_removed": removed,  # the fraction of it removed (weights: the sparsity)
         "target_missed_by": missed_by,  # final - target when over 0.5 points apart, else None
         "warnings": warnings,
         "layer_sparsity": layer_sparsity,
@@ -418,7 +426,9 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
                    f"{cfg.model.name} on {data.name}, target {cfg.method.target_sparsity:.1%}")
     print(f"test_accuracy {result['test_accuracy']:.4f}  sparsity {result['sparsity']:.4f}  "
           f"params {result['params_remaining']}/{params_total}  "
-          f"MACs {macs_sparse}/{macs_dense}  -> {cfg.run.workdir}", flush=True)
+          f"MACs {macs_sparse}/{macs_dense}"
+          + (f"  {what} {removed:.4f}" if setup.method.target != "weights" else "")
+          + f"  -> {cfg.run.workdir}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", flush=True)
     return result
@@ -473,7 +483,8 @@ def run(cfg: Config) -> dict:
     params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
     phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
         cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
-        first_epoch=len(dense.epochs) + 1))
+        first_epoch=len(dense.epochs) + 1, channel_groups=lambda: hf.structured.channel_groups(
+            setup.model, params, inputs.data.image_shape)))
     ckpts = {p.name: Checkpoints(os.path.join(r.workdir, "checkpoints", p.name),
                                  max_to_keep=r.keep_checkpoints or None)
              for p in phases}

@@ -1,0 +1,160 @@
+"""Output channels as prunable groups, and the multiply-adds a set of channels costs.
+
+A channel's group is everything that only computes it: its filter ``kernel[..., c]``, its
+bias, and behind a BatchNorm that BatchNorm's scale and shift. With all of them zeroed the
+channel is exactly zero, so ``hf.export`` removes it and the inputs the next layers read
+from it. The classifier's outputs (the logits) are never grouped.
+
+The groups come from the model's layer graph (``hf.export.graph``), so they follow VGG,
+ResNet and LeNet alike; in a ResNet a stream channel stays alive while any branch writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import keystr
+
+from hflows_jax import export as hf_export
+from hflows_jax.flops import layer_positions
+
+PyTree = Any
+
+
+def path_of(path: tuple) -> str:
+    return keystr(path, simple=True, separator="/")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroups:
+    """The prunable channels of one model, for ``channel_hyperflows`` and FLOP counts.
+
+    ``sizes``: channels per group (a group is named after its layer's path in params).
+    ``members``: param path (``"Conv_0/kernel"``) -> the group whose channels are its last
+    axis. ``program``: the layer graph reduced to what channel counts need, in order:
+    ``("linear", out, inp, group or None, width, macs per (input, output) channel pair)``,
+    ``("same", out, inp)`` for pools, ``("or", out, a, b)`` for residual additions.
+    """
+
+    sizes: dict[str, int]
+    members: dict[str, str]
+    program: tuple
+    image_channels: int
+    norms: dict[str, str]  # group -> the path of its BatchNorm in batch_stats
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
+        """Multiply-adds per image with only the ``kept`` channels (bool per group)."""
+        alive = {"image": jnp.ones(self.image_channels, jnp.float32)}
+        total = jnp.zeros((), jnp.float32)
+        for op in self.program:
+            if op[0] == "linear":
+                _, out, inp, group, width, unit = op
+                alive[out] = (jnp.ones(width, jnp.float32) if group is None
+                              else kept[group].astype(jnp.float32))
+                total = total + unit * jnp.sum(alive[inp]) * jnp.sum(alive[out])
+            elif op[0] == "same":
+                alive[op[1]] = alive[op[2]]
+            else:
+                alive[op[1]] = jnp.maximum(alive[op[2]], alive[op[3]])
+        return total
+
+    @functools.cached_property
+    def dense_macs(self) -> int:
+        width = {"image": self.image_channels}
+        total = 0
+        for op in self.program:
+            width[op[1]] = op[4] if op[0] == "linear" else width[op[2]]
+            if op[0] == "linear":
+                total += op[5] * width[op[2]] * op[4]
+        return total
+
+    def flops_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
+        """Multiply-adds kept over the dense model's."""
+        return self.macs(kept) / self.dense_macs
+
+    def channels_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
+        return sum(jnp.sum(k) for k in kept.values()) / self.total
+
+    def expand(self, kept: dict[str, jax.Array], params: PyTree) -> PyTree:
+        """Per-weight masks shaped like ``params``: a group's channel mask broadcast over
+        each member's leading axes; ``None`` off the groups."""
+        def leaf(path, p):
+            group = self.members.get(path_of(path))
+            return None if group is None else jnp.broadcast_to(kept[group], p.shape)
+        return jax.tree.map_with_path(leaf, params)
+
+    def reduce(self, tree: PyTree) -> dict[str, jax.Array]:
+        """Per-group sums over channels of a params-shaped tree (e.g. flows)."""
+        sums = {g: jnp.zeros(n, jnp.float32) for g, n in self.sizes.items()}
+        for path, x in jax.tree.leaves_with_path(tree):
+            group = self.members.get(path_of(path))
+            if group is not None:
+                sums[group] = sums[group] + jnp.sum(
+                    x.astype(jnp.float32).reshape(-1, x.shape[-1]), axis=0)
+        return sums
+
+    def settle_statistics(self, batch_stats: PyTree, kept: dict[str, Any]) -> PyTree:
+        """``batch_stats`` with a zero running mean on pruned channels.
+
+        A pruned channel's BatchNorm input is exactly 0, so its true mean is 0; the running
+        average only decays towards it. With a fixed BatchNorm scale (no scale to mask)
+        the stale mean leaves a tiny constant after the shift is masked, which
+        ``hf.export`` must then keep behind a padded conv. Settled, the channel is 0.
+        """
+        def leaf(path, x):
+            path = path_of(path)
+            for group, norm in self.norms.items():
+                if path == f"{norm}/mean":
+                    return jnp.where(jnp.asarray(kept[group]), x, 0.0).astype(x.dtype)
+            return x
+        return jax.tree.map_with_path(leaf, batch_stats)
+
+    def check(self, params: PyTree) -> None:
+        paths = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(params)}
+        for path, group in self.members.items():
+            if path not in paths or paths[path][-1] != self.sizes[group]:
+                raise ValueError(f"params do not match these channel groups: {path} "
+                                 f"{'is missing' if path not in paths else paths[path]} "
+                                 f"(group {group} has {self.sizes[group]} channels). Build "
+                                 "the groups from the same model (channel_groups).")
+
+
+def channel_groups(model, params: PyTree, image_shape: tuple[int, int, int]) -> ChannelGroups:
+    """The output channels of every conv and dense layer of a ``hflows_jax.models`` model
+    but the classifier, with their filters, biases and BatchNorm scales and shifts."""
+    ops = hf_export.graph(model, params)
+    shapes = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(params)}
+    positions = layer_positions(model, image_shape)
+    sizes, members, norms, program = {}, {}, {}, []
+    width = {"image": int(image_shape[-1])}
+    for op in ops:
+        if isinstance(op, hf_export.Linear):
+            kernel = shapes[f"{op.name}/kernel"]
+            width[op.out] = int(kernel[-1])
+            group = None
+            if op.out != "logits":
+                group = op.name
+                sizes[group] = width[op.out]
+                owned = [f"{op.name}/kernel", f"{op.name}/bias"]
+                if op.bn:
+                    owned += [f"{op.bn}/scale", f"{op.bn}/bias"]
+                    norms[group] = op.bn
+                members.update({m: group for m in owned if m in shapes})
+            unit = positions[op.name] * int(np.prod(kernel)) // (width[op.inp] * width[op.out])
+            program.append(("linear", op.out, op.inp, group, width[op.out], unit))
+        elif isinstance(op, hf_export.Pool):
+            width[op.out] = width[op.inp]
+            program.append(("same", op.out, op.inp))
+        else:
+            width[op.out] = width[op.a]
+            program.append(("or", op.out, op.a, op.b))
+    return ChannelGroups(sizes, members, tuple(program), int(image_shape[-1]), norms)

@@ -1,0 +1,175 @@
+"""Channel Hyperflows: channel flows against autodiff, multiply-adds against hf.export's
+compact models, and a run that lands on its FLOP target and exports smaller."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hflows_jax as hf
+from hflows_jax import models
+from hflows_jax.structured import channel_groups, channel_hyperflows, flops_fraction
+from hflows_jax.structured.channels import path_of
+
+
+def _init(name, shape, **kwargs):
+    model = models.create(name, 10, **kwargs)
+    variables = model.init(jax.random.key(0), jnp.zeros((1,) + shape))
+    return model, variables["params"], variables.get("batch_stats", {})
+
+
+def _random_kept(groups, seed, p=0.6):
+    rng = np.random.default_rng(seed)
+    kept = {}
+    for g, n in groups.sizes.items():
+        k = rng.random(n) < p
+        k[rng.integers(n)] = True  # at least one channel per layer
+        kept[g] = k
+    return kept
+
+
+def test_channel_flows_are_the_derivative_of_the_loss_by_a_channel_scale():
+    """The flow the transformation applies to channel c is ste_scale * dL/ds_c, where s_c
+    scales every member of c's group (filter, bias, BatchNorm scale and shift) at s = 1."""
+    shape = (32, 32, 3)
+    model, params, stats = _init("vgg19", shape, width=0.0625)
+    groups = channel_groups(model, params, shape)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8,) + shape).astype(np.float32), rng.integers(0, 10, 8)
+
+    def loss(p):
+        logits, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def scaled(s):
+        return jax.tree.map_with_path(
+            lambda path, w: w * s[groups.members[path_of(path)]]
+            if path_of(path) in groups.members else w, params)
+
+    ones = {g: jnp.ones(n) for g, n in groups.sizes.items()}
+    want = jax.grad(lambda s: loss(scaled(s)))(ones)
+
+    ste = 0.25
+    tx = channel_hyperflows(groups, hf.pressure.constant(0.0), optax.sgd(1.0), ste_scale=ste)
+    state = tx.init(params)
+    _, new = tx.update(jax.grad(loss)(params), state, params)
+    for g in groups.sizes:
+        got = state.presence[g] - new.presence[g]
+        np.testing.assert_allclose(got, ste * want[g], rtol=1e-4, atol=1e-7)
+    # Behind BatchNorm a filter's own flows sum to zero: the signal is in scale and shift.
+    grads = jax.grad(loss)(params)
+    conv = groups.program[1][3]
+    kernel_sums = jnp.sum(params[conv]["kernel"] * grads[conv]["kernel"], axis=(0, 1, 2))
+    assert float(jnp.max(jnp.abs(kernel_sums))) < 1e-3 * float(jnp.max(jnp.abs(want[conv])))
+
+
+@pytest.mark.parametrize("name, shape, kwargs", [
+    ("lenet5", (28, 28, 1), {}),
+    ("vgg19", (32, 32, 3), {"width": 0.0625}),
+])
+def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwargs):
+    model, params, stats = _init(name, shape, **kwargs)
+    groups = channel_groups(model, params, shape)
+    kept = _random_kept(groups, seed=1)
+    masks = groups.expand(kept, params)
+    pruned = hf.multiply_masks(params, masks)
+    compact = hf.export.export(model, pruned, masks, stats, image_shape=shape)
+    counts = compact.counts
+    assert groups.dense_macs == counts.macs_total
+    assert float(groups.macs(kept)) == counts.macs_compact
+    assert float(groups.flops_fraction(kept)) == pytest.approx(
+        counts.macs_compact / counts.macs_total)
+    assert float(groups.channels_fraction(kept)) == pytest.approx(
+        sum(k.sum() for k in kept.values()) / sum(groups.sizes.values()))
+
+
+def test_resnet_stream_channels_stay_while_a_branch_writes_them():
+    shape = (16, 16, 3)
+    model, params, stats = _init("resnet20", shape, width=0.25)
+    groups = channel_groups(model, params, shape)
+    members = {m for m, g in groups.members.items() if g == "ResNetBlock_0/Conv_1"}
+    assert members == {"ResNetBlock_0/Conv_1/kernel", "ResNetBlock_0/BatchNorm_1/scale",
+                       "ResNetBlock_0/BatchNorm_1/bias"}
+    everything = {g: np.ones(n, bool) for g, n in groups.sizes.items()}
+    one_off = dict(everything)
+    one_off["ResNetBlock_0/Conv_1"] = np.arange(4) != 0  # block 0 writes stream channel 0 no more
+    # Only that conv's output channel goes: 16 x 16 positions, 3 x 3 taps, 4 inputs. The
+    # stream channel stays (the stem still writes it), and so do all its readers.
+    assert float(groups.macs(everything) - groups.macs(one_off)) == 16 * 16 * 9 * 4
+
+
+def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256,) + shape).astype(np.float32)
+    y = (x[:, :14].mean(axis=(1, 2, 3)) > x[:, 14:].mean(axis=(1, 2, 3))).astype(np.int32)
+    steps, target = 400, 0.5
+    tx = optax.chain(
+        channel_hyperflows(groups, hf.pressure.trajectory(target, steps, update_every=10),
+                           optax.adam(0.01)),
+        optax.sgd(0.01, momentum=0.9))
+
+    def loss(p, xb, yb):
+        logits = model.apply({"params": p}, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def step(p, s, i):
+        xb, yb = jax.lax.dynamic_slice_in_dim(x, (i % 8) * 32, 32), \
+            jax.lax.dynamic_slice_in_dim(y, (i % 8) * 32, 32)
+        grads = jax.grad(loss)(hf.apply_masks(p, s), xb, yb)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = tx.init(params)
+    for i in range(steps + 20):
+        params, state = step(params, state, i)
+    kept = float(flops_fraction(groups, state))
+    assert abs(kept - (1 - target)) < 0.05, kept
+    masks = hf.masks(state)
+    assert jax.tree.structure(masks) == jax.tree.structure(
+        groups.expand({g: np.ones(n, bool) for g, n in groups.sizes.items()}, params))
+    final = hf.finalize(params, state)
+    compact = hf.export.export(model, final, masks, image_shape=shape)
+    assert compact.counts.macs_compact / compact.counts.macs_total == pytest.approx(kept)
+    want = model.apply({"params": final}, x[:16])
+    np.testing.assert_allclose(compact.apply(x[:16]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    with pytest.raises(ValueError, match="channel_groups"):
+        channel_hyperflows(None, hf.pressure.constant(0.0))
+    with pytest.raises(ValueError, match="target"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0), target="weights")
+    _, other, _ = _init("lenet5", shape, width=0.5)
+    with pytest.raises(ValueError, match="do not match these channel groups"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0)).init(other)
+
+
+def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale():
+    """With the BatchNorm scale fixed (no scale to mask), a stale running mean leaves a
+    pruned channel a small constant that export must keep behind a padded conv; with the
+    pruned channels' mean settled to 0 they go, and the logits stay the masked model's."""
+    shape = (32, 32, 3)
+    model, params, stats = _init("vgg19", shape, width=0.0625, train_bn_scale=False)
+    # Stale running means below 0: a pruned channel outputs relu(0.1 / sqrt(var + eps)).
+    stats = jax.tree.map_with_path(
+        lambda path, x: x - 0.1 if path[-1].key == "mean" else x, stats)
+    groups = channel_groups(model, params, shape)
+    kept = _random_kept(groups, seed=2)
+    masks = groups.expand(kept, params)
+    pruned = hf.multiply_masks(params, masks)
+    stale = hf.export.export(model, pruned, masks, stats, image_shape=shape)
+    settled_stats = groups.settle_statistics(stats, kept)
+    settled = hf.export.export(model, pruned, masks, settled_stats, image_shape=shape)
+    assert stale.counts.macs_compact > settled.counts.macs_compact == float(groups.macs(kept))
+    images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
+    want = model.apply({"params": pruned, "batch_stats": settled_stats}, images, train=False)
+    np.testing.assert_allclose(settled.apply(images), want, rtol=1e-4, atol=1e-5)
