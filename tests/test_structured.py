@@ -173,3 +173,20 @@ def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale
     images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
     want = model.apply({"params": pruned, "batch_stats": settled_stats}, images, train=False)
     np.testing.assert_allclose(settled.apply(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fixed_batchnorm_scale_is_warned_at_start():
+    from hflows_jax import methods
+    from hflows_jax.training import presets, train
+
+    channel = methods.get("hyperflows_channel")
+    assert channel.controller == "pi" and channel.target == "flops"
+    cfg = presets.get("compare_cifar10_5k").replace(method="hyperflows_channel",
+                                                      target_sparsity=0.5)
+    assert not cfg.model.train_bn_scale  # the reference's choice, the preset's
+    fixed = train.start_warnings(cfg, 79, channel)
+    assert any("--train_bn_scale=true" in w for w in fixed)
+    trained = train.start_warnings(cfg.replace(train_bn_scale=True), 79, channel)
+    assert not any("--train_bn_scale" in w for w in trained)
+    lenet = train.start_warnings(cfg.replace(model="lenet5"), 79, channel)  # no BatchNorm
+    assert not any("--train_bn_scale" in w for w in lenet)

@@ -23,7 +23,7 @@ MODELS = {
     "resnet50": ResNet50,
     "vgg19": VGG,
 }
-_HAS_BATCHNORM = {"resnet18", "resnet20", "resnet50", "vgg19"}
+BATCHNORM_MODELS = {"resnet18", "resnet20", "resnet50", "vgg19"}
 
 
 def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = jnp.float32,
@@ -40,7 +40,7 @@ def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = j
         raise ValueError(f"width must be positive, got {width!r}.")
     kernel_initializer(kernel_init)  # a clear error for an unknown name
     kwargs = {}
-    if name in _HAS_BATCHNORM:
+    if name in BATCHNORM_MODELS:
         kwargs.update(axis_name=axis_name, train_bn_scale=train_bn_scale)
     if name.startswith("resnet"):
         kwargs.update(zero_init_residual=zero_init_residual)
@@ -48,5 +48,5 @@ def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = j
                         kernel_init=kernel_init, **kwargs)
 
 
-__all__ = ["KERNEL_INITS", "MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
+__all__ = ["BATCHNORM_MODELS", "KERNEL_INITS", "MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
            "VGG", "create"]

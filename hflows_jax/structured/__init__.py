@@ -6,6 +6,7 @@ from hflows_jax.structured.channel_hyperflows import (
     flops_fraction,
 )
 from hflows_jax.structured.channels import ChannelGroups, channel_groups
+from hflows_jax.structured import dhp  # noqa: E402  (DHP's layers and proximal step)
 
 __all__ = ["ChannelGroups", "ChannelHyperflowsState", "channel_groups", "channel_hyperflows",
-           "flops_fraction"]
+           "dhp", "flops_fraction"]

@@ -39,7 +39,8 @@ HELP = {
     "pressure_updates_per_epoch": "pressure-controller periods per epoch (default: about 100 "
                                   "over the pruning phase, recipe.presence_regime)",
     "controller": "pressure controller: trajectory (the reference's) or pi (PI on the "
-                  "log-density error, hf.pressure.log_density_pi)",
+                  "log-density error, hf.pressure.log_density_pi); default: the method's "
+                  "(hyperflows: trajectory, hyperflows_channel: pi)",
     "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
     "width": "width multiplier of the model",
     "eval_every": "epochs between test evaluations",

@@ -39,7 +39,7 @@ class MethodConfig:
     presence_lr: float | None = None  # None: recipe.presence_regime of the pruning steps
     regrowth_allowance: float = 0.15
     pressure_updates_per_epoch: int | None = None  # None: recipe.presence_regime (~100 in all)
-    controller: str = "trajectory"  # pressure controller: trajectory (reference) or pi
+    controller: str | None = None  # trajectory (reference) or pi; None: the method's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Config:
         _require(r.num_processes is None or 0 <= r.process_id < r.num_processes,
                  f"--process_id must lie in [0, --num_processes), got {r.process_id} of "
                  f"{r.num_processes}.")
-        _require(p.controller in methods.CONTROLLERS,
+        _require(p.controller is None or p.controller in methods.CONTROLLERS,
                  f"--controller must be one of {list(methods.CONTROLLERS)}, "
                  f"got {p.controller!r}.")
         return self

@@ -166,7 +166,13 @@ def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
     p = cfg.method
     args = (recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance),
             presence_settings(cfg, spe)[0], cfg.schedule.pruning_epochs * spe)
-    warnings = (recipe.unreachable_warning(*args), recipe.overshoot_warning(*args))
+    warnings = [recipe.unreachable_warning(*args), recipe.overshoot_warning(*args)]
+    if (method.target == "flops" and cfg.model.name in models.BATCHNORM_MODELS
+            and not cfg.model.train_bn_scale):
+        warnings.append(f"{method.name} on {cfg.model.name} with the BatchNorm scale fixed "
+                        "(--train_bn_scale=false) sees only the BatchNorm shift's flow, not "
+                        "the channel's: such runs collapsed (docs/RESULTS.md). Pass "
+                        "--train_bn_scale=true.")
     return [w for w in warnings if w]
 
 
@@ -179,7 +185,8 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
     presence_lr = recipe.presence_learning_rate(lr, pruning_steps, spe)
     budget = methods.Budget(
         target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
-        controller_period=period, controller=p.controller, presence_lr=presence_lr,
+        controller_period=period, controller=p.controller or method.controller,
+        presence_lr=presence_lr,
         regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
         channel_groups=channel_groups)
