@@ -172,8 +172,8 @@ class LogDensityPIState(NamedTuple):
 
 
 def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
-                   kp: float = 1.0, ki: float = 0.5, exponent: float = 1.5
-                   ) -> PressureController:
+                   kp: float = 1.0, ki: float = 0.5, exponent: float = 1.5,
+                   negative: bool = False) -> PressureController:
     """A PI controller on the log-density error against the same expected trajectory.
 
     At each decision ``e = log(density / expected)`` (positive: too dense) and
@@ -182,6 +182,10 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
     of the error, brakes as soon as the density turns, which the reference's growing
     inertia does only after the density has crossed the curve. Not the reference
     (``trajectory`` is); the pressure is ``g ** exponent`` and 0 after ``total_steps``.
+
+    ``negative=True`` drops the floor: below the curve ``g`` goes negative and the
+    pressure ``sign(g) |g| ** exponent`` pulls scores up. Channel Hyperflows needs it (its
+    channels keep dying at zero pressure); on weights it made the controller oscillate.
     """
     total_steps, update_every, periods, table = _expected_table(target_sparsity, total_steps,
                                                                 update_every)
@@ -197,10 +201,12 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
         acts = (step % update_every == 0) & (period >= 1) & (period <= periods)
         expected = table[jnp.clip(period - 1, 0, periods - 1)]
         error = jnp.log(jnp.maximum(density, 1e-6)) - jnp.log(expected)
-        g = jnp.maximum(state.g + kp * (error - state.error) + ki * error, 0.0)
+        g = state.g + kp * (error - state.error) + ki * error
+        g = g if negative else jnp.maximum(g, 0.0)
         new = LogDensityPIState(state.gamma, jnp.where(acts, g, state.g),
                                 jnp.where(acts, error, state.error))
-        gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
+        push = jnp.sign(new.g) * jnp.abs(new.g) ** exponent
+        gamma = jnp.where(step >= total_steps, 0.0, push)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
     return PressureController(init, update)

@@ -110,18 +110,23 @@ def test_bad_controller_arguments(make, match):
         make()
 
 
-def test_log_density_pi_matches_a_plain_restatement():
+@pytest.mark.parametrize("negative", [False, True])
+def test_log_density_pi_matches_a_plain_restatement(negative):
     periods, every, kp, ki = 10, 4, 1.0, 0.5
-    ctrl = pressure.log_density_pi(0.95, periods * every, every, kp=kp, ki=ki)
+    ctrl = pressure.log_density_pi(0.95, periods * every, every, kp=kp, ki=ki,
+                                   negative=negative)
     expected = pressure.expected_density(0.95, periods)
     rng = np.random.default_rng(1)
-    densities = expected * np.exp(rng.normal(0, 0.2, periods))
+    densities = expected * np.exp(rng.normal(0, 0.2, periods) - (0.15 if negative else 0))
     g, last, want = 0.0, 0.0, []
     for density, target in zip(densities, expected):  # the docstring's rule, in floats
         error = math.log(density / target)
-        g = max(g + kp * (error - last) + ki * error, 0.0)
+        g = g + kp * (error - last) + ki * error
+        g = g if negative else max(g, 0.0)
         last = error
-        want.append(g ** 1.5)
+        want.append(math.copysign(abs(g) ** 1.5, g))
+    if negative:  # a run below the curve: the pressure pulls back
+        assert min(want) < 0
     update = jax.jit(ctrl.update)
     state = ctrl.init()
     for step in range(1, periods * every + 1):
