@@ -1,4 +1,4 @@
-"""The three benchmarks, on tiny settings: output shapes, fits and byte counts."""
+"""The four benchmarks, on tiny settings: output shapes, fits and byte counts."""
 
 import gc
 import json
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, overhead, pressure_law
+from experiments import compare, overhead, pressure_law, structured
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
 
@@ -164,3 +164,26 @@ def test_pressure_law_on_a_batchnorm_net(cifar_npz, tmp_path):
     assert all(0.0 <= p["test_accuracy"] <= 1.0 for p in result["runs"])
     assert np.isnan(pressure_law.power_fit(np.ones(3), np.arange(1.0, 4.0))[1])  # no x spread
     assert "resnet20 x0.25" in (tmp_path / "pressure_law.md").read_text()
+
+
+def test_structured_rows_in_the_issue_shape(cifar_npz, tmp_path):
+    small = subset_npz(cifar_npz, tmp_path / "small_cifar.npz", train=512, test=128)
+    result = structured.main(["--quick", f"--dataset={small}", f"--out={tmp_path}",
+                              "--repeats=3"])
+    on_disk = json.loads((tmp_path / "structured.json").read_text())
+    assert on_disk["rows"] == result["rows"]
+    assert [r["method"] for r in on_disk["rows"]] == ["hyperflows_channel", "hyperflows"]
+    for row in on_disk["rows"]:
+        assert set(row) == {"method", "flops_target", "seed", "test_accuracy",
+                            "flops_fraction", "params_fraction", "speedup_b1", "speedup_b256"}
+        assert row["flops_target"] == 0.5 and row["seed"] == 0
+        assert 0 < row["flops_fraction"] <= 1 and 0 < row["params_fraction"] <= 1
+        assert row["speedup_b1"] > 0 and row["speedup_b256"] > 0
+    # The channel run's exported FLOPs are the ones its controller measured.
+    channel = json.loads((tmp_path / "runs" / "hyperflows_channel_s0.5_seed0" /
+                          "report.json").read_text())
+    assert channel["target"] == "flops" and channel["config"]["train_bn_scale"]
+    assert on_disk["rows"][0]["flops_fraction"] == pytest.approx(
+        1 - channel["target_removed"], abs=1e-6)
+    assert (tmp_path / "structured.md").read_text().startswith("# structured: cifar10_5k")
+    assert (tmp_path / "structured.png").read_bytes()[:4] == b"\x89PNG"

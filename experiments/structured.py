@@ -1,0 +1,167 @@
+"""Structured pruning at FLOP targets: accuracy, FLOPs and parameters kept, and the measured
+speed-up of the exported model.
+
+    python -m experiments.structured --out=results/structured
+    python -m experiments.structured --quick --out=/tmp/structured
+
+Methods x FLOP-reduction targets x seeds on a setting of ``experiments.compare`` (its
+preset, its shared dense runs, its resumable run directories under OUT/runs), every model
+with a trained BatchNorm scale (``--train_bn_scale=true``: channel Hyperflows needs it,
+and all methods get the same model). For each finished run the last checkpoint is
+exported (``hf.export``) and timed against the masked dense model at batch 1 and 256
+(median of interleaved calls, ``experiments.export``). Row fields::
+
+    method, flops_target, seed, test_accuracy,
+    flops_fraction   multiply-adds the exported model runs / the dense model's
+    params_fraction  parameters of the exported model / the dense model's
+    speedup_b1, speedup_b256
+
+Unstructured Hyperflows (``hyperflows``) runs at a weight sparsity equal to the FLOP
+target, for contrast: its ``flops_fraction`` is what the exported model still runs.
+Methods so far: ``hyperflows_channel`` and ``hyperflows``; DHP and FTWT come next.
+Writes structured.json, structured.md and structured.png to --out. Defaults (cifar10_5k:
+50/70/85 % x 2 seeds x 2 methods) take about 60 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from experiments import compare, scaffold
+from experiments import export as export_tools
+from hflows_jax import methods
+from hflows_jax.training import Config, outputs
+
+METHODS = ("hyperflows_channel", "hyperflows")
+REPEATS = 50  # timed calls per model and batch size
+
+
+def parse_args(argv=None):
+    p = scaffold.parser("python -m experiments.structured", __doc__, "workdir/structured",
+                        "one target, one seed, the setting's quick preset: under 5 minutes")
+    p.add_argument("--setting", default="cifar10_5k", choices=list(compare.SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--targets", default="0.5,0.7,0.85",
+                   help="FLOP-reduction targets (fractions of the multiply-adds removed)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1")
+    p.add_argument("--dataset", default=None, help="override the setting's npz:PATH")
+    p.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per batch size")
+    args = scaffold.parse(p, argv, {"targets": "0.5", "seeds": 1, "repeats": 10})
+    args.methods = args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}: choose from {list(METHODS)}")
+    args.targets = [float(t) for t in args.targets.split(",")]
+    if any(not 0 < t < 1 for t in args.targets) or args.seeds < 1:
+        p.error("targets must lie in (0, 1) and --seeds be >= 1")
+    return args
+
+
+def dense_config(args, seed: int) -> Config:
+    """The shared dense start, with a trained BatchNorm scale."""
+    return compare.dense_config(args, seed).replace(
+        train_bn_scale=True, workdir=os.path.join(args.out, "runs", f"dense_bn_scale_seed{seed}"))
+
+
+def run_config(args, method: str, target: float, seed: int) -> Config:
+    """compare's run (same preset and layout), from that dense start."""
+    cfg = compare.run_config(args, method, target, seed).replace(train_bn_scale=True)
+    if cfg.schedule.init_checkpoint:
+        cfg = cfg.replace(init_checkpoint=os.path.join(dense_config(args, seed).run.workdir,
+                                                       "checkpoints", "dense"))
+    return cfg
+
+
+def measure(cfg: Config, repeats: int) -> dict:
+    """The exported model's fractions and its speed-up over the masked dense model."""
+    inputs, model, _, state = export_tools.restore_last(cfg)
+    dense, compact, compact_model = export_tools.predict_functions(model, state, inputs)
+    fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
+    ms = {b: export_tools.latency(fns, inputs.data.x_test, b, repeats, warmup=3)
+          for b in (1, 256)}
+    counts = compact_model.counts
+    return {"flops_fraction": counts.macs_compact / counts.macs_total,
+            "params_fraction": counts.params_compact / counts.params_total,
+            "speedup_b1": ms[1]["dense"] / ms[1]["compact"],
+            "speedup_b256": ms[256]["dense"] / ms[256]["compact"]}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["flops_target"]), []).append(r)
+    return [{"method": m, "flops_target": t, "runs": len(rs),
+             **{k: statistics.mean(r[k] for r in rs)
+                for k in ("test_accuracy", "flops_fraction", "params_fraction", "speedup_b1",
+                          "speedup_b256")}}
+            for (m, t), rs in groups.items()]
+
+
+def markdown(setting: str, summary: list[dict]) -> str:
+    table = outputs.markdown_table(
+        ["method", "FLOP target", "runs", "test accuracy", "FLOPs kept", "params kept",
+         "speed-up b1", "speed-up b256"],
+        [[s["method"], f"{s['flops_target']:.2f}", s["runs"],
+          f"{100 * s['test_accuracy']:.2f} %", f"{100 * s['flops_fraction']:.1f} %",
+          f"{100 * s['params_fraction']:.1f} %", f"{s['speedup_b1']:.2f}x",
+          f"{s['speedup_b256']:.2f}x"] for s in summary])
+    return (f"# structured: {setting}\n\nMeans over seeds. FLOPs and params kept: the "
+            f"exported model's over the dense model's. Speed-ups: exported model against "
+            f"the masked dense model, median of interleaved calls.\n\n{table}")
+
+
+def plot(fig, setting: str, summary: list[dict]) -> None:
+    a, b = fig.subplots(1, 2)
+    for method in dict.fromkeys(s["method"] for s in summary):
+        pts = sorted((s["flops_fraction"], s["test_accuracy"], s["speedup_b256"])
+                     for s in summary if s["method"] == method)
+        flops, acc, speed = (np.array(x) for x in zip(*pts))
+        a.plot(100 * flops, 100 * acc, "o-", label=method)
+        b.plot(1 / flops, speed, "o-", label=method)
+    lim = max(1.0, max(1 / s["flops_fraction"] for s in summary))
+    b.plot([1, lim], [1, lim], color="gray", ls=":", lw=0.8, label="in proportion")
+    a.set_xlabel("FLOPs kept (% of dense)")
+    a.set_ylabel("test accuracy (%)")
+    b.set_xlabel("FLOP reduction (dense / kept)")
+    b.set_ylabel("measured speed-up, batch 256")
+    a.set_title(setting)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = outputs.environment()
+    jobs = [(m, t, seed) for t in args.targets for seed in range(args.seeds)
+            for m in args.methods]
+    rows = []
+    for method, target, seed in tqdm(jobs, desc="structured", file=sys.stderr):
+        if compare.starts_dense(args, method):
+            compare.one_run(dense_config(args, seed))
+        cfg = run_config(args, method, target, seed)
+        report = compare.one_run(cfg)
+        rows.append({"method": method, "flops_target": target, "seed": seed,
+                     "test_accuracy": report["test_accuracy"],
+                     **measure(cfg, args.repeats)})
+        tqdm.write(f"{method:>18}  target {target:.2f}  seed {seed}  "
+                   f"acc {rows[-1]['test_accuracy']:.4f}  "
+                   f"flops {rows[-1]['flops_fraction']:.3f}  "
+                   f"b256 {rows[-1]['speedup_b256']:.2f}x", file=sys.stderr)
+    summary = summarize(rows)
+    result = {"setting": args.setting, "rows": rows, "summary": summary, "environment": env,
+              "methods": {m: methods.get(m).target for m in args.methods}}
+    scaffold.write_results(args.out, "structured", result, markdown(args.setting, summary),
+                           lambda fig: plot(fig, args.setting, summary))
+    return result
+
+
+if __name__ == "__main__":
+    scaffold.command_line(main)
