@@ -40,6 +40,9 @@ from hflows_jax.training import Config, outputs
 
 METHODS = ("hyperflows_channel", "hyperflows")
 REPEATS = 50  # timed calls per model and batch size
+# Below this fraction of the multiply-adds a run has lost every channel of some layer: its
+# exported model is a constant, and its speed-ups mean nothing.
+COLLAPSED = 0.01
 
 
 def parse_args(argv=None):
@@ -104,7 +107,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             for (m, t), rs in groups.items()]
 
 
-def markdown(setting: str, summary: list[dict]) -> str:
+def markdown(setting: str, summary: list[dict], rows: list[dict]) -> str:
     table = outputs.markdown_table(
         ["method", "FLOP target", "runs", "test accuracy", "FLOPs kept", "params kept",
          "speed-up b1", "speed-up b256"],
@@ -112,20 +115,26 @@ def markdown(setting: str, summary: list[dict]) -> str:
           f"{100 * s['test_accuracy']:.2f} %", f"{100 * s['flops_fraction']:.1f} %",
           f"{100 * s['params_fraction']:.1f} %", f"{s['speedup_b1']:.2f}x",
           f"{s['speedup_b256']:.2f}x"] for s in summary])
+    empty = [f"{r['method']} (target {r['flops_target']:.2f}, seed {r['seed']})"
+             for r in rows if r["flops_fraction"] < COLLAPSED]
+    note = (f"\n\nRuns that lost every channel of some layer (their exported model is a "
+            f"constant, their speed-ups mean nothing; the plot leaves them out): "
+            f"{', '.join(empty)}." if empty else "")
     return (f"# structured: {setting}\n\nMeans over seeds. FLOPs and params kept: the "
             f"exported model's over the dense model's. Speed-ups: exported model against "
-            f"the masked dense model, median of interleaved calls.\n\n{table}")
+            f"the masked dense model, median of interleaved calls.\n\n{table}{note}")
 
 
-def plot(fig, setting: str, summary: list[dict]) -> None:
+def plot(fig, setting: str, rows: list[dict]) -> None:
+    """Every run, not means: one seed that collapses would drag a mean anywhere."""
     a, b = fig.subplots(1, 2)
-    for method in dict.fromkeys(s["method"] for s in summary):
-        pts = sorted((s["flops_fraction"], s["test_accuracy"], s["speedup_b256"])
-                     for s in summary if s["method"] == method)
-        flops, acc, speed = (np.array(x) for x in zip(*pts))
-        a.plot(100 * flops, 100 * acc, "o-", label=method)
-        b.plot(1 / flops, speed, "o-", label=method)
-    lim = max(1.0, max(1 / s["flops_fraction"] for s in summary))
+    rows = [r for r in rows if r["flops_fraction"] >= COLLAPSED]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        flops = np.array([r["flops_fraction"] for r in mine])
+        a.plot(100 * flops, [100 * r["test_accuracy"] for r in mine], "o", label=method)
+        b.plot(1 / flops, [r["speedup_b256"] for r in mine], "o", label=method)
+    lim = max([1.0] + [1 / r["flops_fraction"] for r in rows])
     b.plot([1, lim], [1, lim], color="gray", ls=":", lw=0.8, label="in proportion")
     a.set_xlabel("FLOPs kept (% of dense)")
     a.set_ylabel("test accuracy (%)")
@@ -158,8 +167,9 @@ def main(argv=None) -> dict:
     summary = summarize(rows)
     result = {"setting": args.setting, "rows": rows, "summary": summary, "environment": env,
               "methods": {m: methods.get(m).target for m in args.methods}}
-    scaffold.write_results(args.out, "structured", result, markdown(args.setting, summary),
-                           lambda fig: plot(fig, args.setting, summary))
+    scaffold.write_results(args.out, "structured", result,
+                           markdown(args.setting, summary, rows),
+                           lambda fig: plot(fig, args.setting, rows))
     return result
 
 
