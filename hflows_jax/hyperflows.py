@@ -44,10 +44,22 @@ class HyperflowsState(NamedTuple):
         return masking.map_prunable(lambda t: t >= 0, self.presence)
 
 
-def _flows(ste_scale: Any, presence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+def weight_flows(ste_scale: Any, like: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+    """``ste_scale * W * grad`` on the prunable leaves of ``like`` (non-None), float32."""
     return masking.map_prunable(
         lambda t, w, g: ste_scale * w.astype(jnp.float32) * g.astype(jnp.float32),
-        presence, params, grads)
+        like, params, grads)
+
+
+def finite_step(grads: PyTree, stepped: NamedTuple, state: NamedTuple, masks: PyTree):
+    """``(grads * masks, stepped)``; where the gradients hold NaN or Inf, ``(zeros, state)``
+    with the step counted in ``skipped``: a bad batch moves no score, mask or pressure."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
+    new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
+    updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
+                           masking.multiply_masks(grads, masks))
+    return updates, new_state
 
 
 def hyperflows(
@@ -104,11 +116,11 @@ def hyperflows(
         del extra_args
         masking.check_update_args(grads, params, state.presence)
         num_prunable = sum(t.size for t in masking.prunable_leaves(state.presence))
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
         push = state.pressure.gamma / num_prunable
         presence_grads = masking.map_prunable(lambda f: f + push,
-                                              _flows(ste_scale, state.presence, params, grads))
+                                              weight_flows(ste_scale, state.presence, params,
+                                                           grads))
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = masking.map_prunable(lambda t, s: t + s.astype(jnp.float32),
@@ -121,12 +133,8 @@ def hyperflows(
             presence_opt_state=presence_opt_state,
             pressure=pressure.update(state.pressure, density, count),
         )
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
-        new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32),
-                                       ste_scale=jnp.asarray(ste_scale, jnp.float32))
-        updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
-                               masking.multiply_masks(grads, state.pruning_masks()))
-        return updates, new_state
+        updates, new_state = finite_step(grads, stepped, state, state.pruning_masks())
+        return updates, new_state._replace(ste_scale=jnp.asarray(ste_scale, jnp.float32))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -148,7 +156,7 @@ def flows(params: PyTree, grads: PyTree, opt_state: PyTree) -> PyTree:
     state = _hyperflows_state(opt_state, "flows")
     params, grads = masking.unwrap_nnx(params), masking.unwrap_nnx(grads)
     masking.check_update_args(grads, params, state.presence)
-    return _flows(state.ste_scale, state.presence, params, grads)
+    return weight_flows(state.ste_scale, state.presence, params, grads)
 
 
 def pressure_value(opt_state: PyTree) -> jax.Array:

@@ -8,9 +8,10 @@ import optax
 import pytest
 
 import hflows_jax as hf
-from hflows_jax import models
+from hflows_jax import methods, models
 from hflows_jax.structured import channel_groups, channel_hyperflows, flops_fraction
 from hflows_jax.structured.channels import path_of
+from hflows_jax.training import presets, train
 
 
 def _init(name, shape, **kwargs):
@@ -176,9 +177,6 @@ def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale
 
 
 def test_a_fixed_batchnorm_scale_is_warned_at_start():
-    from hflows_jax import methods
-    from hflows_jax.training import presets, train
-
     channel = methods.get("hyperflows_channel")
     assert channel.controller == "pi" and channel.target == "flops"
     cfg = presets.get("compare_cifar10_5k").replace(method="hyperflows_channel",

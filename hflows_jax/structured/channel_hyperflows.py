@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking
+from hflows_jax.hyperflows import finite_step, weight_flows
 from hflows_jax.pressure import PressureController
 from hflows_jax.structured.channels import ChannelGroups
 
@@ -106,10 +107,7 @@ def channel_hyperflows(
     def update(grads, state, params=None, **extra_args):
         del extra_args
         masking.check_update_args(grads, params, state.masks)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        flows = masking.map_prunable(
-            lambda m, w, g: ste_scale * w.astype(jnp.float32) * g.astype(jnp.float32),
-            state.masks, params, grads)
+        flows = weight_flows(ste_scale, state.masks, params, grads)
         push = state.pressure.gamma / groups.total
         presence_grads = {g: f + push for g, f in groups.reduce(flows).items()}
         steps, presence_opt_state = presence_optimizer.update(
@@ -121,11 +119,7 @@ def channel_hyperflows(
             count=count, presence=presence, presence_opt_state=presence_opt_state,
             pressure=pressure.update(state.pressure, kept_fraction(kept), count),
             masks=groups.expand(kept, params))
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
-        new_state = new_state._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
-        updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
-                               masking.multiply_masks(grads, state.masks))
-        return updates, new_state
+        return finite_step(grads, stepped, state, state.masks)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
