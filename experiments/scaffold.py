@@ -82,6 +82,8 @@ def open_pruning_run(cfg: Config):
     score = train.scoring(cfg, inputs, method, batch_stats)
     phase = train.pruning_phase(
         cfg, inputs.steps_per_epoch, method, score, first_epoch=1,
-        channel_groups=lambda: structured.channel_groups(model, params, inputs.data.image_shape))
+        channel_groups=lambda: structured.channel_groups(
+            *train.plain_network(model, method, params, batch_stats)[:2],
+            inputs.data.image_shape))
     ckpt = Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", "pruning"), None)
     return inputs, model, ckpt, train.abstract_state(phase.tx, params, batch_stats)

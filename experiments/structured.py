@@ -16,11 +16,15 @@ exported (``hf.export``) and timed against the masked dense model at batch 1 and
     params_fraction  parameters of the exported model / the dense model's
     speedup_b1, speedup_b256
 
-Unstructured Hyperflows (``hyperflows``) runs at a weight sparsity equal to the FLOP
-target, for contrast: its ``flops_fraction`` is what the exported model still runs.
-Methods so far: ``hyperflows_channel`` and ``hyperflows``; DHP and FTWT come next.
-Writes structured.json, structured.md and structured.png to --out. Defaults (cifar10_5k:
-50/70/85 % x 2 seeds x 2 methods) take about 60 minutes on 2 CPU cores.
+Methods: ``hyperflows_channel`` and FTWT (``ftwt``) prune the shared dense model; DHP
+(``dhp``) trains its hypernetwork model from initialization for as many epochs in all.
+FTWT's masks change with the input: its ``flops_fraction`` is the mean executed over the
+test set, its ``params_fraction`` counts its gating heads on top of the whole backbone, and
+it has no exported model (speed-ups null). Unstructured Hyperflows (``hyperflows``) runs at
+a weight sparsity equal to the FLOP target, for contrast: its ``flops_fraction`` is what
+the exported model still runs. Writes structured.json, structured.md and structured.png to
+--out. Defaults (cifar10_5k: 50/70/85 % x 2 seeds x 4 methods) take about 70 minutes on 2
+CPU cores.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from tqdm import tqdm
 from experiments import compare, scaffold
 from experiments import export as export_tools
 from hflows_jax import methods
+from hflows_jax.structured import ftwt
 from hflows_jax.training import Config, outputs
 
-METHODS = ("hyperflows_channel", "hyperflows")
+METHODS = ("hyperflows_channel", "dhp", "ftwt", "hyperflows")
 REPEATS = 50  # timed calls per model and batch size
+QUICK_WIDTH = 0.0625  # the VGG-19 of --quick
 # Below this fraction of the multiply-adds a run has lost every channel of some layer: its
 # exported model is a constant, and its speed-ups mean nothing.
 COLLAPSED = 0.01
@@ -67,25 +73,42 @@ def parse_args(argv=None):
     return args
 
 
+def structured(cfg: Config, args) -> Config:
+    """Every run on a BatchNorm VGG with a trained scale; with --quick a narrow VGG-19
+    instead of the quick preset's LeNet-5 (DHP and FTWT build on VGG)."""
+    quick = {"model": "vgg19", "width": QUICK_WIDTH} if args.quick else {}
+    return cfg.replace(train_bn_scale=True, **quick)
+
+
 def dense_config(args, seed: int) -> Config:
-    """The shared dense start, with a trained BatchNorm scale."""
-    return compare.dense_config(args, seed).replace(
-        train_bn_scale=True, workdir=os.path.join(args.out, "runs", f"dense_bn_scale_seed{seed}"))
+    """The shared dense start."""
+    return structured(compare.dense_config(args, seed), args).replace(
+        workdir=os.path.join(args.out, "runs", f"dense_bn_scale_seed{seed}"))
 
 
 def run_config(args, method: str, target: float, seed: int) -> Config:
     """compare's run (same preset and layout), from that dense start."""
-    cfg = compare.run_config(args, method, target, seed).replace(train_bn_scale=True)
+    cfg = structured(compare.run_config(args, method, target, seed), args)
     if cfg.schedule.init_checkpoint:
         cfg = cfg.replace(init_checkpoint=os.path.join(dense_config(args, seed).run.workdir,
                                                        "checkpoints", "dense"))
     return cfg
 
 
-def measure(cfg: Config, repeats: int) -> dict:
-    """The exported model's fractions and its speed-up over the masked dense model."""
+def measure(cfg: Config, report: dict, repeats: int) -> dict:
+    """The exported model's fractions and its speed-up over the masked dense model; for a
+    method that gates per input (FTWT), the mean executed FLOPs and no speed-ups."""
+    method = methods.get(cfg.method.name)
+    if not method.static_masks:
+        params = export_tools.restore_last(cfg)[3].params
+        backbone = sum(x.size for k, v in params.items() if not ftwt.is_gate(k)
+                       for x in jax.tree.leaves(v))
+        return {"flops_fraction": 1 - report["target_removed"],
+                "params_fraction": report["params_total"] / backbone,
+                "speedup_b1": None, "speedup_b256": None}
     inputs, model, _, state = export_tools.restore_last(cfg)
-    dense, compact, compact_model = export_tools.predict_functions(model, state, inputs)
+    dense, compact, compact_model = export_tools.predict_functions(model, method, state,
+                                                                  inputs)
     fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
     ms = {b: export_tools.latency(fns, inputs.data.x_test, b, repeats, warmup=3)
           for b in (1, 256)}
@@ -100,11 +123,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["flops_target"]), []).append(r)
+
+    def mean(values):
+        return None if None in values else statistics.mean(values)
+
     return [{"method": m, "flops_target": t, "runs": len(rs),
-             **{k: statistics.mean(r[k] for r in rs)
+             **{k: mean([r[k] for r in rs])
                 for k in ("test_accuracy", "flops_fraction", "params_fraction", "speedup_b1",
                           "speedup_b256")}}
             for (m, t), rs in groups.items()]
+
+
+def times(speedup: float | None) -> str:
+    return "n/a (per input)" if speedup is None else f"{speedup:.2f}x"
 
 
 def markdown(setting: str, summary: list[dict], rows: list[dict]) -> str:
@@ -113,16 +144,18 @@ def markdown(setting: str, summary: list[dict], rows: list[dict]) -> str:
          "speed-up b1", "speed-up b256"],
         [[s["method"], f"{s['flops_target']:.2f}", s["runs"],
           f"{100 * s['test_accuracy']:.2f} %", f"{100 * s['flops_fraction']:.1f} %",
-          f"{100 * s['params_fraction']:.1f} %", f"{s['speedup_b1']:.2f}x",
-          f"{s['speedup_b256']:.2f}x"] for s in summary])
+          f"{100 * s['params_fraction']:.1f} %", times(s['speedup_b1']),
+          times(s['speedup_b256'])] for s in summary])
     empty = [f"{r['method']} (target {r['flops_target']:.2f}, seed {r['seed']})"
              for r in rows if r["flops_fraction"] < COLLAPSED]
     note = (f"\n\nRuns that lost every channel of some layer (their exported model is a "
             f"constant, their speed-ups mean nothing; the plot leaves them out): "
             f"{', '.join(empty)}." if empty else "")
     return (f"# structured: {setting}\n\nMeans over seeds. FLOPs and params kept: the "
-            f"exported model's over the dense model's. Speed-ups: exported model against "
-            f"the masked dense model, median of interleaved calls.\n\n{table}{note}")
+            f"exported model's over the dense model's (ftwt: the mean executed over the test "
+            f"set, and the params of its whole backbone and gating heads). Speed-ups: "
+            f"exported model against the masked dense model, median of interleaved calls."
+            f"\n\n{table}{note}")
 
 
 def plot(fig, setting: str, rows: list[dict]) -> None:
@@ -133,7 +166,8 @@ def plot(fig, setting: str, rows: list[dict]) -> None:
         mine = [r for r in rows if r["method"] == method]
         flops = np.array([r["flops_fraction"] for r in mine])
         a.plot(100 * flops, [100 * r["test_accuracy"] for r in mine], "o", label=method)
-        b.plot(1 / flops, [r["speedup_b256"] for r in mine], "o", label=method)
+        if mine[0]["speedup_b256"] is not None:
+            b.plot(1 / flops, [r["speedup_b256"] for r in mine], "o", label=method)
     lim = max([1.0] + [1 / r["flops_fraction"] for r in rows])
     b.plot([1, lim], [1, lim], color="gray", ls=":", lw=0.8, label="in proportion")
     a.set_xlabel("FLOPs kept (% of dense)")
@@ -159,11 +193,11 @@ def main(argv=None) -> dict:
         report = compare.one_run(cfg)
         rows.append({"method": method, "flops_target": target, "seed": seed,
                      "test_accuracy": report["test_accuracy"],
-                     **measure(cfg, args.repeats)})
+                     **measure(cfg, report, args.repeats)})
         tqdm.write(f"{method:>18}  target {target:.2f}  seed {seed}  "
                    f"acc {rows[-1]['test_accuracy']:.4f}  "
                    f"flops {rows[-1]['flops_fraction']:.3f}  "
-                   f"b256 {rows[-1]['speedup_b256']:.2f}x", file=sys.stderr)
+                   f"b256 {times(rows[-1]['speedup_b256'])}", file=sys.stderr)
     summary = summarize(rows)
     result = {"setting": args.setting, "rows": rows, "summary": summary, "environment": env,
               "methods": {m: methods.get(m).target for m in args.methods}}

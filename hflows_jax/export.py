@@ -602,7 +602,7 @@ def export(model, params: PyTree, masks: PyTree, batch_stats: PyTree | None = No
                 bias, entry = layer.bias[ko] + folded @ layer.tap_sums[:, ko], {}
             entry["bias"] = jnp.asarray(bias, jnp.float32)
             if op.dense:
-                kernel = kernel.reshape(-1, len(ko))
+                kernel = kernel.reshape(int(np.prod(kernel.shape[:-1])), len(ko))
                 rows = np.flatnonzero((kernel != 0).any(axis=1))
                 rows_of[op.name] = (len(rows), int(np.prod(layer.kernel.shape[:3])))
                 gather = len(rows) < kernel.shape[0]

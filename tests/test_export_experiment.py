@@ -13,6 +13,7 @@ import pytest
 
 import hflows_jax as hf
 from experiments import export as export_experiment
+from hflows_jax import methods
 from hflows_jax.training import Config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,8 @@ def test_compact_accuracy_equals_dense_and_the_run(exported):
 def test_serialized_models_match_the_in_process_ones(exported):
     cfg, _, out, _ = exported
     inputs, model, _, state = export_experiment.restore_last(cfg)
-    dense, compact, _ = export_experiment.predict_functions(model, state, inputs, bcsr=True)
+    dense, compact, _ = export_experiment.predict_functions(
+        model, methods.get(cfg.method.name), state, inputs, bcsr=True)
     images = np.random.default_rng(1).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
     for name, fn in (("model.jax", compact), ("dense.jax", dense)):
         loaded = jax.export.deserialize(bytearray((out / name).read_bytes()))

@@ -35,21 +35,23 @@ def temperature_penalty(params, intermediates):
 def tempered_method():
     method = methods.register(methods.Method(
         "tempered_random", lambda b: hf.baselines.random(b.target_sparsity, "uniform"),
-        distributions=("uniform",), prunes_at_init=True, wrap_model=Temperature,
+        distributions=("uniform",), prunes_at_init=True,
+        wrap_model=lambda model, _: Temperature(model),
         loss_term=temperature_penalty))
     yield method
     methods.REGISTRY.pop(method.name)
 
 
 def test_registry_describes_every_method():
-    assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "magnitude", "snip",
-                                      "grasp", "random", "rigl"]
+    assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "dhp", "ftwt",
+                                      "magnitude", "snip", "grasp", "random", "rigl"]
     assert [m.name for m in methods.REGISTRY.values() if m.has_pressure] == [
         "hyperflows", "hyperflows_channel"]
     assert [m.name for m in methods.REGISTRY.values() if m.target == "flops"] == [
-        "hyperflows_channel"]
+        "hyperflows_channel", "dhp", "ftwt"]
     assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
-        "snip", "grasp", "random", "rigl"}
+        "dhp", "snip", "grasp", "random", "rigl"}
+    assert [m.name for m in methods.REGISTRY.values() if not m.static_masks] == ["ftwt"]
     assert methods.get("random").distribution(None) == "erk"
     assert methods.get("magnitude").distribution("uniform") == "uniform"
     with pytest.raises(ValueError, match="does not apply to magnitude"):
@@ -59,7 +61,7 @@ def test_registry_describes_every_method():
 
 
 def test_model_and_loss_hooks_reach_the_train_step(tempered_method):
-    model = tempered_method.wrap_model(models.create("lenet300", 3, width=0.05))
+    model = tempered_method.wrap_model(models.create("lenet300", 3, width=0.05), 0.9)
     x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
     y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
     params = model.init(jax.random.key(2), x)["params"]

@@ -1,6 +1,7 @@
 """Channel Hyperflows: channel flows against autodiff, multiply-adds against hf.export's
 compact models, and a run that lands on its FLOP target and exports smaller."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import hflows_jax as hf
 from hflows_jax import methods, models
-from hflows_jax.structured import channel_groups, channel_hyperflows, flops_fraction
+from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction
 from hflows_jax.structured.channels import path_of
 from hflows_jax.training import presets, train
 
@@ -84,6 +85,13 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
         counts.macs_compact / counts.macs_total)
     assert float(groups.channels_fraction(kept)) == pytest.approx(
         sum(k.sum() for k in kept.values()) / sum(groups.sizes.values()))
+    # A layer with no channel left: what follows it is constant, and export drops it too.
+    dead = dict(kept)
+    dead[list(groups.sizes)[1]] = np.zeros(groups.sizes[list(groups.sizes)[1]], bool)
+    masks = groups.expand(dead, params)
+    compact = hf.export.export(model, hf.multiply_masks(params, masks), masks, stats,
+                               image_shape=shape)
+    assert float(groups.macs(dead)) == compact.counts.macs_compact < float(groups.macs(kept))
 
 
 def test_resnet_stream_channels_stay_while_a_branch_writes_them():
@@ -141,6 +149,24 @@ def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
     np.testing.assert_allclose(compact.apply(x[:16]), want, rtol=1e-5, atol=1e-5)
 
 
+def test_every_layer_keeps_its_floor_of_channels():
+    """Under a pressure that drives every score below zero, each layer keeps exactly its
+    ``min_channels`` highest scores (all of a layer with fewer)."""
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    tx = channel_hyperflows(groups, hf.pressure.constant(1e3), optax.sgd(1.0), min_channels=8)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    _, state = tx.update(zeros, state, params)
+    for g, t in state.presence.items():
+        assert bool(jnp.all(t < 0))
+        want = np.zeros(len(t), bool)
+        want[np.argsort(np.asarray(t))[-min(8, len(t)):]] = True
+        np.testing.assert_array_equal(state.channel_masks()[g], want)
+    assert float(groups.channels_fraction(state.kept)) == pytest.approx(30 / groups.total)
+
+
 def test_errors():
     shape = (28, 28, 1)
     model, params, _ = _init("lenet5", shape)
@@ -149,6 +175,8 @@ def test_errors():
         channel_hyperflows(None, hf.pressure.constant(0.0))
     with pytest.raises(ValueError, match="target"):
         channel_hyperflows(groups, hf.pressure.constant(0.0), target="weights")
+    with pytest.raises(ValueError, match="min_channels"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0), min_channels=-1)
     _, other, _ = _init("lenet5", shape, width=0.5)
     with pytest.raises(ValueError, match="do not match these channel groups"):
         channel_hyperflows(groups, hf.pressure.constant(0.0)).init(other)
@@ -188,3 +216,71 @@ def test_a_fixed_batchnorm_scale_is_warned_at_start():
     assert not any("--train_bn_scale" in w for w in trained)
     lenet = train.start_warnings(cfg.replace(model="lenet5"), 79, channel)  # no BatchNorm
     assert not any("--train_bn_scale" in w for w in lenet)
+
+
+def _channel_pruner(name):
+    """(pruner, params, loss of params) for the contract: channel Hyperflows on LeNet-5, DHP
+    on a small hypernetwork VGG (its latents are its masked leaves)."""
+    rng = np.random.default_rng(0)
+    if name == "hyperflows_channel":
+        model, params, _ = _init("lenet5", (28, 28, 1))
+        groups = channel_groups(model, params, (28, 28, 1))
+        pruner = channel_hyperflows(groups, hf.pressure.constant(50.0), optax.sgd(1.0))
+        x = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
+        apply = lambda p: model.apply({"params": p}, x)  # noqa: E731
+    else:
+        model = dhp.DHPVGG(models.VGG(layers=(8, "M", 16), num_classes=10))
+        x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+        variables = model.init(jax.random.key(0), x)
+        params = variables["params"]
+        plain, plain_params, _ = dhp.plain_variables(model, params, variables["batch_stats"])
+        pruner = dhp.dhp(channel_groups(plain, plain_params, (8, 8, 3)), 0.5, 0.1, reg=5.0)
+        apply = lambda p: model.apply({**variables, "params": p}, x)  # noqa: E731
+    y = rng.integers(0, 10, 8)
+    return pruner, params, lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        apply(p), y).mean()
+
+
+@pytest.mark.parametrize("name", ["hyperflows_channel", "dhp"])
+def test_channel_pruners_keep_the_pruner_contract_where_it_applies(name):
+    """State, helpers, jit, abstract init and MultiSteps, as tests/test_pruner_contract.py
+    checks for the weight pruners. Channel Hyperflows passes grads * M down the chain; DHP
+    comes last in a chain (its proximal step acts on the final updates), so it does not."""
+    pruner, params, loss = _channel_pruner(name)
+    tx = optax.chain(pruner, optax.sgd(0.1)) if name == "hyperflows_channel" else optax.chain(
+        optax.sgd(0.1), pruner)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for _ in range(3):
+        grads = jax.grad(loss)(hf.apply_masks(params, state))
+        updates, new_state = step(grads, state, params)
+        if name == "hyperflows_channel":
+            gated = jax.tree.map(lambda m, g: g if m is None else jnp.where(m, g, 0.0),
+                                 hf.masks(state), grads, is_leaf=lambda m: m is None)
+            chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g, gated),
+                                        rtol=1e-5, atol=1e-8)
+        params, state = optax.apply_updates(params, updates), new_state
+    assert isinstance(hf.find_pruner_state(state), hf.PrunerState)
+    masks = hf.masks(state)
+    assert jax.tree.structure(masks, is_leaf=lambda m: m is None) == jax.tree.structure(params)
+    assert 0 < float(hf.sparsity(state)) < 1, "the strong pressure or shrink prunes some"
+    final = hf.finalize(params, state)
+    for m, f in zip(jax.tree.leaves(masks, is_leaf=lambda m: m is None),
+                    jax.tree.leaves(final)):
+        if m is not None:
+            assert bool(jnp.all(jnp.where(m, True, f == 0)))
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    shapes = jax.eval_shape(tx.init, abstract)
+    assert ([(s.shape, s.dtype) for s in jax.tree.leaves(shapes)]
+            == [(c.shape, c.dtype) for c in jax.tree.leaves(tx.init(params))])
+    # MultiSteps: the pruner steps once, with the mean gradient of the two.
+    multi = optax.MultiSteps(pruner, every_k_schedule=2)
+    inner = pruner.init(params)
+    m_state = multi.init(params)
+    g1 = jax.grad(loss)(hf.apply_masks(params, inner))
+    g2 = jax.tree.map(lambda g: 3 * g, g1)
+    _, m_state = multi.update(g1, m_state, params)
+    updates, m_state = multi.update(g2, m_state, params)
+    want, want_state = pruner.update(jax.tree.map(lambda g: 2 * g, g1), inner, params)
+    chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_equal(hf.masks(m_state), hf.masks(want_state))

@@ -1,4 +1,5 @@
-"""Structured pruning: whole channels, so that the pruned network is a smaller dense one."""
+"""Structured pruning: whole channels, so that the pruned network is a smaller dense one
+(channel Hyperflows, DHP), or channels switched off per input (FTWT)."""
 
 from hflows_jax.structured.channel_hyperflows import (
     ChannelHyperflowsState,
@@ -6,7 +7,7 @@ from hflows_jax.structured.channel_hyperflows import (
     flops_fraction,
 )
 from hflows_jax.structured.channels import ChannelGroups, channel_groups
-from hflows_jax.structured import dhp  # noqa: E402  (DHP's layers and proximal step)
+from hflows_jax.structured import dhp, ftwt  # noqa: E402  (DHP's and FTWT's pieces)
 
 __all__ = ["ChannelGroups", "ChannelHyperflowsState", "channel_groups", "channel_hyperflows",
-           "dhp", "flops_fraction"]
+           "dhp", "flops_fraction", "ftwt"]

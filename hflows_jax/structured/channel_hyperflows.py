@@ -45,13 +45,26 @@ class ChannelHyperflowsState(NamedTuple):
     pressure: NamedTuple  # controller state; its ``gamma`` is the pressure of the next step
     skipped: jax.Array  # int32: steps skipped because the gradients held NaN or Inf
     ste_scale: jax.Array  # float32
+    kept: dict  # group name -> bool per channel: T >= 0, or among the layer's floor
     masks: PyTree  # bool, shaped like params, None off the groups
 
     def pruning_masks(self) -> PyTree:
         return self.masks
 
     def channel_masks(self) -> dict:
-        return {g: t >= 0 for g, t in self.presence.items()}
+        return self.kept
+
+
+def kept_channels(presence: dict, min_channels: int) -> dict:
+    """``T >= 0``, and in every layer at least its ``min_channels`` highest scores.
+
+    The floor (DHP's ``mc``) keeps a layer from losing every channel, which makes the
+    whole network a constant; at 85 % one such run did (docs/RESULTS.md).
+    """
+    def kept(t):
+        k = min(min_channels, t.shape[0])
+        return t >= jnp.minimum(0.0, jnp.sort(t)[-k]) if k > 0 else t >= 0
+    return {g: kept(t) for g, t in presence.items()}
 
 
 def channel_hyperflows(
@@ -61,6 +74,7 @@ def channel_hyperflows(
     target: str = "flops",
     presence_init: tuple[float, float] = (0.2, 0.5),
     ste_scale: float = 0.25,
+    min_channels: int = 4,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Hyperflows over channels; chain it before the weight optimizer, like ``hf.hyperflows``.
@@ -73,6 +87,8 @@ def channel_hyperflows(
       target: what the controller measures, ``"flops"`` or ``"channels"``.
       presence_init: T starts uniform in this range (every channel present).
       ste_scale: derivative of the step function in the straight-through estimator.
+      min_channels: every layer keeps at least this many channels (its highest scores),
+        as DHP's ``mc``; 0 for none.
       seed: seed of the presence initialization.
     """
     if not isinstance(groups, ChannelGroups):
@@ -88,6 +104,8 @@ def channel_hyperflows(
     low, high = presence_init
     if not low <= high:
         raise ValueError(f"presence_init must be a (low, high) range, got {presence_init!r}.")
+    if min_channels < 0:
+        raise ValueError(f"min_channels must be >= 0, got {min_channels!r}.")
     presence_optimizer = presence_optimizer or optax.adam(1e-3)
     kept_fraction = groups.flops_fraction if target == "flops" else groups.channels_fraction
 
@@ -102,7 +120,8 @@ def channel_hyperflows(
             count=jnp.zeros((), jnp.int32), presence=presence,
             presence_opt_state=presence_optimizer.init(presence), pressure=pressure.init(),
             skipped=jnp.zeros((), jnp.int32), ste_scale=jnp.asarray(ste_scale, jnp.float32),
-            masks=groups.expand({g: t >= 0 for g, t in presence.items()}, params))
+            kept=(kept := kept_channels(presence, min_channels)),
+            masks=groups.expand(kept, params))
 
     def update(grads, state, params=None, **extra_args):
         del extra_args
@@ -113,21 +132,22 @@ def channel_hyperflows(
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = jax.tree.map(lambda t, s: t + s.astype(jnp.float32), state.presence, steps)
-        kept = {g: t >= 0 for g, t in presence.items()}
+        kept = kept_channels(presence, min_channels)
         count = optax.safe_increment(state.count)
         stepped = state._replace(
             count=count, presence=presence, presence_opt_state=presence_opt_state,
             pressure=pressure.update(state.pressure, kept_fraction(kept), count),
-            masks=groups.expand(kept, params))
+            kept=kept, masks=groups.expand(kept, params))
         return finite_step(grads, stepped, state, state.masks)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
 def flops_fraction(groups: ChannelGroups, opt_state: PyTree) -> jax.Array:
-    """The fraction of multiply-adds the channels kept in ``opt_state`` cost."""
+    """The fraction of multiply-adds the channels kept in ``opt_state`` cost (a channel
+    pruner's: channel Hyperflows, DHP)."""
     state = masking.find_pruner_state(opt_state)
-    if not isinstance(state, ChannelHyperflowsState):
-        raise ValueError(f"flops_fraction needs a channel Hyperflows state, got "
-                         f"{type(state).__name__}.")
+    if not hasattr(state, "channel_masks"):
+        raise ValueError(f"flops_fraction needs a channel pruner's state (channel Hyperflows, "
+                         f"DHP), got {type(state).__name__}.")
     return groups.flops_fraction(state.channel_masks())

@@ -51,21 +51,43 @@ class ChannelGroups:
     def total(self) -> int:
         return sum(self.sizes.values())
 
-    def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
-        """Multiply-adds per image with only the ``kept`` channels (bool per group)."""
+    def live(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per tensor of the program, which channels the compact model computes.
+
+        A kept channel is live when it is fed (some input channel live; else it is a
+        constant, which ``hf.export`` folds into its readers' biases) and read (some live
+        channel of a later layer reads it, or it is a logit), as export decides.
+        """
         alive = {"image": jnp.ones(self.image_channels, jnp.float32)}
-        total = jnp.zeros((), jnp.float32)
         for op in self.program:
             if op[0] == "linear":
-                _, out, inp, group, width, unit = op
-                alive[out] = (jnp.ones(width, jnp.float32) if group is None
-                              else kept[group].astype(jnp.float32))
-                total = total + unit * jnp.sum(alive[inp]) * jnp.sum(alive[out])
+                _, out, inp, group, width, _ = op
+                fed = (jnp.sum(alive[inp]) > 0).astype(jnp.float32)
+                alive[out] = fed * (jnp.ones(width, jnp.float32) if group is None
+                                    else kept[group].astype(jnp.float32))
             elif op[0] == "same":
                 alive[op[1]] = alive[op[2]]
             else:
                 alive[op[1]] = jnp.maximum(alive[op[2]], alive[op[3]])
-        return total
+        read = {t: jnp.zeros_like(a) for t, a in alive.items()}
+        read["logits"] = jnp.ones_like(alive["logits"])
+        for op in reversed(self.program):
+            out, sources = op[1], op[2:4] if op[0] == "or" else op[2:3]
+            if op[0] == "linear":  # every input channel is read while any output is live
+                used = jnp.max(alive[out] * read[out], initial=0.0) * jnp.ones_like(
+                    alive[op[2]])
+            else:
+                used = read[out]
+            for source in sources:
+                read[source] = jnp.maximum(read[source], used)
+        return {t: alive[t] * read[t] for t in alive}
+
+    def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
+        """Multiply-adds per image with only the ``kept`` channels (bool per group), counting
+        only the live ones (``live``)."""
+        live = self.live(kept)
+        return sum((op[5] * jnp.sum(live[op[2]]) * jnp.sum(live[op[1]])
+                    for op in self.program if op[0] == "linear"), jnp.zeros((), jnp.float32))
 
     @functools.cached_property
     def dense_macs(self) -> int:

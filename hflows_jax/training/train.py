@@ -91,23 +91,30 @@ def load_inputs(cfg: Config) -> Inputs:
     return Inputs(data, mean, std, steps_per_epoch(len(data.x_train), cfg.data.batch_size))
 
 
-def build_model(cfg: Config, num_classes: int, method: methods.Method,
+def build_model(cfg: Config, num_classes: int, method: methods.Method | None,
                 axis_name: str | None = "batch", dtype=None) -> nn.Module:
+    """The ``--model``, wrapped by ``method`` where it has a ``wrap_model`` hook."""
     m = cfg.model
     model = models.create(m.name, num_classes, m.width, dtype or DTYPES[m.dtype],
                           axis_name=axis_name, kernel_init=m.kernel_init,
                           train_bn_scale=m.train_bn_scale,
                           zero_init_residual=m.zero_init_residual)
-    return method.wrap_model(model) if method.wrap_model else model
+    if method is None or method.wrap_model is None:
+        return model
+    return method.wrap_model(model, cfg.method.target_sparsity)
+
+
+def init_variables(model: nn.Module, seed: int, image_shape: tuple) -> tuple[Any, Any]:
+    variables = jax.jit(model.init, static_argnames="train")(
+        jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
 
 
 def initial_variables(cfg: Config, model: nn.Module, inputs: Inputs,
                       dense_tx: optax.GradientTransformation) -> tuple[Any, Any]:
-    """Fresh params and batch stats, or those of ``--init_checkpoint``."""
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(cfg.run.seed),
-        jnp.zeros((1,) + inputs.data.image_shape, jnp.float32), train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    """Fresh params and batch stats, or those of ``--init_checkpoint``: a dense run of the
+    plain ``--model``, whose layers a wrapped model (FTWT) takes over by name."""
+    params, batch_stats = init_variables(model, cfg.run.seed, inputs.data.image_shape)
     if not cfg.schedule.init_checkpoint:
         return params, batch_stats
     ckpt = Checkpoints(cfg.schedule.init_checkpoint)
@@ -115,9 +122,18 @@ def initial_variables(cfg: Config, model: nn.Module, inputs: Inputs,
     if epoch is None:
         raise FileNotFoundError(f"--init_checkpoint={cfg.schedule.init_checkpoint} holds no "
                                 "checkpoint (pass a run's checkpoints/dense directory).")
-    state, _ = ckpt.restore(epoch, abstract_state(dense_tx, params, batch_stats))
+    plain = build_model(cfg, inputs.data.num_classes, None)
+    template = init_variables(plain, cfg.run.seed, inputs.data.image_shape)
+    state, _ = ckpt.restore(epoch, abstract_state(dense_tx, *template))
     ckpt.close()
-    return state.params, state.batch_stats
+    if type(plain) is type(model):
+        return state.params, state.batch_stats
+    missing = sorted(set(state.params) - set(params))
+    if missing:
+        raise ValueError(f"--init_checkpoint holds a plain {cfg.model.name}, and "
+                         f"--method={cfg.method.name} has no layers {missing} to take it "
+                         "over: train it from initialization (--dense_epochs).")
+    return {**params, **state.params}, {**batch_stats, **state.batch_stats}
 
 
 def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
@@ -184,14 +200,16 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
     lr, period = presence_settings(cfg, spe)
     presence_lr = recipe.presence_learning_rate(lr, pruning_steps, spe)
     budget = methods.Budget(
-        target_sparsity=p.target_sparsity, pruning_steps=pruning_steps, steps_per_epoch=spe,
+        target_sparsity=p.target_sparsity, pruning_steps=pruning_steps,
+        regrowth_steps=regrowth_steps, steps_per_epoch=spe,
         controller_period=period, controller=p.controller or method.controller,
-        presence_lr=presence_lr,
+        presence_lr=presence_lr, weight_lr=weight_lr,
         regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
         channel_groups=channel_groups)
-    tx = optax.chain(method.build(budget), optax.add_decayed_weights(s.weight_decay),
-                     optax.sgd(weight_lr, momentum=0.9))
+    weight_links = (optax.add_decayed_weights(s.weight_decay),
+                    optax.sgd(weight_lr, momentum=0.9))
+    tx = method.combine(method.build(budget), *weight_links)
 
     def learning_rates(step):
         rates = {"lr": float(weight_lr(step))}
@@ -200,8 +218,31 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
         return rates
 
     last = first_epoch + s.pruning_epochs + s.regrowth_epochs - 1
-    return Phase("pruning", range(first_epoch, last + 1), tx, masked=True,
+    return Phase("pruning", range(first_epoch, last + 1), tx, masked=method.static_masks,
                  learning_rates=learning_rates, regrowth_from=first_epoch + s.pruning_epochs)
+
+
+def plain_network(model: nn.Module, method: methods.Method, params, batch_stats) -> tuple:
+    """``(model, params, batch_stats)`` as a model of ``hflows_jax.models`` (DHP: the plain
+    VGG its hypernetworks generate), which channel groups, counts and export read."""
+    return method.plain(model, params, batch_stats) if method.plain else (
+        model, params, batch_stats)
+
+
+def pruned_network(model: nn.Module, method: methods.Method, state: TrainState,
+                   image_shape: tuple) -> tuple:
+    """``(model, variables, masks, groups)``: what a pruning state stands for, ready for
+    ``hf.export``. Pruned entries are exactly 0; channel methods' pruned channels get a
+    settled running mean, and ``groups`` are their channel groups (else None)."""
+    params = hf.finalize(state.params, state.opt_state)
+    model, params, batch_stats = plain_network(model, method, params, state.batch_stats)
+    masks, groups = hf.masks(state.opt_state), None
+    if method.target == "flops":
+        groups = hf.structured.channel_groups(model, params, image_shape)
+        kept = hf.find_pruner_state(state.opt_state).channel_masks()
+        masks = groups.expand(kept, params)
+        batch_stats = groups.settle_statistics(batch_stats, kept)
+    return model, {"params": params, "batch_stats": batch_stats}, masks, groups
 
 
 # --- state: init or restore ----------------------------------------------------------------
@@ -381,25 +422,28 @@ def missed_target(cfg: Config, sparsity: float) -> float | None:
 def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
     cfg, data = setup.cfg, setup.inputs.data
+    model, groups = setup.model, None
+    variables, masks = {"params": state.params, "batch_stats": state.batch_stats}, None
+    layer_sparsity = {}
     if phase.masked:
-        final, masks = hf.finalize(state.params, state.opt_state), hf.masks(state.opt_state)
+        model, variables, masks, groups = pruned_network(setup.model, setup.method, state,
+                                                         data.image_shape)
         layer_sparsity = {k: float(v) for k, v in hf.layer_sparsity(state.opt_state).items()}
-    else:
-        final, masks, layer_sparsity = state.params, None, {}
-    macs_dense, macs_sparse = forward_macs(setup.model, {"params": final,
-                                                         "batch_stats": state.batch_stats},
-                                           data.image_shape, masks)
-    params_total = sum(int(p.size) for p in jax.tree.leaves(state.params))
+    macs_dense, macs_sparse = forward_macs(model, variables, data.image_shape, masks)
+    params_total = sum(int(p.size) for p in jax.tree.leaves(variables["params"]))
     pruned = sum(int(m.size - m.sum()) for m in jax.tree.leaves(masks))
     train_s = sum(r["train_s"] for r in history)
     images = len(history) * setup.inputs.steps_per_epoch * cfg.data.batch_size
     sparsity = float(hf.sparsity(state.opt_state)) if phase.masked else 0.0
     removed, what = sparsity, "sparsity"  # what --target_sparsity counts
-    if phase.masked and setup.method.target == "flops":
-        groups = hf.structured.channel_groups(setup.model, final, data.image_shape)
+    if setup.method.executed_flops is not None and cfg.pruned:
+        test_images = normalize(data.x_test, setup.inputs.mean, setup.inputs.std)
+        removed = 1.0 - setup.method.executed_flops(model, variables, test_images)
+        what = "of the multiply-adds removed (mean over the test set)"
+    elif groups is not None:
         removed = 1.0 - float(hf.structured.flops_fraction(groups, state.opt_state))
         what = "of the multiply-adds removed"
-    missed_by = missed_target(cfg, removed) if phase.masked else None
+    missed_by = missed_target(cfg, removed) if cfg.pruned else None
     warnings = list(setup.warnings)
     if missed_by is not None:
         warnings.append(f"the run ended at {removed:.2%} {what}, {100 * missed_by:+.2f} "
@@ -491,7 +535,8 @@ def run(cfg: Config) -> dict:
     phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
         cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
         first_epoch=len(dense.epochs) + 1, channel_groups=lambda: hf.structured.channel_groups(
-            setup.model, params, inputs.data.image_shape)))
+            *plain_network(setup.model, method, params, batch_stats)[:2],
+            inputs.data.image_shape)))
     ckpts = {p.name: Checkpoints(os.path.join(r.workdir, "checkpoints", p.name),
                                  max_to_keep=r.keep_checkpoints or None)
              for p in phases}
