@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from hflows_jax import methods, structured
+from hflows_jax import methods
 from hflows_jax.training import Config, cli, outputs, train
 from hflows_jax.training.checkpoint import Checkpoints
 
@@ -82,8 +82,7 @@ def open_pruning_run(cfg: Config):
     score = train.scoring(cfg, inputs, method, batch_stats)
     phase = train.pruning_phase(
         cfg, inputs.steps_per_epoch, method, score, first_epoch=1,
-        channel_groups=lambda: structured.channel_groups(
-            *train.plain_network(model, method, params, batch_stats)[:2],
-            inputs.data.image_shape))
+        channel_groups=train.channel_groups_of(model, method, params, batch_stats,
+                                               inputs.data.image_shape))
     ckpt = Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", "pruning"), None)
     return inputs, model, ckpt, train.abstract_state(phase.tx, params, batch_stats)

@@ -99,14 +99,13 @@ def measure(cfg: Config, report: dict, repeats: int) -> dict:
     """The exported model's fractions and its speed-up over the masked dense model; for a
     method that gates per input (FTWT), the mean executed FLOPs and no speed-ups."""
     method = methods.get(cfg.method.name)
+    inputs, model, _, state = export_tools.restore_last(cfg)
     if not method.static_masks:
-        params = export_tools.restore_last(cfg)[3].params
-        backbone = sum(x.size for k, v in params.items() if not ftwt.is_gate(k)
+        backbone = sum(x.size for k, v in state.params.items() if not ftwt.is_gate(k)
                        for x in jax.tree.leaves(v))
         return {"flops_fraction": 1 - report["target_removed"],
                 "params_fraction": report["params_total"] / backbone,
                 "speedup_b1": None, "speedup_b256": None}
-    inputs, model, _, state = export_tools.restore_last(cfg)
     dense, compact, compact_model = export_tools.predict_functions(model, method, state,
                                                                   inputs)
     fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}

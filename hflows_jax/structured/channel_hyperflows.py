@@ -30,7 +30,7 @@ import optax
 from hflows_jax import masking
 from hflows_jax.hyperflows import finite_step, weight_flows
 from hflows_jax.pressure import PressureController
-from hflows_jax.structured.channels import ChannelGroups
+from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
 PyTree = Any
 TARGETS = ("flops", "channels")
@@ -61,10 +61,7 @@ def kept_channels(presence: dict, min_channels: int) -> dict:
     The floor (DHP's ``mc``) keeps a layer from losing every channel, which makes the
     whole network a constant; at 85 % one such run did (docs/RESULTS.md).
     """
-    def kept(t):
-        k = min(min_channels, t.shape[0])
-        return t >= jnp.minimum(0.0, jnp.sort(t)[-k]) if k > 0 else t >= 0
-    return {g: kept(t) for g, t in presence.items()}
+    return {g: keep_at_least(t, 0.0, min_channels) for g, t in presence.items()}
 
 
 def channel_hyperflows(

@@ -30,6 +30,15 @@ def path_of(path: tuple) -> str:
     return keystr(path, simple=True, separator="/")
 
 
+def keep_at_least(scores: jax.Array, cutoff, min_channels: int) -> jax.Array:
+    """``scores >= cutoff``, and in any case the ``min_channels`` highest scores (all of a
+    layer with fewer): the channel floor of DHP (``mc``) and of channel Hyperflows."""
+    k = min(min_channels, scores.shape[-1])
+    if k == 0:
+        return scores >= cutoff
+    return scores >= jnp.minimum(cutoff, jnp.sort(scores)[-k])
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelGroups:
     """The prunable channels of one model, for ``channel_hyperflows`` and FLOP counts.

@@ -33,7 +33,7 @@ from hflows_jax import masking
 from hflows_jax.models import VGG
 from hflows_jax.models.initializers import kernel_initializer
 from hflows_jax.models.norm import batch_norm
-from hflows_jax.structured.channels import ChannelGroups, path_of
+from hflows_jax.structured.channels import ChannelGroups, keep_at_least, path_of
 
 PyTree = Any
 EMBEDDING = 8
@@ -141,11 +141,7 @@ def latent_masks(params: PyTree, threshold: float = THRESHOLD,
     """Per latent, the channels kept: ``|z| >= min(threshold, k-th largest |z|)``, so at
     least ``min_channels`` stay; None on the other leaves."""
     def mask(path, z):
-        if not _is_latent(path):
-            return None
-        k = min(min_channels, z.shape[-1])
-        kth = jnp.sort(jnp.abs(z))[-k]
-        return jnp.abs(z) >= jnp.minimum(threshold, kth)
+        return keep_at_least(jnp.abs(z), threshold, min_channels) if _is_latent(path) else None
     return jax.tree.map_with_path(mask, params)
 
 

@@ -229,6 +229,13 @@ def plain_network(model: nn.Module, method: methods.Method, params, batch_stats)
         model, params, batch_stats)
 
 
+def channel_groups_of(model: nn.Module, method: methods.Method, params, batch_stats,
+                      image_shape: tuple) -> Callable[[], Any]:
+    """The channel groups of the plain network, built on call (channel methods only)."""
+    return lambda: hf.structured.channel_groups(
+        *plain_network(model, method, params, batch_stats)[:2], image_shape)
+
+
 def pruned_network(model: nn.Module, method: methods.Method, state: TrainState,
                    image_shape: tuple) -> tuple:
     """``(model, variables, masks, groups)``: what a pruning state stands for, ready for
@@ -534,9 +541,8 @@ def run(cfg: Config) -> dict:
     params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
     phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
         cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
-        first_epoch=len(dense.epochs) + 1, channel_groups=lambda: hf.structured.channel_groups(
-            *plain_network(setup.model, method, params, batch_stats)[:2],
-            inputs.data.image_shape)))
+        first_epoch=len(dense.epochs) + 1, channel_groups=channel_groups_of(
+            setup.model, method, params, batch_stats, inputs.data.image_shape)))
     ckpts = {p.name: Checkpoints(os.path.join(r.workdir, "checkpoints", p.name),
                                  max_to_keep=r.keep_checkpoints or None)
              for p in phases}
