@@ -45,7 +45,7 @@ import numpy as np
 from experiments import scaffold
 from hflows_jax import methods
 from hflows_jax.data import normalize
-from hflows_jax.export import BCSR_CUSTOM_CALL, BORDERS, export
+from hflows_jax.family_export import BCSR_CUSTOM_CALL, BORDERS, export
 from hflows_jax.training import Config, outputs, train
 
 BATCHES = (1, 32, 256)

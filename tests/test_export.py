@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hflows_jax import models
-from hflows_jax.export import BCSR_CUSTOM_CALL, BCSR_MIN_BATCH, NO_MASKS, export
+from hflows_jax.family_export import BCSR_CUSTOM_CALL, BCSR_MIN_BATCH, NO_MASKS, export
 from hflows_jax.masking import multiply_masks
 from hflows_jax.flops import forward_macs
 

@@ -77,7 +77,7 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     kept = _random_kept(groups, seed=1)
     masks = groups.expand(kept, params)
     pruned = hf.multiply_masks(params, masks)
-    compact = hf.export.export(model, pruned, masks, stats, image_shape=shape)
+    compact = hf.family_export.export(model, pruned, masks, stats, image_shape=shape)
     counts = compact.counts
     assert groups.dense_macs == counts.macs_total
     assert float(groups.macs(kept)) == counts.macs_compact
@@ -89,7 +89,7 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     dead = dict(kept)
     dead[list(groups.sizes)[1]] = np.zeros(groups.sizes[list(groups.sizes)[1]], bool)
     masks = groups.expand(dead, params)
-    compact = hf.export.export(model, hf.multiply_masks(params, masks), masks, stats,
+    compact = hf.family_export.export(model, hf.multiply_masks(params, masks), masks, stats,
                                image_shape=shape)
     assert float(groups.macs(dead)) == compact.counts.macs_compact < float(groups.macs(kept))
 
@@ -143,7 +143,7 @@ def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
     assert jax.tree.structure(masks) == jax.tree.structure(
         groups.expand({g: np.ones(n, bool) for g, n in groups.sizes.items()}, params))
     final = hf.finalize(params, state)
-    compact = hf.export.export(model, final, masks, image_shape=shape)
+    compact = hf.family_export.export(model, final, masks, image_shape=shape)
     assert compact.counts.macs_compact / compact.counts.macs_total == pytest.approx(kept)
     want = model.apply({"params": final}, x[:16])
     np.testing.assert_allclose(compact.apply(x[:16]), want, rtol=1e-5, atol=1e-5)
@@ -195,9 +195,9 @@ def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale
     kept = _random_kept(groups, seed=2)
     masks = groups.expand(kept, params)
     pruned = hf.multiply_masks(params, masks)
-    stale = hf.export.export(model, pruned, masks, stats, image_shape=shape)
+    stale = hf.family_export.export(model, pruned, masks, stats, image_shape=shape)
     settled_stats = groups.settle_statistics(stats, kept)
-    settled = hf.export.export(model, pruned, masks, settled_stats, image_shape=shape)
+    settled = hf.family_export.export(model, pruned, masks, settled_stats, image_shape=shape)
     assert stale.counts.macs_compact > settled.counts.macs_compact == float(groups.macs(kept))
     images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
     want = model.apply({"params": pruned, "batch_stats": settled_stats}, images, train=False)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import keystr
 
-from hflows_jax import export as hf_export
+from hflows_jax import family_export as hf_export
 from hflows_jax.flops import layer_positions
 
 PyTree = Any

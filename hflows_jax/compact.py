@@ -1,0 +1,674 @@
+"""``hf.export``: any pruned JAX function made smaller, by a rewrite of its own traced program.
+
+``compact = hf.export(fn, params, masks, example)`` traces ``fn(params, x)``
+(``hflows_jax.graph``), decides which channels of each coupling group can go, and re-runs
+the traced program on smaller arrays:
+
+- a channel is *unread* when every conv or dense kernel that reads it has only zero
+  (pruned) weights from it to the channels that stay;
+- a channel is *constant* when it does not depend on ``x`` where it is read (every weight
+  that fed it is pruned). Its contribution to each reader is computed once, from its
+  value on ``example``, and added to the reader's output. Behind a padded conv that
+  contribution changes at the border: ``border="keep"`` keeps such a channel,
+  ``border="map"`` adds the exact per-position map instead.
+
+Everything that does not depend on ``x`` (kernels, BatchNorm statistics, a hypernetwork's
+generated weights) is computed once and stored, sliced. Dense layers whose kernel has
+rows of zeros read only the inputs they need; very sparse ones can run as
+``jax.experimental.sparse.BCSR`` (``bcsr=``), faster on CPU from batch ``BCSR_MIN_BATCH``
+on (measurements in ``family_export``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.tree_util import keystr
+
+from hflows_jax import graph as graph_lib
+from hflows_jax.masking import prunable_leaves, unwrap_nnx
+
+PyTree = Any
+BORDERS = ("keep", "map")
+NO_MASKS = "this run has no masks: it is dense-only; nothing to export"
+BCSR_AUTO_DENSITY = 0.1
+BCSR_SMALL_KERNEL = 32_768
+BCSR_SMALL_DENSITY = 0.2
+BCSR_MIN_BATCH = 16
+BCSR_CUSTOM_CALL = "cpu_csr_sparse_dense_ffi"
+MAX_ROUNDS = 50
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _is_literal(a) -> bool:
+    return isinstance(a, jex.core.Literal)
+
+
+def _evaluate(graph: graph_lib.Graph, env: dict, which: set | None = None) -> dict:
+    """Run the traced program's equations (those writing ``which``) on ``env``'s values."""
+    env = dict(env)
+    for eqn in graph.eqns:
+        if which is not None and not any(o in which for o in eqn.outs):
+            continue
+        args = [a.val if _is_literal(a) else env[a] for a in eqn.ins]
+        outs = eqn.prim.bind(*args, **eqn.params)
+        for o, val in zip(eqn.outs, outs if eqn.prim.multiple_results else [outs]):
+            env[o] = val
+    return env
+
+
+# ---------------------------------------------------------------------------------------
+# Which channels go.
+
+@dataclasses.dataclass
+class _Reader:
+    """A contraction seen from the channels it reads: for each (axis of the data operand,
+    factor) that runs over a group, and the matching kernel axis."""
+
+    c: graph_lib.Contraction
+    data_axes: list  # data operand axes read through the kernel (contracted or depthwise)
+    kernel_axes: list  # the kernel's matching axes
+    out_kernel_axes: list  # kernel axes that index output channels (not for depthwise)
+    depthwise: bool
+
+
+def _readers(graph: graph_lib.Graph) -> list[_Reader]:
+    out = []
+    for c in graph.contractions:
+        eqn = graph.eqns[c.eqn]
+        if eqn.name == "conv_general_dilated":
+            dn = eqn.params["dimension_numbers"]
+            depthwise = eqn.params["feature_group_count"] > 1
+            if depthwise:
+                out.append(_Reader(c, [dn.lhs_spec[1]], [dn.rhs_spec[0]], [], True))
+            else:
+                out.append(_Reader(c, [dn.lhs_spec[1]], [dn.rhs_spec[1]], [dn.rhs_spec[0]],
+                                   False))
+        else:
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            dc, kc = (lc, rc) if c.data == 0 else (rc, lc)
+            kb = rb if c.kernel == 1 else lb
+            free = [d for d in range(len(graph.shapes[eqn.ins[c.kernel]]))
+                    if d not in kc and d not in kb]
+            out.append(_Reader(c, list(dc), list(kc), free, False))
+    return out
+
+
+def _axis_index(factors: tuple, keep: dict) -> np.ndarray | None:
+    """Flat indices of an axis's kept entries (its factors' kept channels, row-major);
+    None when it keeps all."""
+    if not any(s in keep and not keep[s].all() for _, s in factors):
+        return None
+    sets = [np.flatnonzero(keep[s]) if s in keep else np.arange(n) for n, s in factors]
+    grids = np.meshgrid(*sets, indexing="ij")
+    return np.ravel_multi_index(grids, [n for n, _ in factors]).ravel()
+
+
+def _per_channel(array: np.ndarray, axis: int, factors: tuple, space: int) -> np.ndarray:
+    """``any`` of a boolean array over everything but one factor of one axis."""
+    sizes = [n for n, _ in factors]
+    j = [s for _, s in factors].index(space)
+    moved = np.moveaxis(array, axis, -1)
+    moved = moved.reshape(moved.shape[:-1] + tuple(sizes))
+    moved = np.moveaxis(moved, moved.ndim - len(sizes) + j, -1)
+    return moved.reshape(-1, sizes[j]).any(axis=0)
+
+
+def _channel_vector(vector: dict, factors: tuple, default: float):
+    """A per-entry vector over an axis from per-channel vectors of its factors (product;
+    numpy or jax arrays alike)."""
+    out = np.ones((), np.float32)
+    for n, s in factors:
+        v = vector[s] if s in vector else np.full(n, default, np.float32)
+        out = (out[..., None] * v).reshape(-1)
+    return out
+
+
+def _along(array_shape: tuple, axis: int, vec: np.ndarray) -> np.ndarray:
+    shape = [1] * len(array_shape)
+    shape[axis] = array_shape[axis]
+    return vec.reshape(shape)
+
+
+class _Analysis:
+    """The fixed point of "a channel goes when every reader can do without it"."""
+
+    def __init__(self, graph: graph_lib.Graph, static: dict, values: dict, border: str):
+        self.graph, self.static, self.values, self.border = graph, static, values, border
+        self.groups = graph.groups
+        self.readers = _readers(graph)
+        self.keep = {s: np.ones(n, bool) for s, n in self.groups.items()}
+        self.forced = {s: np.zeros(n, bool) for s, n in self.groups.items()}
+        self.deltas = {}
+
+    def factors(self, v, axis):
+        return self.graph.factors(v, axis)
+
+    def kernel_nonzero(self, r: _Reader) -> np.ndarray:
+        """The kernel's nonzero pattern, its output axes cut to the kept channels."""
+        eqn = self.graph.eqns[r.c.eqn]
+        k = eqn.ins[r.c.kernel]
+        nz = np.asarray(self.static[k]) != 0
+        for axis in r.out_kernel_axes:
+            index = _axis_index(self.factors(k, axis), self.keep)
+            if index is not None:
+                nz = np.take(nz, index, axis=axis)
+        return nz
+
+    @functools.cached_property
+    def _dependence(self):
+        """``keep -> {reader's data value: where it depends on x}``, compiled once."""
+        g = self.graph
+        readers = {r.c.eqn: r for r in self.readers}
+        wanted = {g.eqns[r.c.eqn].ins[r.c.data] for r in self.readers}
+        nonzero = {i: jnp.asarray(np.asarray(self.static[g.eqns[i].ins[r.c.kernel]]) != 0,
+                                  jnp.float32) for i, r in readers.items()}
+
+        def run(keep):
+            dep = {g.x_id: jnp.ones(g.shapes[g.x_id], jnp.float32)}
+            for i, eqn in enumerate(g.eqns):
+                if not any(o in g.runtime for o in eqn.outs):
+                    continue
+                ins = [None if _is_literal(a) or a not in dep else dep[a] for a in eqn.ins]
+                shape = g.shapes[eqn.outs[0]]
+                if all(a is None for a in ins):
+                    res = jnp.zeros(shape, jnp.float32)
+                elif i in readers:
+                    r = readers[i]
+                    data, v = ins[r.c.data], eqn.ins[r.c.data]
+                    if data is None:
+                        res = jnp.zeros(shape, jnp.float32)
+                    else:
+                        for axis in r.data_axes:  # removed channels feed nothing
+                            vec = _channel_vector(keep, self.factors(v, axis), 1.0)
+                            data = data * _along(data.shape, axis, vec)
+                        args = [None, None]
+                        args[r.c.data], args[r.c.kernel] = data, nonzero[i]
+                        res = (eqn.prim.bind(*args, **dict(
+                            eqn.params, preferred_element_type=jnp.float32)) > 0)
+                elif eqn.name in graph_lib.CONTRACTIONS:  # x on both sides
+                    res = jnp.ones(shape, jnp.float32)
+                else:
+                    res = self._structural(eqn, ins, shape)
+                for o in eqn.outs:
+                    dep[o] = (res.astype(jnp.float32).reshape(g.shapes[o])
+                              if len(eqn.outs) == 1 else jnp.ones(g.shapes[o], jnp.float32))
+            return {v: dep[v] > 0 for v in wanted}
+
+        return jax.jit(run)
+
+    def dependence(self) -> dict:
+        """Per reader's data value, where it depends on x, the removed channels cut."""
+        keep = {s: jnp.asarray(k, jnp.float32) for s, k in self.keep.items()}
+        return {v: np.asarray(d) for v, d in self._dependence(keep).items()}
+
+    def _structural(self, eqn, ins, out_shape):
+        """Where an op's output depends on x: the op itself run on 0/1 dependence maps
+        (a max where it would take a min or an index)."""
+        name = eqn.name
+        if name in graph_lib.ELEMENTWISE:
+            out = jnp.zeros(out_shape, jnp.float32)
+            for a in ins:
+                if a is not None:
+                    out = jnp.maximum(out, jnp.broadcast_to(a, out_shape))
+            return out
+        x = ins[0] if ins[0] is not None else jnp.zeros(self.graph.shapes[eqn.ins[0]],
+                                                         jnp.float32)
+        params = dict(eqn.params)
+        prim = eqn.prim
+        if name in graph_lib.REDUCTIONS:
+            return jnp.max(x, axis=tuple(params["axes"])) if x.ndim else x
+        if name in graph_lib.WINDOWS:
+            return lax.reduce_window(
+                x, 0.0, lax.max, params["window_dimensions"], params["window_strides"],
+                params["padding"], params.get("base_dilation"), params.get("window_dilation"))
+        if name in graph_lib.CUMULATIVE:
+            return lax.cummax(x, axis=params["axis"], reverse=params["reverse"])
+        if name == "pad":
+            return prim.bind(x, jnp.zeros((), jnp.float32), **params)
+        if name == "concatenate":
+            parts = [a if a is not None else jnp.zeros(self.graph.shapes[v], jnp.float32)
+                     for a, v in zip(ins, eqn.ins)]
+            return prim.bind(*parts, **params)
+        if name == "broadcast_in_dim":
+            return prim.bind(x, *ins[1:], **params)
+        return prim.bind(x, **params)
+
+    def step(self) -> bool:
+        """One round: recompute which channels go; True when nothing changed."""
+        dep = self.dependence()
+        removable = {s: ~self.forced[s] for s in self.groups}
+        const_read = []
+        for r in self.readers:
+            eqn = self.graph.eqns[r.c.eqn]
+            v = eqn.ins[r.c.data]
+            nz = self.kernel_nonzero(r)
+            for d_axis, k_axis in zip(r.data_axes, r.kernel_axes):
+                factors = self.factors(v, d_axis)
+                for _, s in factors:
+                    if s not in self.groups:
+                        continue
+                    if r.depthwise:  # channel c in is channel c out
+                        reads = np.moveaxis(nz, k_axis, -1).reshape(-1, nz.shape[k_axis]).any(0)
+                    else:
+                        reads = _per_channel(nz, k_axis, self.factors(
+                            eqn.ins[r.c.kernel], k_axis), s)
+                    depends = _per_channel(dep[v], d_axis, factors, s)
+                    removable[s] &= ~reads | ~depends
+                    const_read.append((r, d_axis, s, reads & ~depends))
+        changed = any((~removable[s] != self.keep[s]).any() for s in self.groups)
+        self.keep = {s: ~removable[s] for s in self.groups}
+        if changed:
+            return False
+        return not self._fold(const_read)
+
+    def _fold(self, const_read) -> bool:
+        """Each reader's contribution from the constant channels it loses; True when a
+        channel must come back (``border="keep"``)."""
+        by_reader = {}
+        for r, d_axis, s, const in const_read:
+            by_reader.setdefault(id(r), (r, []))[1].append((d_axis, s, const & ~self.keep[s]))
+        self.deltas, forced = {}, False
+        for r, parts in by_reader.values():
+            eqn = self.graph.eqns[r.c.eqn]
+            v = eqn.ins[r.c.data]
+            if not any(c.any() for _, _, c in parts):
+                continue
+            data = np.asarray(self.values[v][:1], np.float64)
+            mask = np.ones(data.shape, bool)
+            for d_axis, s, const in parts:
+                vec = _channel_vector({s: const.astype(np.float32)}, self.factors(v, d_axis),
+                                      1.0)
+                mask = mask & (_along(data.shape, d_axis, vec) > 0)
+            args = [None, None]
+            args[r.c.data] = jnp.asarray(np.where(mask, data, 0.0), jnp.float32)
+            args[r.c.kernel] = jnp.asarray(self.static[eqn.ins[r.c.kernel]], jnp.float32)
+            delta = np.asarray(eqn.prim.bind(*args, **dict(
+                eqn.params, preferred_element_type=jnp.float32)), np.float32)
+            delta = self._collapse(eqn.outs[0], delta, _data_out_axes(self.graph, r))
+            if delta is None:  # varies along a spatial axis: the border
+                for d_axis, s, const in parts:
+                    nonzero = _per_channel(np.where(mask, data, 0.0) != 0, d_axis,
+                                           self.factors(v, d_axis), s)
+                    self.forced[s] |= const & ~self.keep[s] & nonzero
+                forced = True
+            elif np.any(delta != 0):
+                self.deltas[r.c.eqn] = delta
+        return forced
+
+    def _collapse(self, out: int, delta: np.ndarray, axes: list) -> np.ndarray | None:
+        """``delta`` reduced to size 1 along the output axes that come from the data (a
+        conv's spatial axes) where it is uniform; None where it is not and
+        ``border="keep"``."""
+        for axis in axes:
+            factors = self.factors(out, axis)
+            if delta.shape[axis] == 1 or any(s == graph_lib.BATCH for _, s in factors):
+                continue
+            first = np.take(delta, [0], axis=axis)
+            scale = max(float(np.max(np.abs(delta))), 1e-30)
+            if np.allclose(delta, first, rtol=1e-5, atol=1e-6 * scale):
+                delta = first
+            elif self.border == "keep":
+                return None
+        return delta
+
+
+def _data_out_axes(graph: graph_lib.Graph, r: _Reader) -> list:
+    """The reader's output axes that index positions of its data (not its channels)."""
+    eqn = graph.eqns[r.c.eqn]
+    if eqn.name == "conv_general_dilated":
+        return list(eqn.params["dimension_numbers"].out_spec[2:])
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    n_free = [len(graph.shapes[a]) - len(c) - len(b)
+              for a, c, b in zip(eqn.ins, (lc, rc), (lb, rb))]
+    start = len(lb) + (0 if r.c.data == 0 else n_free[0])
+    return list(range(start, start + n_free[r.c.data]))
+
+
+# ---------------------------------------------------------------------------------------
+# The compact program.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Compact:
+    """A compact model: ``compact(x)`` gives ``fn``'s outputs on ``x`` (any batch size).
+
+    ``params``: the arrays it runs on (by param path where an array is one, else
+    ``"const/<n>"``); ``macs``/``dense_macs``: multiply-adds per example of the conv and
+    dense layers, compact and as traced; ``groups``: channels kept per coupling group;
+    ``exported()``: a ``jax.export.Exported`` with a symbolic batch size.
+    """
+
+    params: dict
+    macs: int
+    dense_macs: int
+    groups: dict  # group name -> (kept, total)
+    program: tuple = dataclasses.field(repr=False)
+    example: jax.ShapeDtypeStruct = dataclasses.field(repr=False)
+    min_sparse_batch: int = 0
+    has_bcsr: bool = False
+
+    def forward(self, params: dict, x: jax.Array):
+        """``compact(x)`` with the arrays as an argument (for jit, export, sharding)."""
+        run = functools.partial(_run, self.program, params, x)
+        if not self.has_bcsr or self.min_sparse_batch == 0:
+            return run(True)
+        batch = x.shape[0]
+        if isinstance(batch, int):
+            return run(batch >= self.min_sparse_batch)
+        return lax.cond(jnp.asarray(batch) >= self.min_sparse_batch, lambda: run(True), lambda: run(False))
+
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(self.forward)
+
+    def __call__(self, x: jax.Array):
+        return self._jitted(self.params, x)
+
+    def exported(self, batch: str = "b") -> jax.export.Exported:
+        """The compact model for ``jax.export.serialize``; arrays inside, batch symbolic.
+
+        With BCSR layers on CPU, the file holds ``BCSR_CUSTOM_CALL``: a reader needs
+        ``import jax.experimental.sparse`` (which registers it) and a jaxlib like this one.
+        """
+        (b,) = jax.export.symbolic_shape(batch)
+        spec = jax.ShapeDtypeStruct((b,) + tuple(self.example.shape[1:]), self.example.dtype)
+        checks = []
+        if self.has_bcsr:
+            checks = [jax.export.DisabledSafetyCheck.custom_call(BCSR_CUSTOM_CALL)]
+        return jax.export.export(jax.jit(functools.partial(self.forward, self.params)),
+                                 disabled_checks=checks)(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    eqn: graph_lib.Eqn
+    ins: tuple  # ("v", id) | ("p", name) | ("lit", value)
+    params: tuple  # key -> value, or a _Shape for shape params
+    delta: str | None = None
+    rows: str | None = None  # dense layer: gather these inputs first
+    sparse: str | None = None  # dense layer: this BCSR matrix of the transposed kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    dims: tuple  # per axis: (fixed part, batch power)
+
+
+def _shape(shape: _Shape, batch) -> tuple:
+    return tuple(n * batch ** k if k else n for n, k in shape.dims)
+
+
+def _run(program: tuple, params: dict, x, sparse: bool):
+    env = {"x": x}
+    batch = x.shape[0]
+    outs = None
+    for step in program:
+        if isinstance(step, tuple):  # ("outputs", refs): the last step
+            outs = [env[v] if isinstance(v, int) or v == "x" else params[v] for v in step[1]]
+            continue
+        use_sparse = step.sparse is not None and sparse
+        args = []
+        for kind, ref in step.ins[:1] if use_sparse else step.ins:
+            args.append(env[ref] if kind == "v" else params[ref] if kind == "p" else ref)
+        kw = {k: (_shape(v, batch) if isinstance(v, _Shape) else v) for k, v in step.params}
+        if use_sparse:
+            data = args[0] if step.rows is None else jnp.take(args[0], params[step.rows],
+                                                              axis=-1)
+            lead = data.shape[:-1]
+            flat = data.reshape((-1, data.shape[-1]))
+            y = (params[step.sparse] @ flat.T).T
+            out = y.reshape(lead + (y.shape[-1],)).astype(kw.get(
+                "preferred_element_type") or data.dtype)
+        else:
+            if step.rows is not None:
+                args[0] = jnp.take(args[0], params[step.rows], axis=-1)
+            out = step.eqn.prim.bind(*args, **kw)
+        if step.delta is not None:
+            out = out + params[step.delta]
+        results = out if step.eqn.prim.multiple_results else [out]
+        for o, val in zip(step.eqn.outs, results):
+            env[o] = val
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _masked(params: PyTree, masks: PyTree) -> PyTree:
+    """``params`` with pruned entries 0; masks and params are matched by path, so an
+    ``nnx.State`` of masks fits a dict of params and the other way round."""
+    if masks is None or not prunable_leaves(masks):
+        raise ValueError(NO_MASKS)
+    path = lambda p: keystr(p, simple=True, separator="/")  # noqa: E731
+    by_path = {path(p): m for p, m in jax.tree.leaves_with_path(masks, is_leaf=_is_none)}
+    shapes = {path(p): np.shape(x) for p, x in jax.tree.leaves_with_path(params)}
+    problems = [f"no mask for {k}" for k in shapes if k not in by_path]
+    problems += [f"a mask for {k}, which params lack" for k in by_path if k not in shapes]
+    problems += [f"mask {k} has shape {np.shape(m)}, its param {shapes[k]}"
+                 for k, m in by_path.items() if m is not None and k in shapes
+                 and np.shape(m) != shapes[k]]
+    if problems:
+        raise ValueError("masks do not match params: " + "; ".join(problems[:6])
+                         + (" ..." if len(problems) > 6 else ""))
+    return jax.tree.map_with_path(
+        lambda p, x: x if by_path[path(p)] is None
+        else jnp.where(jnp.asarray(by_path[path(p)], bool), x, jnp.zeros((), x.dtype)), params)
+
+
+def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
+           border: str = "keep", bcsr: bool | None = None) -> Compact:
+    """The compact model of ``fn(params, x)`` under ``masks``.
+
+    Args:
+      fn: a pure function ``fn(params, x) -> outputs`` (eval mode): e.g.
+        ``lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, train=False)``,
+        or ``lambda p, x: nnx.merge(graphdef, p, rest)(x)``.
+      params: its params, masked or not (the masks decide).
+      masks: ``hf.masks(opt_state)``, or the same tree of 0/1 arrays; ``None`` leaves are
+        not pruned.
+      example: an input batch (axis 0 is the batch; any size).
+      border: ``"keep"`` or ``"map"``: what happens to a constant channel that a padded
+        conv reads (see the module docstring).
+      bcsr: run dense layers as BCSR matrices: ``True`` always, ``False`` never, ``None``
+        on CPU for kernels at most ``BCSR_AUTO_DENSITY`` dense, from batch
+        ``BCSR_MIN_BATCH`` on.
+
+    Raises:
+      ValueError: without masks, for mismatched trees, a bad ``border``.
+      hflows_jax.graph.GraphError: for an op the traced graph cannot take.
+    """
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}.")
+    masked = _masked(unwrap_nnx(params), unwrap_nnx(masks))
+    example = jnp.asarray(example)
+    if example.ndim == 0:
+        raise ValueError("example must be a batch of inputs (axis 0: batch).")
+    if example.shape[0] == 1:  # a batch of 1 cannot tell the batch axis from a size-1 axis
+        example = jnp.concatenate([example, example])
+    graph = graph_lib.trace(fn, masked, example)
+
+    leaves = jax.tree.leaves(masked)
+    env = dict(zip(graph.param_ids, leaves))
+    env.update(zip(graph.const_ids, [jnp.asarray(c) for c in graph.consts]))
+    static = jax.jit(lambda env: _evaluate(graph, env, {
+        o for e in graph.eqns for o in e.outs if o not in graph.runtime}))(env)
+    readers = {graph.eqns[c.eqn].ins[c.data] for c in graph.contractions}
+    values = jax.jit(lambda env: {v: e for v, e in _evaluate(graph, env, graph.runtime).items()
+                                  if v in readers})({**static, graph.x_id: example})
+
+    analysis = _Analysis(graph, static, values, border)
+    for _ in range(MAX_ROUNDS):
+        if analysis.step():
+            break
+    else:
+        raise RuntimeError("hf.export: the channel analysis did not settle; please report.")
+    return _build(graph, analysis, static, example, bcsr)
+
+
+def _compact_shape(graph, keep, v) -> _Shape:
+    dims = []
+    for axis in range(len(graph.shapes[v])):
+        n, k = 1, 0
+        for size, s in graph.factors(v, axis):
+            if s == graph_lib.BATCH:
+                k += 1
+            else:
+                n *= int(keep[s].sum()) if s in keep else size
+        dims.append((n, k))
+    return _Shape(tuple(dims))
+
+
+def _slice(graph, keep, v, value) -> np.ndarray:
+    value = np.asarray(value)
+    for axis in range(value.ndim):
+        index = _axis_index(graph.factors(v, axis), keep)
+        if index is not None:
+            value = np.take(value, index, axis=axis)
+    return value
+
+
+SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "iota": "shape"}
+
+
+def _build(graph, analysis, static, example, bcsr) -> Compact:
+    keep = analysis.keep
+    names = {v: p for v, p in zip(graph.param_ids, graph.param_paths)}
+    arrays, program = {}, []
+    readers = {r.c.eqn: r for r in analysis.readers}
+    on_cpu = jax.default_backend() == "cpu"
+    has_bcsr = False
+    compact_shapes = {}
+
+    def ref(a):
+        if _is_literal(a):
+            return ("lit", a.val)
+        if a == graph.x_id:
+            return ("v", "x")
+        if a in graph.runtime:
+            return ("v", a)
+        name = names.get(a, f"const/{a}")
+        if name not in arrays:
+            arrays[name] = jnp.asarray(_slice(graph, keep, a, static[a]))
+        return ("p", name)
+
+    for i, eqn in enumerate(graph.eqns):
+        if not any(o in graph.runtime for o in eqn.outs):
+            continue
+        params = dict(eqn.params)
+        out = eqn.outs[0]
+        if eqn.name in SHAPE_PARAMS:
+            params[SHAPE_PARAMS[eqn.name]] = _compact_shape(graph, keep, out)
+            if eqn.name == "reshape":
+                params["dimensions"] = None
+        for a in eqn.ins:
+            if not _is_literal(a) and a in graph.runtime:
+                shape = _compact_shape(graph, keep, a)
+                if eqn.name in ("slice", "pad", "rev", "concatenate") and any(
+                        k for _, k in shape.dims):
+                    _check_batch_untouched(graph, eqn, a)
+        if eqn.name == "conv_general_dilated" and params["feature_group_count"] > 1:
+            dn = params["dimension_numbers"]
+            lhs = _compact_shape(graph, keep, eqn.ins[0]).dims[dn.lhs_spec[1]][0]
+            params["feature_group_count"] = lhs
+        ins = [ref(a) for a in eqn.ins]
+        step = dict(delta=None, rows=None, sparse=None)
+        if i in analysis.deltas:
+            name = f"delta/{i}"
+            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i]))
+            step["delta"] = name
+        r = readers.get(i)
+        if r is not None and eqn.name == "dot_general" and _is_dense_layer(graph, eqn, r):
+            kernel = np.asarray(arrays[ins[1][1]])
+            rows = np.flatnonzero((kernel != 0).any(axis=1))
+            name = ins[1][1]
+            if len(rows) < kernel.shape[0]:  # read only the inputs it has weights for
+                arrays[f"{name}/rows"] = jnp.asarray(rows, jnp.int32)
+                arrays[f"{name}/read"] = jnp.asarray(kernel[rows])
+                ins[1] = ("p", f"{name}/read")
+                step["rows"], kernel = f"{name}/rows", kernel[rows]
+            nonzero = int(np.count_nonzero(kernel))
+            density = BCSR_SMALL_DENSITY if kernel.size <= BCSR_SMALL_KERNEL else BCSR_AUTO_DENSITY
+            sparse = (on_cpu and nonzero <= density * kernel.size) if bcsr is None else bool(bcsr)
+            if sparse and nonzero > 0:
+                from jax.experimental.sparse import BCSR
+                arrays[f"{name}/bcsr"] = BCSR.fromdense(jnp.asarray(kernel.T))
+                step["sparse"], has_bcsr = f"{name}/bcsr", True
+                if bcsr:  # always sparse: the dense kernel is never read
+                    ins[1] = ("lit", None)
+        program.append(_Step(eqn, tuple(ins), tuple(params.items()), **step))
+        compact_shapes[out] = _compact_shape(graph, keep, out)
+    outs = tuple("x" if o == graph.x_id else o if o in graph.runtime else ref(o)[1]
+                 for o in graph.out_ids)
+    program.append(("outputs", outs))
+
+    macs = _compact_macs(graph, keep, program, arrays, has_bcsr and bcsr is not False)
+    groups = {f"group_{n}": (int(keep[s].sum()), int(keep[s].size))
+              for n, s in enumerate(sorted(analysis.groups))}
+    used = {name for step in program if isinstance(step, _Step)
+            for kind, name in step.ins if kind == "p"}
+    used |= {n for step in program if isinstance(step, _Step)
+             for n in (step.delta, step.rows, step.sparse) if n is not None}
+    used |= {o for o in outs if isinstance(o, str) and o != "x"}
+    arrays = {k: v for k, v in arrays.items() if k in used}
+    example_spec = jax.ShapeDtypeStruct(example.shape, example.dtype)
+    return Compact(arrays, macs, graph.macs(), groups, tuple(program), example_spec,
+                   0 if bcsr else BCSR_MIN_BATCH, has_bcsr)
+
+
+def _is_dense_layer(graph, eqn, r) -> bool:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    kernel = graph.shapes[eqn.ins[1]]
+    data = graph.shapes[eqn.ins[0]]
+    return (r.c.kernel == 1 and len(kernel) == 2 and tuple(rc) == (0,)
+            and tuple(lc) == (len(data) - 1,) and not lb and not rb)
+
+
+def _check_batch_untouched(graph, eqn, a) -> None:
+    p = eqn.params
+    n = len(graph.shapes[a])
+    for axis in range(n):
+        if not any(s == graph_lib.BATCH for _, s in graph.factors(a, axis)):
+            continue
+        cut = {"slice": lambda: (p["start_indices"][axis], p["limit_indices"][axis])
+               != (0, graph.shapes[a][axis]),
+               "pad": lambda: tuple(p["padding_config"][axis]) != (0, 0, 0),
+               "rev": lambda: axis in p["dimensions"],
+               "concatenate": lambda: p["dimension"] == axis}[eqn.name]()
+        if cut:
+            raise graph_lib.GraphError(f"hf.export cannot take `{eqn.name}` over the batch "
+                                       f"axis (at {eqn.where}).")
+
+
+def _compact_macs(graph, keep, program, arrays, sparse) -> int:
+    """Multiply-adds per example of the compact program's conv and dense layers."""
+    total = 0
+    by_eqn = {id(step.eqn): step for step in program if isinstance(step, _Step)}
+    shape_of = functools.partial(_static_shape, graph, keep)
+    for c in graph.contractions:
+        eqn = graph.eqns[c.eqn]
+        step = by_eqn.get(id(eqn))
+        if step is None:
+            continue
+        if step.sparse is not None and sparse:
+            out = shape_of(eqn.outs[0])
+            positions = math.prod(out[:-1])
+            total += positions * int(arrays[step.sparse].nse)
+        elif step.rows is not None:
+            out = shape_of(eqn.outs[0])
+            total += math.prod(out) * int(arrays[step.rows].shape[0])
+        else:
+            total += graph_lib.contraction_macs(graph, c, shape_of)
+    return total
+
+
+def _static_shape(graph, keep, v) -> tuple:
+    """A value's compact shape with the batch axes at 1 (per example)."""
+    return _shape(_compact_shape(graph, keep, v), 1)

@@ -1,0 +1,539 @@
+"""The layer graph of any JAX function, traced: which channels couple, and what they cost.
+
+``trace(fn, params, example)`` traces ``fn(params, x)`` with ``jax.make_jaxpr`` (inlining
+``jit``, ``custom_jvp``/``custom_vjp`` and ``remat`` sub-programs) and gives every axis of
+every value a *label*: the channel spaces it runs over. Values that must lose the same
+channels share a space: the two operands of a residual add, a conv's output and the
+BatchNorm scale multiplied into it, a kernel's input axis and the activation it reads, a
+depthwise conv's input and output. A flatten gives an axis several factors (``H * W * C``:
+the channel space ``C`` repeated over ``H * W`` positions), so a dense kernel after it loses
+whole blocks of rows. The batch axis of ``x`` is one space of its own.
+
+A space can be pruned (a *group*) unless something needs all of its channels: it reaches
+the function's output, it is reduced over (LayerNorm, softmax), sliced, padded,
+concatenated, split by a reshape into sub-axes (attention heads), or contracted between
+two input-dependent values (attention scores). Those spaces are *frozen*, each with the
+reason. An op the graph does not know is a :class:`GraphError` naming the op and the line
+of the user's code it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.extend as jex
+import numpy as np
+from jax.tree_util import keystr
+
+PyTree = Any
+BATCH = 0  # the space of the batch axis of x
+
+INLINE = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+          "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "custom_lin"}
+ELEMENTWISE = {
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
+    "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq",
+    "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "integer_pow",
+    "is_finite", "le", "lgamma", "digamma", "log", "log1p", "logistic", "lt", "max", "min",
+    "mul", "ne", "neg", "nextafter", "not", "or", "pow", "reduce_precision", "rem", "round",
+    "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "sub",
+    "tan", "tanh", "xor", "optimization_barrier",
+}
+REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+              "reduce_or", "argmax", "argmin"}
+WINDOWS = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
+CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+CONTRACTIONS = {"conv_general_dilated", "dot_general"}
+
+
+class GraphError(ValueError):
+    """``fn`` holds an op the traced graph cannot take (named, with where it sits)."""
+
+
+@dataclasses.dataclass
+class Eqn:
+    """One primitive application in the flattened program; ``ins`` are value ids or
+    ``Literal``s, ``where`` the user's source line."""
+
+    prim: Any
+    ins: list
+    outs: list
+    params: dict
+    where: str
+
+    @property
+    def name(self) -> str:
+        return self.prim.name
+
+
+def _where(source_info) -> str:
+    try:
+        from jax._src import source_info_util  # no public way to name a user's line
+        return source_info_util.summarize(source_info)
+    except Exception:  # noqa: BLE001  (a location is a courtesy, never a failure)
+        return "an unknown place"
+
+
+def _sub_jaxpr(eqn):
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is not None:
+            return (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, [])
+    return None
+
+
+class Spaces:
+    """Union-find over channel spaces. A space may be *expanded*: defined as a product of
+    other spaces (a param axis that turned out to read a flattened ``H * W * C``)."""
+
+    def __init__(self):
+        self.parent, self.size, self.frozen, self.expand = [BATCH], [-1], {}, {}
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def resolve(self, label: tuple) -> tuple:
+        """A label's factors ``((size, root space), ...)``, expansions followed, size-1
+        factors dropped."""
+        out = []
+        for size, s in label:
+            r = self.find(s)
+            if r in self.expand:
+                out.extend(self.resolve(self.expand[r]))
+            elif size != 1:
+                out.append((size, r))
+        return tuple(out)
+
+    def freeze(self, label: tuple, why: str) -> None:
+        for _, r in self.resolve(label):
+            if r != BATCH:
+                self.frozen.setdefault(r, why)
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if b == BATCH:
+            a, b = b, a
+        self.parent[b] = a
+        if b in self.frozen:
+            self.frozen.setdefault(a, self.frozen.pop(b))
+        ea, eb = self.expand.pop(a, None), self.expand.pop(b, None)
+        if ea is not None and eb is not None:
+            self.unify(ea, eb)
+        if (ea or eb) is not None and a != BATCH:
+            self.expand[a] = ea or eb
+
+    def unify(self, la: tuple, lb: tuple) -> None:
+        """Make two labels of one axis (same total size) name the same channels."""
+        fa, fb = list(self.resolve(la)), list(self.resolve(lb))
+        while fa and fb:
+            (na, sa), (nb, sb) = fa[0], fb[0]
+            if na == nb:
+                self.union(sa, sb)
+                fa.pop(0), fb.pop(0)
+                continue
+            short, long_ = (fa, fb) if na < nb else (fb, fa)
+            n, prod, k = long_[0][0], 1, 0
+            while k < len(short) and prod < n:
+                prod *= short[k][0]
+                k += 1
+            target = long_[0][1]
+            if prod != n or target == BATCH or target in self.frozen:
+                break
+            self.expand[target] = tuple(short[:k])
+            del short[:k]
+            long_.pop(0)
+        if fa or fb:
+            self.freeze(tuple(fa) + tuple(fb), "its axis is reshaped two incompatible ways")
+
+
+@dataclasses.dataclass
+class Contraction:
+    """A conv or dot_general with one input-dependent operand and one that is not (its
+    kernel): ``data``/``kernel`` are operand positions, ``eqn`` its index."""
+
+    eqn: int
+    data: int
+    kernel: int
+
+
+@dataclasses.dataclass
+class Graph:
+    """A traced ``fn(params, x)``: the flat program, every value's shape and label, the
+    channel spaces and which values depend on ``x``."""
+
+    eqns: list
+    shapes: dict  # value id -> shape
+    dtypes: dict
+    labels: dict  # value id -> per axis: tuple of (size, space) factors
+    spaces: Spaces
+    param_ids: list  # value ids of params' leaves, in jax.tree.leaves order
+    param_paths: list  # their paths, "Conv_0/kernel"
+    const_ids: list  # closed-over arrays (BatchNorm statistics, ...)
+    consts: list
+    x_id: int
+    out_ids: list
+    depends: set  # value ids that depend on x
+    runtime: set  # value ids the program computes per call (depend on x or carry the batch)
+    contractions: list
+
+    def factors(self, v: int, axis: int) -> tuple:
+        return self.spaces.resolve(self.labels[v][axis])
+
+    @property
+    def groups(self) -> dict[int, int]:
+        """Prunable spaces: root -> channel count. A space is prunable when a kernel's axis
+        runs over it and nothing freezes it."""
+        found = {}
+        for c in self.contractions:
+            v = self.eqns[c.eqn].ins[c.kernel]
+            for axis in range(len(self.shapes[v])):
+                for size, s in self.factors(v, axis):
+                    if s != BATCH and s not in self.spaces.frozen:
+                        found[s] = size
+        return found
+
+    def leaf_axes(self) -> dict[str, tuple]:
+        """Per param leaf (by path), per axis, the factors ``((size, space), ...)``."""
+        return {p: tuple(self.factors(v, a) for a in range(len(self.shapes[v])))
+                for p, v in zip(self.param_paths, self.param_ids)}
+
+    def frozen_reasons(self) -> dict[int, str]:
+        return dict(self.spaces.frozen)
+
+    def macs(self, shape_of: Callable[[int], tuple] | None = None) -> int:
+        """Multiply-adds per example of the conv and dense layers (contractions with a
+        kernel), with value shapes from ``shape_of`` (default: as traced)."""
+        shape_of = shape_of or self.shapes.__getitem__
+        total = 0
+        for c in self.contractions:
+            total += contraction_macs(self, c, shape_of)
+        return total
+
+
+def contraction_macs(graph: Graph, c: Contraction, shape_of) -> int:
+    """Multiply-adds per example of one contraction: its output entries (batch axes left
+    out) times the kernel entries each reads."""
+    eqn = graph.eqns[c.eqn]
+    out = eqn.outs[0]
+    per_example = math.prod(n for n, f in zip(shape_of(out), graph.labels[out])
+                            if not any(s == BATCH for _, s in graph.spaces.resolve(f)))
+    kernel = shape_of(eqn.ins[c.kernel])
+    if eqn.name == "conv_general_dilated":
+        rhs = eqn.params["dimension_numbers"].rhs_spec
+        return per_example * math.prod(kernel[d] for d in rhs[1:])
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    contracted = rc if c.kernel == 1 else lc
+    return per_example * math.prod(kernel[d] for d in contracted)
+
+
+# ---------------------------------------------------------------------------------------
+# Tracing.
+
+def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes, dtypes):
+    """Append ``jaxpr``'s equations to ``eqns`` with fresh value ids, inlining calls."""
+    env = {}
+
+    def bind(var, vid):
+        env[var] = vid
+
+    def read(atom):
+        return atom if isinstance(atom, jex.core.Literal) else env[atom]
+
+    for var, val in zip(jaxpr.constvars, consts):
+        vid = new_id(var.aval)
+        const_ids.append(vid)
+        const_vals.append(val)
+        bind(var, vid)
+    for var, vid in zip(jaxpr.invars, in_ids):
+        bind(var, vid)
+    for eqn in jaxpr.eqns:
+        ins = [read(a) for a in eqn.invars]
+        if eqn.primitive.name in INLINE and _sub_jaxpr(eqn) is not None:
+            sub, sub_consts = _sub_jaxpr(eqn)
+            n = len(sub.invars)
+            lifted = []
+            for a in ins[-n:]:  # literals into a sub-program become values of their own
+                if isinstance(a, jex.core.Literal):
+                    vid = new_id(jax.core.get_aval(a.val))
+                    const_ids.append(vid)
+                    const_vals.append(np.asarray(a.val))
+                    a = vid
+                lifted.append(a)
+            outs = _flatten(sub, sub_consts, lifted, new_id, eqns, const_ids, const_vals,
+                            shapes, dtypes)
+            for var, vid in zip(eqn.outvars, outs):
+                bind(var, vid)
+            continue
+        outs = [new_id(v.aval) for v in eqn.outvars]
+        for var, vid in zip(eqn.outvars, outs):
+            bind(var, vid)
+        eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _where(eqn.source_info)))
+    return [read(a) for a in jaxpr.outvars]
+
+
+def trace(fn: Callable, params: PyTree, example: jax.Array) -> Graph:
+    """The graph of ``fn(params, x)`` for inputs shaped like ``example`` (axis 0: batch)."""
+    closed = jax.make_jaxpr(fn)(params, example)
+    shapes, dtypes = {}, {}
+
+    def new_id(aval):
+        vid = len(shapes) + 1
+        shapes[vid], dtypes[vid] = tuple(aval.shape), aval.dtype
+        return vid
+
+    leaves_with_path = jax.tree.leaves_with_path(params)
+    jaxpr = closed.jaxpr
+    if len(jaxpr.invars) != len(leaves_with_path) + 1:
+        raise GraphError("fn(params, x) must take the params tree and one input array.")
+    in_ids = [new_id(v.aval) for v in jaxpr.invars]
+    eqns, const_ids, consts = [], [], []
+    outs = _flatten(jaxpr, closed.consts, in_ids, new_id, eqns, const_ids, consts,
+                    shapes, dtypes)
+    if any(isinstance(o, jex.core.Literal) for o in outs):
+        raise GraphError("fn returns a constant: nothing to trace.")
+    graph = Graph(eqns, shapes, dtypes, {}, Spaces(), in_ids[:-1],
+                  [keystr(p, simple=True, separator="/") for p, _ in leaves_with_path],
+                  const_ids, [np.asarray(c) for c in consts], in_ids[-1], outs, set(), set(),
+                  [])
+    _label(graph)
+    _classify(graph)
+    return graph
+
+
+# ---------------------------------------------------------------------------------------
+# Labels: how channels flow.
+
+def _fresh(graph: Graph, v: int) -> tuple:
+    label = tuple(((n, graph.spaces.new(n)),) for n in graph.shapes[v])
+    graph.labels[v] = label
+    return label
+
+
+def _label_of(graph: Graph, atom) -> tuple | None:
+    return None if isinstance(atom, jex.core.Literal) else graph.labels[atom]
+
+
+def _unify_axes(graph: Graph, out: int, ins: list) -> None:
+    """Elementwise: every input of the output's rank runs over the output's axes."""
+    lo, so = graph.labels[out], graph.shapes[out]
+    for a in ins:
+        la = _label_of(graph, a)
+        if la is None or len(la) != len(lo):
+            continue
+        for axis, (fa, fo) in enumerate(zip(la, lo)):
+            if graph.shapes[a][axis] == so[axis]:
+                graph.spaces.unify(fa, fo)
+
+
+def _reshape(graph: Graph, operand: int, out: int) -> None:
+    """Axes that merge concatenate their factors; an axis split along its factors' bounds
+    hands them on; splitting inside a factor freezes it (attention heads)."""
+    sp = graph.spaces
+    src = [(n, sp.resolve(f)) for n, f in zip(graph.shapes[operand], graph.labels[operand])]
+    dst = list(graph.shapes[out])
+    factors = [f for _, fs in src for f in fs]
+    labels, k = [], 0
+    for n in dst:
+        if n == 1:
+            labels.append(((1, sp.new(1)),))
+            continue
+        take, prod = [], 1
+        while k < len(factors) and prod < n and prod * factors[k][0] <= n:
+            prod *= factors[k][0]
+            take.append(factors[k])
+            k += 1
+        if prod != n:
+            break
+        labels.append(tuple(take))
+    if len(labels) == len(dst) and k == len(factors):
+        graph.labels[out] = tuple(labels)
+        return
+    sp.freeze(tuple(factors), "a reshape splits it into sub-axes (e.g. attention heads)")
+    for f in _fresh(graph, out):
+        sp.freeze(f, "a reshape splits it into sub-axes (e.g. attention heads)")
+
+
+def _conv(graph: Graph, eqn: Eqn) -> None:
+    lhs, rhs = eqn.ins
+    out = eqn.outs[0]
+    sp = graph.spaces
+    dn = eqn.params["dimension_numbers"]
+    ll, lr, lo = graph.labels[lhs], graph.labels[rhs], _fresh(graph, out)
+    sp.unify(ll[dn.lhs_spec[0]], lo[dn.out_spec[0]])
+    groups = eqn.params["feature_group_count"]
+    if eqn.params["batch_group_count"] != 1:
+        raise GraphError(f"hf.export cannot take a conv with batch_group_count > 1 at "
+                         f"{eqn.where}.")
+    if groups == 1:
+        sp.unify(ll[dn.lhs_spec[1]], lr[dn.rhs_spec[1]])
+        sp.unify(lr[dn.rhs_spec[0]], lo[dn.out_spec[1]])
+    elif graph.shapes[rhs][dn.rhs_spec[1]] == 1 and graph.shapes[out][dn.out_spec[1]] == groups:
+        # depthwise: channel c in is channel c out
+        sp.unify(ll[dn.lhs_spec[1]], lr[dn.rhs_spec[0]])
+        sp.unify(lr[dn.rhs_spec[0]], lo[dn.out_spec[1]])
+    else:
+        why = "a grouped conv (other than depthwise with multiplier 1) reads it"
+        for f in (ll[dn.lhs_spec[1]], lr[dn.rhs_spec[0]], lo[dn.out_spec[1]]):
+            sp.freeze(f, why)
+    for labels, spec in ((ll, dn.lhs_spec), (lr, dn.rhs_spec), (lo, dn.out_spec)):
+        for d in spec[2:]:
+            sp.freeze(labels[d], "a spatial axis of a conv")
+
+
+def _dot(graph: Graph, eqn: Eqn) -> None:
+    lhs, rhs = eqn.ins
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    ll, lr, lo = graph.labels[lhs], graph.labels[rhs], _fresh(graph, eqn.outs[0])
+    sp = graph.spaces
+    for a, b in zip(lc, rc):
+        sp.unify(ll[a], lr[b])
+    free_l = [d for d in range(len(ll)) if d not in lc and d not in lb]
+    free_r = [d for d in range(len(lr)) if d not in rc and d not in rb]
+    for i, (a, b) in enumerate(zip(lb, rb)):
+        sp.unify(ll[a], lo[i])
+        sp.unify(lr[b], lo[i])
+    for i, d in enumerate(free_l + free_r):
+        src = ll[d] if i < len(free_l) else lr[d]
+        sp.unify(src, lo[len(lb) + i])
+
+
+def _label_eqn(graph: Graph, eqn: Eqn) -> None:
+    name, sp, p = eqn.name, graph.spaces, eqn.params
+    ins = eqn.ins
+    first = ins[0] if ins else None
+    if name in ELEMENTWISE:
+        for o in eqn.outs:
+            _fresh(graph, o)
+            _unify_axes(graph, o, ins)
+    elif name == "broadcast_in_dim":
+        lo = _fresh(graph, eqn.outs[0])
+        la = _label_of(graph, first)
+        if la is not None:
+            for j, d in enumerate(p["broadcast_dimensions"]):
+                if graph.shapes[first][j] == graph.shapes[eqn.outs[0]][d]:
+                    sp.unify(la[j], lo[d])
+    elif name == "reshape":
+        _reshape(graph, first, eqn.outs[0])
+    elif name == "squeeze":
+        la = graph.labels[first]
+        graph.labels[eqn.outs[0]] = tuple(f for i, f in enumerate(la)
+                                          if i not in set(d % len(la) for d in p["dimensions"]))
+    elif name == "transpose":
+        la = graph.labels[first]
+        graph.labels[eqn.outs[0]] = tuple(la[d] for d in p["permutation"])
+    elif name in REDUCTIONS:
+        la = graph.labels[first]
+        axes = set(p["axes"])
+        for d in axes:
+            sp.freeze(la[d], f"it is reduced over ({name} at {eqn.where})")
+        graph.labels[eqn.outs[0]] = tuple(f for i, f in enumerate(la) if i not in axes)
+    elif name in WINDOWS:
+        la, lo = graph.labels[first], _fresh(graph, eqn.outs[0])
+        pads = p["padding"]
+        for d, (w, s) in enumerate(zip(p["window_dimensions"], p["window_strides"])):
+            if w == 1 and s == 1 and tuple(pads[d]) == (0, 0):
+                sp.unify(la[d], lo[d])
+            else:
+                sp.freeze(la[d], "a pooling window runs over it")
+                sp.freeze(lo[d], "a pooling window runs over it")
+    elif name == "conv_general_dilated":
+        _conv(graph, eqn)
+    elif name == "dot_general":
+        _dot(graph, eqn)
+    elif name in ("slice", "pad", "concatenate", "rev") or name in CUMULATIVE:
+        lo = _fresh(graph, eqn.outs[0])
+        n = len(lo)
+        if name == "slice":
+            cut = [d for d in range(n) if (p["start_indices"][d], p["limit_indices"][d],
+                                           (p["strides"] or (1,) * n)[d])
+                   != (0, graph.shapes[first][d], 1)]
+        elif name == "pad":
+            cut = [d for d, c in enumerate(p["padding_config"]) if tuple(c) != (0, 0, 0)]
+        elif name == "concatenate":
+            cut = [p["dimension"]]
+        elif name == "rev":
+            cut = list(p["dimensions"])
+        else:
+            cut = [p["axis"]]
+        operands = ins if name == "concatenate" else ins[:1]
+        for a in operands:
+            la = graph.labels[a]
+            for d in range(n):
+                if d in cut:
+                    sp.freeze(la[d], f"{name} at {eqn.where} cuts or reorders it")
+                    sp.freeze(lo[d], f"{name} at {eqn.where} cuts or reorders it")
+                else:
+                    sp.unify(la[d], lo[d])
+    elif name == "iota":
+        _fresh(graph, eqn.outs[0])
+    else:
+        raise GraphError(
+            f"hf.export cannot take `{name}` (at {eqn.where}): the traced graph does not "
+            "know how channels flow through it. Compute it outside fn, or ask for it to be "
+            "supported.")
+    for o in eqn.outs:  # ops that write no label of their own (an unused output)
+        if o not in graph.labels:
+            _fresh(graph, o)
+
+
+def _label(graph: Graph) -> None:
+    sp = graph.spaces
+    for v in graph.param_ids + graph.const_ids:
+        _fresh(graph, v)
+    lx = _fresh(graph, graph.x_id)
+    sp.union(BATCH, lx[0][0][1])
+    for f in lx[1:]:
+        sp.freeze(f, "an axis of the input x")
+    for eqn in graph.eqns:
+        _label_eqn(graph, eqn)
+    for o in graph.out_ids:
+        for f in graph.labels[o]:
+            sp.freeze(f, "it reaches fn's output")
+
+
+def _classify(graph: Graph) -> None:
+    """Which values depend on x or carry the batch axis; the contractions with a kernel."""
+    depends = {graph.x_id}
+    runtime = {graph.x_id}
+    sp = graph.spaces
+    for i, eqn in enumerate(graph.eqns):
+        dyn = [a for a in eqn.ins if not isinstance(a, jex.core.Literal) and a in depends]
+        if dyn:
+            depends.update(eqn.outs)
+        if dyn or any(a in runtime for a in eqn.ins if not isinstance(a, jex.core.Literal)) \
+                or any(s == BATCH for o in eqn.outs for f in graph.labels[o]
+                       for _, s in sp.resolve(f)):
+            runtime.update(eqn.outs)
+        if eqn.name in CONTRACTIONS:
+            a, b = eqn.ins
+            a_dyn = not isinstance(a, jex.core.Literal) and a in depends
+            b_dyn = not isinstance(b, jex.core.Literal) and b in depends
+            if a_dyn and b_dyn:
+                _freeze_contracted(graph, eqn)
+            elif a_dyn != b_dyn:
+                graph.contractions.append(Contraction(i, 0 if a_dyn else 1, 1 if a_dyn else 0))
+    graph.depends, graph.runtime = depends, runtime
+
+
+def _freeze_contracted(graph: Graph, eqn: Eqn) -> None:
+    why = f"two input-dependent values are contracted over it ({eqn.name} at {eqn.where})"
+    lhs = graph.labels[eqn.ins[0]]
+    if eqn.name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+    else:
+        lc = [eqn.params["dimension_numbers"].lhs_spec[1]]
+    for d in lc:
+        graph.spaces.freeze(lhs[d], why)

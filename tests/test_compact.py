@@ -1,0 +1,261 @@
+"""hf.export on any traced function: the compact model computes the masked model's outputs
+(eval mode), its multiply-adds equal a hand count, and our four families give the
+per-family exporter's multiply-adds (an independent implementation) exactly."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hflows_jax as hf
+from hflows_jax.graph import GraphError
+from hflows_jax.masking import multiply_masks
+from tests import test_export as family
+
+
+def _dense_masks(params):
+    return jax.tree.map(lambda p: np.ones(p.shape, bool) if p.ndim >= 2 else None, params)
+
+
+def _assert_close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+class LinenMnistCNN(nn.Module):
+    """The CNN of the official Flax Linen MNIST example (examples/mnist/train.py)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(features=256)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
+
+
+def test_linen_mnist_cnn_drops_filters_and_units_by_hand_count():
+    model = LinenMnistCNN()
+    x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
+    params = jax.tree.map(np.array, model.init(jax.random.key(0), x)["params"])
+    masks = _dense_masks(params)
+    masks["Conv_0"]["kernel"][..., :20] = False  # 20 of 32 filters: zero bias -> exactly 0
+    params["Conv_0"]["bias"][:20] = 0.0
+    masks["Dense_0"]["kernel"][:, :200] = False  # 200 of 256 units: relu(bias) constants
+    params["Dense_0"]["bias"][:] = np.linspace(-1, 1, 256)
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+
+    compact = hf.export(fn, params, masks, x)
+    _assert_close(compact(x), fn(multiply_masks(params, masks), x))
+    x7 = jax.random.normal(jax.random.key(2), (7, 28, 28, 1))  # another batch size
+    _assert_close(compact(x7), fn(multiply_masks(params, masks), x7))
+    assert compact.dense_macs == (28 * 28 * 32 * 9 + 14 * 14 * 64 * 9 * 32 + 3136 * 256
+                                  + 256 * 10)
+    assert compact.macs == (28 * 28 * 12 * 9 + 14 * 14 * 64 * 9 * 12 + 3136 * 56 + 56 * 10)
+    assert compact.params["Conv_0/kernel"].shape == (3, 3, 1, 12)
+    assert compact.params["Dense_1/kernel"].shape == (56, 10)
+
+
+class NnxCNN(nnx.Module):
+    """The NNX MNIST tutorial's CNN, with a BatchNorm and Dropout."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 8, kernel_size=(3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, kernel_size=(3, 3), rngs=rngs)
+        self.linear1 = nnx.Linear(7 * 7 * 16, 32, rngs=rngs)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.linear2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        pool = lambda y: nnx.avg_pool(y, window_shape=(2, 2), strides=(2, 2))  # noqa: E731
+        x = pool(nnx.relu(self.bn1(self.conv1(x))))
+        x = pool(nnx.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = self.dropout(nnx.relu(self.linear1(x)))
+        return self.linear2(x)
+
+
+def test_nnx_cnn_with_batchnorm_and_dropout():
+    model = NnxCNN(nnx.Rngs(0))
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    rest = jax.tree.map(lambda a: a + rng.uniform(0.1, 0.5, a.shape).astype(a.dtype)
+                        if a.dtype == jnp.float32 else a, rest)  # nonzero running stats
+    masks = jax.tree.map(lambda p: np.ones(p.shape, bool) if p.ndim >= 2 else None,
+                         hf.masking.unwrap_nnx(params))  # an nnx.State, as hf.masks gives
+    masks["conv1"]["kernel"][..., :3] = False  # 3 of 8 filters: constants after BatchNorm,
+    mean = rest["bn1"]["mean"]  # positive ones (running mean -1, zero bias), and 0 for ...
+    mean.set_value(mean.get_value().at[:3].set(-1.0).at[3].set(1.0))
+    masks["conv1"]["kernel"][..., 3] = False  # ... one more (mean +1: relu(negative))
+    masks["linear1"]["kernel"][:, 24:] = False  # 8 of 32 units
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+
+    def fn(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    compact = hf.export(fn, params, masks, x)
+    masked = hf.multiply_masks(params, masks)
+    _assert_close(compact(x), fn(masked, x))
+    # conv1's 3 positive constants are read by the padded conv2: kept (border "keep"); the
+    # zero one goes, and so do linear1's 8 dead units (relu(bias) = 0 at init bias 0).
+    assert compact.macs == (28 * 28 * 7 * 9 + 14 * 14 * 16 * 9 * 7 + 784 * 24 + 24 * 10)
+    mapped = hf.export(fn, params, masks, x, border="map")
+    _assert_close(mapped(x), fn(masked, x))
+    assert mapped.macs == (28 * 28 * 4 * 9 + 14 * 14 * 16 * 9 * 4 + 784 * 24 + 24 * 10)
+
+
+class InvertedResidual(nn.Module):
+    """A MobileNet-V2 block (expand 1x1, depthwise 3x3, project 1x1, residual) and a head."""
+
+    channels: int = 8
+    expand: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.channels, (3, 3), use_bias=False)(x)
+        hidden = self.channels * self.expand
+        y = nn.relu6(nn.BatchNorm(use_running_average=True)(
+            nn.Conv(hidden, (1, 1), use_bias=False)(x)))
+        y = nn.Conv(hidden, (3, 3), feature_group_count=hidden, use_bias=False)(y)
+        y = nn.relu6(nn.BatchNorm(use_running_average=True)(y))
+        y = nn.BatchNorm(use_running_average=True)(
+            nn.Conv(self.channels, (1, 1), use_bias=False)(y))
+        x = x + y
+        return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_mobilenet_v2_block_couples_depthwise_channels():
+    model = InvertedResidual()
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+    variables = model.init(jax.random.key(0), x)
+    params = jax.tree.map(np.array, variables["params"])
+    stats = variables["batch_stats"]
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    graph = hf.graph.trace(fn, params, x)
+    axes = graph.leaf_axes()
+    expand_out = axes["Conv_1/kernel"][3]
+    assert axes["Conv_2/kernel"][3] == expand_out  # the depthwise conv's channels
+    assert axes["Conv_3/kernel"][2] == expand_out  # ... are the projection's inputs
+    assert axes["Conv_0/kernel"][3] == axes["Conv_3/kernel"][3]  # the residual add
+    assert axes["BatchNorm_1/scale"][0] == expand_out
+
+    masks = _dense_masks(params)
+    masks["Conv_2/kernel".split("/")[0]]["kernel"][..., :10] = False  # 10 depthwise filters
+    params["BatchNorm_1"]["bias"][:10] = -1.0  # relu6(negative) = 0: exactly zero channels
+    compact = hf.export(fn, params, masks, x)
+    _assert_close(compact(x), fn(multiply_masks(params, masks), x))
+    hw = 12 * 12
+    assert compact.macs == (hw * 9 * 3 * 8 + hw * 8 * 22 + hw * 9 * 22 + hw * 22 * 8
+                            + 8 * 10)
+    assert compact.params["Conv_2/kernel"].shape == (3, 3, 1, 22)
+
+
+class TinyViT(nn.Module):
+    dim: int = 16
+    heads: int = 2
+    hidden: int = 32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.dim, (4, 4), strides=(4, 4))(x)
+        x = x.reshape(x.shape[0], -1, self.dim)
+        x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x))
+        y = nn.Dense(self.hidden)(nn.LayerNorm()(x))
+        x = x + nn.Dense(self.dim)(nn.gelu(y))
+        return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+
+def test_vit_mlp_units_and_attention_heads_are_groups():
+    model = TinyViT()
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    params = jax.tree.map(np.array, model.init(jax.random.key(0), x)["params"])
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    graph = hf.graph.trace(fn, params, x)
+    axes = graph.leaf_axes()
+    space = lambda path, axis: axes[path][axis][0][1]  # noqa: E731
+    attention = "MultiHeadDotProductAttention_0"
+    mlp, heads = space("Dense_0/kernel", 1), space(f"{attention}/query/kernel", 1)
+    value_dim, qk_dim = space(f"{attention}/value/kernel", 2), space(f"{attention}/query/kernel", 2)
+    assert graph.groups == {mlp: 32, heads: 2, value_dim: 8}
+    assert space(f"{attention}/key/kernel", 1) == heads == space(f"{attention}/out/kernel", 0)
+    frozen = graph.frozen_reasons()
+    assert "contracted" in frozen[qk_dim]  # query . key: both depend on x
+    assert "reduced" in frozen[space("Dense_1/kernel", 1)]  # the stream: LayerNorm
+
+    masks = _dense_masks(params)
+    masks["Dense_0"]["kernel"][:, :12] = False
+    params["Dense_0"]["bias"][:12] = 0.0  # gelu(0) = 0
+    masks[attention]["out"]["kernel"][1] = False  # nothing reads head 1
+    compact = hf.export(fn, params, masks, x)
+    _assert_close(compact(x), fn(multiply_masks(params, masks), x))
+    assert sorted(compact.groups.values()) == [(1, 2), (8, 8), (20, 32)]
+    tokens, dim, head_dim = 16, 16, 8
+    mlp_saved = tokens * (dim * 12 + 12 * dim)
+    head_saved = tokens * (3 * dim * head_dim + head_dim * dim)  # q, k, v; out
+    assert graph.macs() - compact.macs == mlp_saved + head_saved
+
+
+def test_an_op_the_graph_cannot_take_is_named_with_its_line():
+    def fn(p, x):
+        return jax.lax.top_k(x @ p["w"], 2)[0]
+
+    params = {"w": np.ones((4, 3), np.float32)}
+    with pytest.raises(GraphError, match=r"top_k.*test_compact\.py"):
+        hf.export(fn, params, {"w": np.ones((4, 3), bool)}, np.ones((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("lenet300", (28, 28, 1), {}), ("lenet5", (28, 28, 1), {}),
+    ("vgg19", (32, 32, 3), {"width": 1 / 16}), ("resnet20", (32, 32, 3), {"width": 0.5}),
+    ("resnet50", (32, 32, 3), {"width": 1 / 16})])
+def test_our_families_match_the_per_family_exporter(name, shape, kwargs):
+    model, params, stats, masks, images = family._setup(name, shape, **kwargs)
+    rng = np.random.default_rng(1)  # and whole dead filters and units
+    masks = jax.tree.map(lambda m: None if m is None else m & (rng.random(m.shape[-1:]) < 0.6),
+                         masks, is_leaf=lambda m: m is None)
+    variables = lambda p: {"params": p, "batch_stats": stats} if stats else {"params": p}  # noqa: E731
+    fn = lambda p, x: model.apply(variables(p), x, train=False)  # noqa: E731
+    want = family._masked_logits(model, params, stats, masks, images)
+    for border in ("keep", "map"):
+        old = hf.family_export.export(model, params, masks, stats, image_shape=shape,
+                                      border=border, bcsr=False)
+        new = hf.export(fn, params, masks, images, border=border, bcsr=False)
+        _assert_close(new(images), want)
+        assert (new.macs, new.dense_macs) == (old.counts.macs_compact, old.counts.macs_total)
+
+
+def test_exported_bcsr_model_loads_with_jax_alone(tmp_path):
+    model, params, stats, masks, images = family._setup("lenet300", (28, 28, 1))
+    masks = jax.tree.map(lambda m: None if m is None else m & (np.random.default_rng(0).random(
+        m.shape) < 0.1), masks, is_leaf=lambda m: m is None)
+    fn = lambda p, x: model.apply({"params": p}, x, train=False)  # noqa: E731
+    compact = hf.export(fn, params, masks, images, bcsr=True)
+    assert compact.has_bcsr
+    path = tmp_path / "model.jax"
+    path.write_bytes(compact.exported().serialize())
+    np.save(tmp_path / "x.npy", np.asarray(images))
+    np.save(tmp_path / "want.npy", family._masked_logits(model, params, stats, masks, images))
+    script = ("import sys, numpy as np, jax, jax.experimental.sparse\n"
+              "assert 'hflows_jax' not in sys.modules\n"
+              f"exp = jax.export.deserialize(open({str(path)!r}, 'rb').read())\n"
+              f"got = exp.call(np.load({str(tmp_path / 'x.npy')!r}))\n"
+              f"want = np.load({str(tmp_path / 'want.npy')!r})\n"
+              "np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
