@@ -122,11 +122,16 @@ def main(defaults: Config, prog: str, doc: str, argv=None) -> dict:
 
 
 def exit_on_user_errors(fn: Callable[[], Any]) -> None:
-    """Run ``fn`` for ``python -m``: errors a user can fix exit with one line, no traceback."""
+    """Run ``fn`` for ``python -m``: errors a user can fix exit with one line, no traceback;
+    Ctrl-C says where the run stopped (``train.Interrupted``) and exits with 130, the
+    shell's code for SIGINT."""
     try:
         fn()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(str(e) or "Interrupted.", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def command_line(defaults: Config, prog: str, doc: str) -> None:
