@@ -83,10 +83,13 @@ def _bool(text: str) -> bool:
 
 
 def _help(text: str, default: Any) -> str:
-    """A flag's help line with its default; argparse %-formats help, so % is escaped."""
-    shown = "unset" if default is None else str(default).lower() if isinstance(
-        default, bool) else default
-    return f"{text} (default: {shown})".replace("%", "%%")
+    """A flag's help line with its default, written as the flag takes it (true, not
+    True); argparse %-formats help, so % is escaped."""
+    if default is None:
+        default = "unset"
+    elif isinstance(default, bool):
+        default = str(default).lower()
+    return f"{text} (default: {default})".replace("%", "%%")
 
 
 def parser(defaults: Config, prog: str, doc: str, add_help: bool = True
