@@ -237,7 +237,8 @@ def test_default_data_dir_offline_fails_with_instructions(tmp_path, monkeypatch,
     message = str(exit.value.code)
     assert message.startswith("error: ")
     _assert_offline_message(message[len("error: "):], tmp_path)
-    assert "KeyError" not in message + capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "KeyError" not in message + err and "Downloading" not in out
 
 
 def test_prepared_without_random_access_is_not_prepared_again(tmp_path, monkeypatch):

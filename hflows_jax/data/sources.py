@@ -159,10 +159,10 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 def _download_and_prepare(builder, name: str) -> None:
     where = os.fspath(builder.data_dir_root)
     _require_prepare_packages(name, where)
-    print(f"Downloading and preparing the tfds dataset {name!r} (first use) as "
-          f"array_record in {os.fspath(builder.data_dir)}", flush=True)
     try:
-        _check_reachable(builder)
+        _check_reachable(builder)  # first, so that an offline run does not announce a download
+        print(f"Downloading and preparing the tfds dataset {name!r} (first use) as "
+              f"array_record in {os.fspath(builder.data_dir)}", flush=True)
         builder.download_and_prepare(file_format="array_record")
     except _download_errors() as e:
         reason = " ".join(str(e).split())
