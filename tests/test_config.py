@@ -1,6 +1,7 @@
 """Config, presets and the command line: flat flags, one place of checks, explicit flags win."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -41,7 +42,8 @@ def test_the_config_module_needs_no_jax():
     (dict(model="alexnet"), "Unknown model 'alexnet'"),
     (dict(method="obd"), "Unknown method 'obd'"),
     (dict(dtype="float16"), "--dtype must be one of"),
-    (dict(batch_size=0), "--batch_size"),
+    (dict(batch_size=0), r"^--batch_size must be >= 1, got 0\.$"),
+    (dict(log_every=-1), r"^--log_every must be >= 1, got -1\.$"),
     (dict(pruning_epochs=0), "--pruning_epochs >= 1"),
     (dict(dense_only=True, dense_epochs=0), "--dense_only"),
     (dict(method="random", distribution="global"), "does not apply to random"),
@@ -86,6 +88,24 @@ def test_cli_starts_from_a_preset_and_explicit_flags_win():
     assert plain.schedule.dense_only is True
     with pytest.raises(ValueError, match="Unknown model 'alexnet'"):
         cli.parse(presets.CIFAR, "prog", "doc", ["--model=alexnet"])
+
+
+def test_help_gives_every_flag_a_line_and_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = cli.parser(presets.MNIST, "prog", "doc").format_help()
+    entries = re.split(r"\n  (?=--)", text[text.index("options:"):])[1:]  # one per flag
+    helps = {}
+    for entry in entries:  # "--flag METAVAR help text (default: value)", lines joined
+        flag, _, help, default = re.fullmatch(r"(\S+) (\S+) (.+) \(default: (.*)\)",
+                                              " ".join(entry.split())).groups()
+        helps[flag] = (help, default)
+    assert set(helps) == {"--preset"} | {f"--{flag}" for flag in FLAGS}
+    for flag, value in presets.MNIST.flags().items():
+        shown = "unset" if value is None else str(value).lower() if isinstance(
+            value, bool) else str(value)
+        assert helps[f"--{flag}"][1] == shown, flag
+        assert len(helps[f"--{flag}"][0]) >= 10, flag
+    assert helps["--dataset"][1] == "mnist" and helps["--augment"][1] == "false"
 
 
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):

@@ -76,6 +76,26 @@ def test_load_npz_errors(tmp_path):
         data.load_dataset("svhn")
 
 
+def test_files_that_are_not_npz_archives_are_named(tmp_path):
+    arrays = {k: np.zeros((2, 4, 4), np.uint8) for k in ("x_train", "x_test")}
+    np.savez(tmp_path / "whole.npz", y_train=np.zeros(2), y_test=np.zeros(2), **arrays)
+    whole = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(whole[:len(whole) // 2])
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+    for name, message in [("truncated", "is damaged or truncated"),
+                          ("single", "holds a single .npy array, not an .npz"),
+                          ("random", "is not an .npz file")]:
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(ValueError) as error:
+            data.load_dataset(f"npz:{path}")
+        assert str(error.value).startswith(f"--dataset=npz:{path} {message}")
+        assert "numpy.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)" in str(
+            error.value)
+    assert data.load_dataset(f"npz:{tmp_path / 'whole.npz'}").x_train.shape == (2, 4, 4, 1)
+
+
 @pytest.mark.parametrize("name, shape, classes", [("cifar10", (32, 32, 3), 10),
                                                    ("cifar100", (32, 32, 3), 100),
                                                    ("mnist", (28, 28, 1), 10)])

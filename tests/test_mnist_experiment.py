@@ -1,11 +1,19 @@
 """The first real experiment: LeNet-300-100 on MNIST, end to end."""
 
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
 
 from experiments import mnist
+from tests.helpers import subset_npz
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_default_run_lands_on_target_with_accuracy(mnist_npz, tmp_path):
@@ -41,3 +49,27 @@ def test_tiny_run_on_mock_tfds(tmp_path):
 def test_bad_flags_raise_clear_errors(flags, error, message, tmp_path):
     with pytest.raises(error, match=message):
         mnist.main(flags + [f"--workdir={tmp_path}"])
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_exits_130(mnist_npz, tmp_path):
+    """A real SIGINT after the first epoch: one line on stderr, no traceback. The child
+    sets Python's SIGINT handler itself, in case the test runs where SIGINT is ignored
+    (a background job), which a child inherits."""
+    dataset = subset_npz(mnist_npz, tmp_path / "small.npz", train=256, test=64)
+    code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('experiments.mnist', run_name='__main__')")
+    flags = [f"--dataset={dataset}", f"--workdir={tmp_path / 'run'}", "--dense_epochs=1",
+             "--pruning_epochs=100", "--regrowth_epochs=0", "--batch_size=32"]
+    child = subprocess.Popen([sys.executable, "-c", code, *flags], cwd=ROOT,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if "epoch   1" in line:
+            child.send_signal(signal.SIGINT)
+            break
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]  # after any library warnings
+    assert last.startswith("Interrupted after epoch "), stderr
+    assert last.endswith(" Rerun the same command to resume from there."), stderr
+    assert "Traceback" not in stderr, stderr

@@ -18,8 +18,10 @@ import requests
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
+from experiments import cifar
 from hflows_jax import data
 from hflows_jax.data import sources
+from hflows_jax.training import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
@@ -216,6 +218,27 @@ def test_unreachable_host_fails_in_seconds_before_downloading(tmp_path, monkeypa
         data.load_dataset("cifar10", data_dir=str(tmp_path))
     _assert_offline_message(str(error.value), tmp_path)
     assert "cannot reach www.cs.toronto.edu" in str(error.value)
+
+
+def test_default_data_dir_offline_fails_with_instructions(tmp_path, monkeypatch, capsys):
+    """No --data_dir and an empty default tfds directory: tfds's data_source then fails
+    with a KeyError ("splits is empty"), not as with an explicit --data_dir."""
+    def unreachable(builder):
+        raise ConnectionError("cannot reach www.cs.toronto.edu: [Errno 101] Network is "
+                              "unreachable")
+
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sources, "_require_prepare_packages", lambda name, where: None)
+    monkeypatch.setattr(sources, "_check_reachable", unreachable)
+    monkeypatch.setattr(download_manager.DownloadManager, "download_and_extract",
+                        _no_download)
+    with pytest.raises(SystemExit) as exit:
+        cli.exit_on_user_errors(lambda: cifar.main([f"--workdir={tmp_path / 'run'}"]))
+    message = str(exit.value.code)
+    assert message.startswith("error: ")
+    _assert_offline_message(message[len("error: "):], tmp_path)
+    out, err = capsys.readouterr()
+    assert "KeyError" not in message + err and "Downloading" not in out
 
 
 def test_prepared_without_random_access_is_not_prepared_again(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The training run end to end: outputs, phases, baselines, resume, skipped steps."""
 
 import json
+import time
 
 import chex
 import orbax.checkpoint as ocp
@@ -97,19 +98,45 @@ def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monke
             raise KeyboardInterrupt("simulated interruption")
 
     monkeypatch.setattr(Checkpoints, "save", crash_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"^Interrupted after epoch 2 of 4 \(checkpoint "
+                       r"in .*/resumed/checkpoints/pruning\)\. Rerun the same command"):
         run(config(workdir=str(tmp_path / "resumed"), **cfg))
     monkeypatch.setattr(Checkpoints, "save", original_save)
+    started = time.time()
     resumed = run(config(workdir=str(tmp_path / "resumed"), **cfg))
+    second_process_s = time.time() - started
 
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "resumed")
     chex.assert_trees_all_close(b, a, atol=1e-6, rtol=1e-6)
     assert resumed["sparsity"] == whole["sparsity"] > 0.0
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
     assert resumed["test_accuracy"] == whole["test_accuracy"]
+    # The wall time adds the first process's seconds (to its checkpoint of epoch 2).
+    first_process_s = resumed["history"][1]["time_s"]
+    assert (first_process_s + 0.8 * second_process_s < resumed["wall_time_s"]
+            <= first_process_s + second_process_s)
 
     with pytest.raises(ValueError, match="another config.*target_sparsity"):
         run(config(workdir=str(tmp_path / "resumed"), **{**cfg, "target_sparsity": 0.9}))
+
+
+def test_rerunning_a_finished_run_says_so_and_leaves_its_outputs(small_cifar, tmp_path,
+                                                                 capsys):
+    cfg = config(model="lenet5", dataset=small_cifar, batch_size=16, dense_epochs=0,
+                 pruning_epochs=1, regrowth_epochs=0, workdir=str(tmp_path))
+    report = run(cfg)
+    outputs = {name: ((tmp_path / name).stat().st_mtime_ns, (tmp_path / name).read_bytes())
+               for name in ("report.json", "metrics.csv", "run.png")}
+    capsys.readouterr()
+    again = run(cfg)
+    assert capsys.readouterr().out == (f"The run in {tmp_path} is finished (epoch 1); its "
+                                       "outputs stay as they are. Use a new --workdir to run "
+                                       "it again.\n")
+    assert again["wall_time_s"] == report["wall_time_s"]
+    assert again["history"] == json.loads(json.dumps(report["history"]))
+    for name, (mtime, data) in outputs.items():
+        assert (tmp_path / name).stat().st_mtime_ns == mtime, name
+        assert (tmp_path / name).read_bytes() == data, name
 
 
 def test_steps_with_non_finite_gradients_are_reported(small_cifar, tmp_path, capsys):

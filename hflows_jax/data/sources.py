@@ -16,6 +16,8 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -45,16 +47,42 @@ def _as_images(x: np.ndarray) -> np.ndarray:
     return x
 
 
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_HOW = ("write an .npz with numpy.savez(PATH, x_train=..., y_train=..., x_test=..., "
+           "y_test=...) (uint8 images)")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The four arrays of an .npz file. A file that is not one (truncated, a renamed
+    .npy, other bytes) is a ValueError that names the file, not numpy's own error."""
+    damaged = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+    try:
+        f = np.load(path)
+    except damaged as e:
+        raise ValueError(f"--dataset=npz:{path} is damaged or truncated ({e}): copy it "
+                         f"again, or {NPZ_HOW}.") from e
+    except ValueError as e:  # numpy found neither an .npz nor an .npy ("pickled data")
+        raise ValueError(f"--dataset=npz:{path} is not an .npz file: {NPZ_HOW}.") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):  # an .npy file: np.load gave an array
+        raise ValueError(f"--dataset=npz:{path} holds a single .npy array, not an .npz "
+                         f"of {', '.join(NPZ_ARRAYS)}: {NPZ_HOW}.")
+    with f:
+        missing = set(NPZ_ARRAYS) - set(f.files)
+        if missing:
+            raise ValueError(f"--dataset=npz:{path} lacks the arrays {sorted(missing)} "
+                             f"(needs {', '.join(NPZ_ARRAYS)}).")
+        try:
+            return {k: f[k] for k in NPZ_ARRAYS}
+        except (*damaged, ValueError) as e:  # a damaged member
+            raise ValueError(f"--dataset=npz:{path} is damaged ({type(e).__name__}: {e}): "
+                             "copy it again.") from e
+
+
 def load_npz(path: str, name: str | None = None) -> ArrayDataset:
     """Arrays ``x_train, y_train, x_test, y_test`` (uint8 images) from one ``.npz`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dataset=npz:{path}: no such file.")
-    with np.load(path) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path} lacks the arrays {sorted(missing)} "
-                             "(needs x_train, y_train, x_test, y_test).")
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    arrays = _read_npz(path)
     y_train = arrays["y_train"].astype(np.int32).reshape(-1)
     y_test = arrays["y_test"].astype(np.int32).reshape(-1)
     return ArrayDataset(
@@ -131,10 +159,10 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 def _download_and_prepare(builder, name: str) -> None:
     where = os.fspath(builder.data_dir_root)
     _require_prepare_packages(name, where)
-    print(f"Downloading and preparing the tfds dataset {name!r} (first use) as "
-          f"array_record in {os.fspath(builder.data_dir)}", flush=True)
     try:
-        _check_reachable(builder)
+        _check_reachable(builder)  # first, so that an offline run does not announce a download
+        print(f"Downloading and preparing the tfds dataset {name!r} (first use) as "
+              f"array_record in {os.fspath(builder.data_dir)}", flush=True)
         builder.download_and_prepare(file_format="array_record")
     except _download_errors() as e:
         reason = " ".join(str(e).split())
@@ -156,11 +184,14 @@ def load_tfds(name: str, data_dir: str | None = None) -> ArrayDataset:
 
     try:
         splits = _data_source(tfds, name, data_dir)
-    except (NotImplementedError, FileNotFoundError) as e:
-        # What tfds raises when the dataset is not prepared (tfds 4.9 takes an empty
-        # data_dir for tfrecord: NotImplementedError) or not as array_record, which random
-        # access needs; any other error is not ours to rename.
+    except (NotImplementedError, FileNotFoundError, KeyError) as e:
+        # What tfds raises when the dataset is not prepared (an empty data_dir is taken
+        # for tfrecord: NotImplementedError; the default data_dir gives a builder without
+        # splits: KeyError) or not as array_record, which random access needs; any other
+        # error is not ours to rename.
         builder = tfds.builder(name, data_dir=data_dir)
+        if builder.is_prepared() and isinstance(e, KeyError):
+            raise
         if builder.is_prepared():  # prepared, but in a format without random access
             raise FileNotFoundError(
                 f"The tfds dataset {name!r} is prepared in {builder.data_dir} but not as "

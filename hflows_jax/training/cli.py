@@ -17,42 +17,60 @@ from hflows_jax.training import presets
 from hflows_jax.training.config import DTYPES, FLAGS, Config
 from hflows_jax.training.train import run
 
+# One help line per flag; --help adds each flag's default (the chosen preset's). Where
+# the default is unset (None), the line says what the run does then.
 HELP = {
-    "model": f"model: {', '.join(sorted(models.MODELS))}",
-    "method": f"pruner: {', '.join(methods.REGISTRY)}",
-    "distribution": "baselines: global, uniform or erk (default: the method's own)",
-    "dataset": "cifar10, cifar100, mnist (tfds) or npz:PATH (local arrays)",
-    "data_dir": "tfds data directory",
-    "dtype": f"compute dtype: {', '.join(DTYPES)}",
-    "dense_epochs": "dense training first, when no --init_checkpoint is given",
-    "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense directory",
+    # data
+    "dataset": "cifar10, cifar100, mnist (tfds) or npz:PATH (local arrays x_train, "
+               "y_train, x_test, y_test)",
+    "data_dir": "tfds data directory; unset: tfds's default, ~/tensorflow_datasets",
     "batch_size": "global batch size, split over all devices",
-    "lr": "weight learning rate (SGD, momentum 0.9)",
-    "presence_lr": "Adam learning rate of the presence scores (default: from the number of "
-                   "pruning steps, recipe.presence_regime)",
+    "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
+    # model
+    "model": f"model: {', '.join(sorted(models.MODELS))}",
+    "width": "width multiplier of the model",
+    "dtype": f"compute dtype: {', '.join(DTYPES)}",
     "kernel_init": "conv and dense kernel init: lecun_normal (Flax) or he_uniform (reference)",
     "train_bn_scale": "train BatchNorm scales; false keeps them at 1, as the reference does",
     "zero_init_residual": "ResNets: start each block's last BatchNorm scale at 0",
+    # method
+    "method": f"pruner: {', '.join(methods.REGISTRY)}",
+    "target_sparsity": "fraction of prunable weights removed at the end (channel methods: "
+                       "fraction of multiply-adds removed)",
+    "distribution": "baselines: global, uniform or erk; unset: the method's own",
+    "presence_lr": "Adam learning rate of the presence scores; unset: from the number of "
+                   "pruning steps (recipe.presence_regime)",
     "regrowth_allowance": "expected relative density gain of the regrowth phase; the pruning "
                           "phase aims that much below the target density",
-    "dense_only": "the dense baseline: train --dense_epochs, no pruning",
-    "pressure_updates_per_epoch": "pressure-controller periods per epoch (default: about 100 "
-                                  "over the pruning phase, recipe.presence_regime)",
+    "pressure_updates_per_epoch": "pressure-controller periods per epoch; unset: about 100 "
+                                  "over the pruning phase (recipe.presence_regime)",
     "controller": "pressure controller: trajectory (the reference's) or pi (PI on the "
-                  "log-density error, hf.pressure.log_density_pi); default: the method's "
-                  "(hyperflows: trajectory, hyperflows_channel: pi)",
-    "augment": "random crop (pad 4) and horizontal flip; --augment=false to turn off",
-    "width": "width multiplier of the model",
+                  "log-density error); unset: the method's own (hyperflows: trajectory, "
+                  "hyperflows_channel: pi)",
+    # schedule
+    "dense_epochs": "epochs of dense training first, when no --init_checkpoint is given",
+    "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense "
+                       "directory; unset: train it (--dense_epochs)",
+    "pruning_epochs": "epochs of the pruning phase (pressure on)",
+    "regrowth_epochs": "epochs of the regrowth phase (no pressure) after pruning",
+    "dense_only": "the dense baseline: train --dense_epochs, no pruning",
+    "lr": "weight learning rate (SGD, momentum 0.9)",
+    "weight_decay": "weight decay of the weights",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    # run
+    "seed": "initialization, batch order and augmentation",
+    "workdir": "checkpoints, metrics.csv, report.json and run.png; rerun with it to resume",
     "eval_every": "epochs between test evaluations",
     "log_every": "steps between progress-bar updates",
-    "keep_checkpoints": "checkpoints kept per phase (0: every epoch's, for analysis)",
-    "parallel": "pmap (default) or shard_map: the same per-device step over a device mesh",
-    "coordinator_address": "multi-process run started by hand: HOST:PORT of process 0 (with "
-                           "--num_processes and --process_id; TPU pods and SLURM need none)",
-    "num_processes": "multi-process run: how many processes (one per host)",
-    "process_id": "multi-process run: this process's index, 0 to --num_processes - 1",
     "compilation_cache": "JAX's persistent compilation cache in ~/.cache/hflows_jax "
                          "(repeated and resumed runs start in seconds); false to turn off",
+    "keep_checkpoints": "checkpoints kept per phase (0: every epoch's, for analysis)",
+    "parallel": "pmap or shard_map: the same per-device step over a device mesh",
+    "coordinator_address": "multi-process run started by hand: HOST:PORT of process 0 (with "
+                           "--num_processes and --process_id; TPU pods and SLURM need none); "
+                           "unset: JAX's own detection",
+    "num_processes": "multi-process run: how many processes (one per host)",
+    "process_id": "multi-process run: this process's index, 0 to --num_processes - 1",
 }
 
 
@@ -64,14 +82,26 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _help(text: str, default: Any) -> str:
+    """A flag's help line with its default, written as the flag takes it (true, not
+    True); argparse %-formats help, so % is escaped."""
+    if default is None:
+        default = "unset"
+    elif isinstance(default, bool):
+        default = str(default).lower()
+    return f"{text} (default: {default})".replace("%", "%%")
+
+
 def parser(defaults: Config, prog: str, doc: str, add_help: bool = True
            ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=doc, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help=f"start from a named preset: {', '.join(presets.PRESETS)}")
+    p.add_argument("--preset", help=_help(
+        f"start from a named preset: {', '.join(presets.PRESETS)}; explicit flags win; "
+        "unset: this experiment's defaults, shown here", None))
     for flag, default in defaults.flags().items():
         kind = FLAGS[flag][2]
-        kwargs = {"default": default, "help": HELP.get(flag)}
+        kwargs = {"default": default, "help": _help(HELP[flag], default)}
         if kind is bool:
             kwargs.update(type=_bool, nargs="?", const=True)
         else:
@@ -95,11 +125,16 @@ def main(defaults: Config, prog: str, doc: str, argv=None) -> dict:
 
 
 def exit_on_user_errors(fn: Callable[[], Any]) -> None:
-    """Run ``fn`` for ``python -m``: errors a user can fix exit with one line, no traceback."""
+    """Run ``fn`` for ``python -m``: errors a user can fix exit with one line, no traceback;
+    Ctrl-C says where the run stopped (``train.Interrupted``) and exits with 130, the
+    shell's code for SIGINT."""
     try:
         fn()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(str(e) or "Interrupted.", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def command_line(defaults: Config, prog: str, doc: str) -> None:

@@ -140,10 +140,10 @@ class Config:
                  "--dense_only trains --dense_epochs (>= 1) from scratch.")
         _require(min(s.dense_epochs, s.regrowth_epochs) >= 0 and s.pruning_epochs >= 1,
                  "--dense_epochs and --regrowth_epochs must be >= 0, --pruning_epochs >= 1.")
-        _require(min(d.batch_size, r.eval_every, r.log_every,
-                     p.pressure_updates_per_epoch or 1) >= 1,
-                 "--batch_size, --eval_every, --log_every and --pressure_updates_per_epoch "
-                 "must be >= 1.")
+        for flag, value in (("batch_size", d.batch_size), ("eval_every", r.eval_every),
+                            ("log_every", r.log_every),
+                            ("pressure_updates_per_epoch", p.pressure_updates_per_epoch)):
+            _require(value is None or value >= 1, f"--{flag} must be >= 1, got {value}.")
         _require(p.regrowth_allowance >= 0,
                  f"--regrowth_allowance must be >= 0, got {p.regrowth_allowance}.")
         _require((p.presence_lr is None or p.presence_lr > 0) and s.lr > 0,

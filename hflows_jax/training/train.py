@@ -13,6 +13,7 @@ augmentation depend only on (seed, epoch, step), and the checkpoint holds the re
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -74,7 +75,9 @@ class Setup:
     inputs: Inputs
     model: nn.Module
     method: methods.Method
-    started: float  # time.time() at the start of this process's run
+    # time.time() at the start of this process's run, less the seconds the run's earlier
+    # processes took up to their last checkpoint: a resumed run's clock goes on.
+    started: float
     parallel: parallel.Pmap | parallel.ShardMap  # how steps run over devices and processes
     test_set: Any  # the test set on the devices (device_test_set)
     warnings: tuple[str, ...] = ()  # what keeps the run from its target, known at start
@@ -342,20 +345,21 @@ def train_epoch(setup: Setup, train_step, placed: TrainState, epoch: int, label:
     batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
                             cfg.run.seed, epoch, inputs.mean, inputs.std, cfg.data.augment,
                             jax.process_index(), jax.process_count())
-    bar = tqdm(batches, total=spe, desc=f"{label} {epoch}", leave=False, file=sys.stderr,
-               disable=None if parallel.is_primary() else True)
     pending = []
-    for step, (images, labels) in enumerate(bar, 1):
-        placed, metrics = train_step(placed, par.put_batch(parallel.split_for_devices(images, n)),
-                                     par.put_batch(parallel.split_for_devices(labels, n)))
-        pending.append(metrics)
-        if step % cfg.run.log_every == 0 or step == spe:
-            for m in pending:
-                for k in sums:
-                    sums[k] += par.scalar(m[k])
-            pending = []
-            bar.set_postfix(loss=f"{sums['loss'] / step:.4f}")
-    bar.close()
+    # A context, so that an interrupted epoch clears its bar too.
+    with tqdm(batches, total=spe, desc=f"{label} {epoch}", leave=False, file=sys.stderr,
+              disable=None if parallel.is_primary() else True) as bar:
+        for step, (images, labels) in enumerate(bar, 1):
+            placed, metrics = train_step(
+                placed, par.put_batch(parallel.split_for_devices(images, n)),
+                par.put_batch(parallel.split_for_devices(labels, n)))
+            pending.append(metrics)
+            if step % cfg.run.log_every == 0 or step == spe:
+                for m in pending:
+                    for k in sums:
+                        sums[k] += par.scalar(m[k])
+                pending = []
+                bar.set_postfix(loss=f"{sums['loss'] / step:.4f}")
     means = {"loss": sums["loss"] / spe, "train_accuracy": sums["accuracy"] / spe}
     return placed, means, time.time() - started
 
@@ -494,6 +498,40 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
 
 # --- the run ----------------------------------------------------------------------------
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the epochs; the message says where the checkpoints leave off."""
+
+
+def last_epoch(cfg: Config) -> int:
+    s = cfg.schedule
+    dense = 0 if s.init_checkpoint else s.dense_epochs
+    return dense + (0 if s.dense_only else s.pruning_epochs + s.regrowth_epochs)
+
+
+def finished_report(cfg: Config) -> dict | None:
+    """The report of this run when ``--workdir`` holds it finished, else None: a rerun
+    of a finished run leaves its outputs alone. A report of another config is refused."""
+    path = os.path.join(cfg.run.workdir, "report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    check_same_run(cfg, report)
+    return report if report["history"][-1]["epoch"] == last_epoch(cfg) else None
+
+
+def interrupted(cfg: Config, ckpts: dict) -> Interrupted:
+    """Where an interrupted run stopped, and how to go on."""
+    saved = [(ckpt.latest(), ckpt.directory) for ckpt in ckpts.values()
+             if ckpt.latest() is not None]
+    if not saved:
+        return Interrupted(f"Interrupted before the first epoch ended; nothing is saved in "
+                           f"{cfg.run.workdir}. Rerun the same command to start again.")
+    epoch, directory = max(saved)
+    return Interrupted(f"Interrupted after epoch {epoch} of {last_epoch(cfg)} (checkpoint in "
+                       f"{directory}). Rerun the same command to resume from there.")
+
+
 def use_compilation_cache(cfg: Config) -> None:
     """JAX's persistent compilation cache in a user directory, unless one is already set
     (e.g. by ``JAX_COMPILATION_CACHE_DIR``) or ``--compilation_cache=false``."""
@@ -523,9 +561,15 @@ def run(cfg: Config) -> dict:
     r = cfg.run
     parallel.initialize_distributed(r.coordinator_address, r.num_processes, r.process_id)
     check_devices(cfg)
+    primary = parallel.is_primary()
+    report = finished_report(cfg)
+    if report is not None:
+        if primary:
+            print(f"The run in {r.workdir} is finished (epoch {last_epoch(cfg)}); its outputs "
+                  "stay as they are. Use a new --workdir to run it again.", flush=True)
+        return report
     use_compilation_cache(cfg)
     started = time.time()
-    primary = parallel.is_primary()
     if primary:
         print(describe_devices(cfg), flush=True)
         os.makedirs(r.workdir, exist_ok=True)
@@ -547,7 +591,9 @@ def run(cfg: Config) -> dict:
                                  max_to_keep=r.keep_checkpoints or None)
              for p in phases}
     try:
-        state, history = run_phases(setup, phases, ckpts, params, batch_stats)
+        setup, state, history = run_phases(setup, phases, ckpts, params, batch_stats)
+    except KeyboardInterrupt as e:
+        raise interrupted(cfg, ckpts) from e
     finally:
         for ckpt in ckpts.values():
             ckpt.close()
@@ -556,7 +602,8 @@ def run(cfg: Config) -> dict:
 
 def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
     """Train every phase from where the checkpoints leave off; each phase starts from the
-    weights the previous one ended with. Returns the last state and the history."""
+    weights the previous one ended with. Returns the setup (on a resumed run, its clock
+    set back by the earlier processes' seconds), the last state and the history."""
     start, restored = resume_point(phases, ckpts)
     state, history = None, []
     for i, phase in enumerate(phases[start:], start):
@@ -570,7 +617,11 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
                 restored, abstract_state(phase.tx, params, batch_stats))
             check_same_run(setup.cfg, saved)
             history, first = saved["history"], restored + 1
-            if parallel.is_primary():
+            setup = dataclasses.replace(setup, started=setup.started - history[-1]["time_s"])
+            if parallel.is_primary() and restored == last_epoch(setup.cfg):
+                print(f"All {restored} epochs are in {ckpts[phase.name].directory}; writing "
+                      "the outputs.", flush=True)
+            elif parallel.is_primary():
                 print(f"Resuming {phase.name} after epoch {restored} from "
                       f"{ckpts[phase.name].directory}", flush=True)
         else:
@@ -578,4 +629,4 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
         if first <= phase.epochs[-1]:  # a finished phase is not compiled again
             state, history = train_phase(setup, phase, state, first, history,
                                          ckpts[phase.name])
-    return state, history
+    return setup, state, history
