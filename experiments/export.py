@@ -5,20 +5,23 @@
 RUN is a finished pruning run (its report.json and its pruning checkpoints; the last one
 is exported). Writes to --out:
 
-- ``model.jax``: the compact model (``hflows_jax.export``: dead units and channels removed,
-  BatchNorm folded) as one function, uint8 NHWC images -> float32 logits, the run's
+- ``model.jax``: the compact model (``hf.export``: dead units and channels removed, the
+  run's own network re-run on the smaller arrays) as one function, uint8 NHWC images ->
+  float32 logits, the run's
   normalization inside (``(images / 255 - mean) / std``, the training images' channel
   statistics, as in training). Serialized with ``jax.export`` with a symbolic batch size;
-  load it without this package::
+  load it without this package (export.json's ``load`` says which imports it needs)::
 
+      import jax  # and jax.experimental.sparse for a file with BCSR layers
       exported = jax.export.deserialize(open("model.jax", "rb").read())
       logits = exported.call(images)  # uint8, (batch, H, W, C)
 
   The weights are constants inside. It is exported for the platform this runs on. With
   ``--bcsr=auto`` (default) its fully connected layers at most 10 to 20 % dense run as BCSR
-  matrices from batch 16 on, on CPU (``hflows_jax.export``'s measured choice); BCSR runs
-  there as a custom call without ``jax.export``'s compatibility guarantee, so such a file
-  is for a jaxlib like the one that wrote it (``environment`` in export.json).
+  matrices from batch 16 on, on CPU (``hf.export``'s measured choice); BCSR runs there as a
+  custom call that ``import jax.experimental.sparse`` registers, without ``jax.export``'s
+  compatibility guarantee, so such a file is for a jaxlib like the one that wrote it
+  (``environment`` in export.json).
   ``--bcsr=off`` writes dense layers only, with the guarantee; ``--bcsr=on`` BCSR for
   every fully connected layer at every batch size.
 - ``dense.jax``: the same for the masked dense model (the linen model on W * M, eval mode).
@@ -44,12 +47,13 @@ import numpy as np
 
 from experiments import scaffold
 from hflows_jax import methods
+from hflows_jax.compact import BCSR_CUSTOM_CALL, BORDERS, export
 from hflows_jax.data import normalize
-from hflows_jax.family_export import BCSR_CUSTOM_CALL, BORDERS, export
 from hflows_jax.training import Config, outputs, train
 
 BATCHES = (1, 32, 256)
-BCSR_CHOICES = {"auto": None, "on": True, "off": False}  # hflows_jax.export's bcsr=
+BCSR_CHOICES = {"auto": None, "on": True, "off": False}  # hf.export's bcsr=
+LOAD = {False: "import jax", True: "import jax, jax.experimental.sparse"}  # by BCSR layers
 EVAL_BATCH = 1000
 
 
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None,
                    help="the run's dataset where it moved (default: as in report.json)")
     p.add_argument("--border", default="keep", choices=BORDERS,
-                   help="hflows_jax.export's border rule for constant channels")
+                   help="hf.export's border rule for constant channels")
     p.add_argument("--bcsr", default="auto", choices=tuple(BCSR_CHOICES),
                    help="fully connected layers as BCSR: auto (measured rule), on, off")
     return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
@@ -97,15 +101,18 @@ def predict_functions(model, method, state, inputs, border: str = "keep", bcsr=F
                          "fixed compact model to export.")
     model, variables, masks, _ = train.pruned_network(model, method, state,
                                                       inputs.data.image_shape)
-    compact = export(model, variables["params"], masks, variables["batch_stats"],
-                     image_shape=inputs.data.image_shape, border=border, bcsr=bcsr)
+
+    def logits(params, x):
+        return model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
+
+    example = normalize(inputs.data.x_test[:2], inputs.mean, inputs.std)
+    compact = export(logits, variables["params"], masks, example, border=border, bcsr=bcsr)
 
     def dense(images):
-        return model.apply(variables, normalize(images, inputs.mean, inputs.std),
-                           train=False).astype(jnp.float32)
+        return logits(variables["params"], normalize(images, inputs.mean, inputs.std))
 
     def compact_fn(images):
-        return compact.forward(compact.arrays, normalize(images, inputs.mean, inputs.std))
+        return compact.forward(compact.params, normalize(images, inputs.mean, inputs.std))
 
     return dense, compact_fn, compact
 
@@ -205,7 +212,7 @@ def main(argv=None) -> dict:
     shape, method = inputs.data.image_shape, methods.get(cfg.method.name)
     dense, compact, compact_model = predict_functions(model, method, state, inputs,
                                                       args.border, BCSR_CHOICES[args.bcsr])
-    bcsr_layers = [r.name for r in compact_model.counts.layers if r.bcsr]
+    bcsr_layers = [r.name for r in compact_model.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
     outputs.atomic_write(paths["model"], serialize(compact, shape, bool(bcsr_layers)))
@@ -219,26 +226,27 @@ def main(argv=None) -> dict:
         rows.append({"batch": batch, "dense_ms": ms["dense"], "compact_ms": ms["compact"],
                      "speedup": ms["dense"] / ms["compact"]})
     # Counts of the compact model with dense kernels (a BCSR layer counts its nonzeros).
-    counts = compact_model.counts
+    counts = compact_model
     if bcsr_layers:
-        counts = predict_functions(model, method, state, inputs, args.border, False)[2].counts
+        counts = predict_functions(model, method, state, inputs, args.border, False)[2]
     result = {
         "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "sparsity": report["sparsity"],
-        "params_dense": counts.params_total, "params_nonzero": counts.params_nonzero,
+        "params_dense": counts.params_dense, "params_nonzero": counts.params_nonzero,
         "params_compact": counts.params_compact,
-        "macs_dense": counts.macs_total, "macs_nonzero": counts.macs_nonzero,
-        "macs_compact": counts.macs_compact,
-        "mac_bound_speedup": counts.macs_total / max(counts.macs_compact, 1),
+        "macs_dense": counts.dense_macs, "macs_nonzero": counts.masked_macs,
+        "macs_compact": counts.macs,
+        "mac_bound_speedup": counts.dense_macs / max(counts.macs, 1),
         # BCSR layers count their nonzero entries.
-        "macs_compact_bcsr": compact_model.counts.macs_compact,
-        "mac_bound_speedup_bcsr": counts.macs_total / max(compact_model.counts.macs_compact, 1),
+        "macs_compact_bcsr": compact_model.macs,
+        "mac_bound_speedup_bcsr": counts.dense_macs / max(compact_model.macs, 1),
         "test_accuracy_dense": test_accuracy(loaded["dense"], x_test, y_test),
         "test_accuracy_compact": test_accuracy(loaded["compact"], x_test, y_test),
         "test_accuracy_run": report["test_accuracy"],
         "bcsr": args.bcsr,
         "bcsr_layers": bcsr_layers,
         "bcsr_min_batch": compact_model.min_sparse_batch,
+        "load": LOAD[bool(bcsr_layers)],
         "border": args.border,
         "repeats": args.repeats, "warmup": args.warmup,
         "latency": rows,

@@ -111,9 +111,8 @@ def measure(cfg: Config, report: dict, repeats: int) -> dict:
     fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
     ms = {b: export_tools.latency(fns, inputs.data.x_test, b, repeats, warmup=3)
           for b in (1, 256)}
-    counts = compact_model.counts
-    return {"flops_fraction": counts.macs_compact / counts.macs_total,
-            "params_fraction": counts.params_compact / counts.params_total,
+    return {"flops_fraction": compact_model.macs / compact_model.dense_macs,
+            "params_fraction": compact_model.params_compact / compact_model.params_dense,
             "speedup_b1": ms[1]["dense"] / ms[1]["compact"],
             "speedup_b256": ms[256]["dense"] / ms[256]["compact"]}
 

@@ -19,14 +19,12 @@ from hflows_jax import baselines  # noqa: E402  (after the core: baselines build
 from hflows_jax import graph  # noqa: E402  (the traced layer graph of any function)
 from hflows_jax import compact  # noqa: E402
 from hflows_jax.compact import export  # noqa: E402  (hf.export(fn, params, masks, example))
-from hflows_jax import family_export  # noqa: E402  (the per-family exporter, being retired)
 from hflows_jax import structured  # noqa: E402  (channel pruning)
 
 __all__ = [
     "baselines",
     "compact",
     "export",
-    "family_export",
     "graph",
     "HyperflowsState",
     "PrunerState",

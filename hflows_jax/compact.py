@@ -16,7 +16,7 @@ Everything that does not depend on ``x`` (kernels, BatchNorm statistics, a hyper
 generated weights) is computed once and stored, sliced. Dense layers whose kernel has
 rows of zeros read only the inputs they need; very sparse ones can run as
 ``jax.experimental.sparse.BCSR`` (``bcsr=``), faster on CPU from batch ``BCSR_MIN_BATCH``
-on (measurements in ``family_export``).
+on (measurements below).
 """
 
 from __future__ import annotations
@@ -39,10 +39,22 @@ from hflows_jax.masking import prunable_leaves, unwrap_nnx
 PyTree = Any
 BORDERS = ("keep", "map")
 NO_MASKS = "this run has no masks: it is dense-only; nothing to export"
+# bcsr=None: on the CPU backend, dense layers at most this dense run as BCSR; small kernels
+# (at most BCSR_SMALL_KERNEL entries) up to BCSR_SMALL_DENSITY. Measured on the 2-core CPU
+# (jit, median of 300), dense / BCSR ms at batch 16, 32, 256 -- 784x300: density 10 %
+# 0.096/0.087, 0.070/0.084, 0.403/0.274; 15 % 0.123/0.128, 0.086/0.124, 0.427/0.423; 512x512
+# at 15 %: 0.092/0.119, 0.128/0.132, 0.640/0.609; 168x79 at 20 %: 0.023/0.013, 0.022/0.015,
+# 0.082/0.054; 300x100 at 20 %: 0.029/0.023, 0.066/0.026, 0.185/0.134, at 30 % 0.146/0.239
+# at batch 256. Not measured on GPU or TPU.
 BCSR_AUTO_DENSITY = 0.1
 BCSR_SMALL_KERNEL = 32_768
 BCSR_SMALL_DENSITY = 0.2
+# bcsr=None: below this batch size the dense kernels run (LeNet-300-100 at 98 %, serialized,
+# median of 100 calls: batch 1 BCSR 0.092 ms vs dense kernels 0.032 ms; batch 32: 0.120 vs
+# 0.162 ms; batch 256: 0.252 vs 0.434 ms). Batches 2 to 15 were not measured.
 BCSR_MIN_BATCH = 16
+# What a BCSR matmul lowers to on CPU (jax 0.10): registered by importing
+# jax.experimental.sparse, which a reader of an exported file with BCSR layers needs too.
 BCSR_CUSTOM_CALL = "cpu_csr_sparse_dense_ffi"
 MAX_ROUNDS = 50
 
@@ -357,6 +369,25 @@ class Compact:
     example: jax.ShapeDtypeStruct = dataclasses.field(repr=False)
     min_sparse_batch: int = 0
     has_bcsr: bool = False
+    layers: tuple = ()  # Layer per conv or dense layer
+    params_compact: int = 0  # entries stored (BCSR: its nonzeros; not index arrays)
+    params_dense: int = 0  # entries of fn's params
+    params_nonzero: int = 0  # ... that the masks keep
+
+    @property
+    def masked_macs(self) -> int:
+        """Multiply-adds per example on the masked model's nonzero kernel entries."""
+        return sum(r.masked for r in self.layers)
+
+    def summary(self) -> str:
+        """A per-layer table of multiply-adds per example."""
+        lines = [f"{'layer':<40} {'dense':>12} {'masked':>12} {'compact':>12}"]
+        for r in self.layers:
+            name = r.name + (" (BCSR)" if r.bcsr else "")
+            lines.append(f"{name[:40]:<40} {r.dense:>12} {r.masked:>12} {r.compact:>12}")
+        lines.append(f"{'total':<40} {self.dense_macs:>12} {self.masked_macs:>12} "
+                     f"{self.macs:>12}")
+        return "\n".join(lines)
 
     def forward(self, params: dict, x: jax.Array):
         """``compact(x)`` with the arrays as an argument (for jit, export, sharding)."""
@@ -442,9 +473,9 @@ def _run(program: tuple, params: dict, x, sparse: bool):
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _masked(params: PyTree, masks: PyTree) -> PyTree:
-    """``params`` with pruned entries 0; masks and params are matched by path, so an
-    ``nnx.State`` of masks fits a dict of params and the other way round."""
+def _aligned_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """``masks`` in the structure of ``params``, matched by path (an ``nnx.State`` of masks
+    fits a dict of params and the other way round); a clear error where they differ."""
     if masks is None or not prunable_leaves(masks):
         raise ValueError(NO_MASKS)
     path = lambda p: keystr(p, simple=True, separator="/")  # noqa: E731
@@ -458,9 +489,7 @@ def _masked(params: PyTree, masks: PyTree) -> PyTree:
     if problems:
         raise ValueError("masks do not match params: " + "; ".join(problems[:6])
                          + (" ..." if len(problems) > 6 else ""))
-    return jax.tree.map_with_path(
-        lambda p, x: x if by_path[path(p)] is None
-        else jnp.where(jnp.asarray(by_path[path(p)], bool), x, jnp.zeros((), x.dtype)), params)
+    return jax.tree.map_with_path(lambda p, _: by_path[path(p)], params)
 
 
 def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
@@ -487,7 +516,12 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
     """
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}.")
-    masked = _masked(unwrap_nnx(params), unwrap_nnx(masks))
+    params = unwrap_nnx(params)
+    masks = _aligned_masks(params, unwrap_nnx(masks))
+    masked = jax.tree.map(lambda x, m: x if m is None else jnp.where(
+        jnp.asarray(m, bool), x, jnp.zeros((), x.dtype)), params, masks, is_leaf=_is_none)
+    nonzero = sum(int(np.size(x)) if m is None else int(np.count_nonzero(m)) for x, m in zip(
+        jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=_is_none)))
     example = jnp.asarray(example)
     if example.ndim == 0:
         raise ValueError("example must be a batch of inputs (axis 0: batch).")
@@ -510,7 +544,7 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
             break
     else:
         raise RuntimeError("hf.export: the channel analysis did not settle; please report.")
-    return _build(graph, analysis, static, example, bcsr)
+    return _build(graph, analysis, static, example, bcsr, nonzero)
 
 
 def _compact_shape(graph, keep, v) -> _Shape:
@@ -538,7 +572,7 @@ def _slice(graph, keep, v, value) -> np.ndarray:
 SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "iota": "shape"}
 
 
-def _build(graph, analysis, static, example, bcsr) -> Compact:
+def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
     keep = analysis.keep
     names = {v: p for v, p in zip(graph.param_ids, graph.param_paths)}
     arrays, program = {}, []
@@ -609,9 +643,9 @@ def _build(graph, analysis, static, example, bcsr) -> Compact:
                  for o in graph.out_ids)
     program.append(("outputs", outs))
 
-    macs = _compact_macs(graph, keep, program, arrays, has_bcsr and bcsr is not False)
-    groups = {f"group_{n}": (int(keep[s].sum()), int(keep[s].size))
-              for n, s in enumerate(sorted(analysis.groups))}
+    layers = _layer_counts(graph, keep, program, arrays, static, has_bcsr and bcsr is not False)
+    groups = {name: (int(keep[s].sum()), int(keep[s].size))
+              for s, name in graph.group_names().items()}
     used = {name for step in program if isinstance(step, _Step)
             for kind, name in step.ins if kind == "p"}
     used |= {n for step in program if isinstance(step, _Step)
@@ -619,8 +653,15 @@ def _build(graph, analysis, static, example, bcsr) -> Compact:
     used |= {o for o in outs if isinstance(o, str) and o != "x"}
     arrays = {k: v for k, v in arrays.items() if k in used}
     example_spec = jax.ShapeDtypeStruct(example.shape, example.dtype)
-    return Compact(arrays, macs, graph.macs(), groups, tuple(program), example_spec,
-                   0 if bcsr else BCSR_MIN_BATCH, has_bcsr)
+    twins = {step.ins[1][1] for step in program if isinstance(step, _Step)
+             and step.sparse is not None and step.ins[1][0] == "p"}
+    stored = sum(int(a.nse) if hasattr(a, "nse") else int(np.size(a))
+                 for name, a in arrays.items() if name not in twins
+                 and (hasattr(a, "nse") or jnp.issubdtype(a.dtype, jnp.floating)))
+    return Compact(arrays, sum(r.compact for r in layers), graph.macs(), groups,
+                   tuple(program), example_spec, 0 if bcsr else BCSR_MIN_BATCH, has_bcsr,
+                   layers, stored,
+                   sum(math.prod(graph.shapes[v]) for v in graph.param_ids), nonzero)
 
 
 def _is_dense_layer(graph, eqn, r) -> bool:
@@ -647,26 +688,43 @@ def _check_batch_untouched(graph, eqn, a) -> None:
                                        f"axis (at {eqn.where}).")
 
 
-def _compact_macs(graph, keep, program, arrays, sparse) -> int:
-    """Multiply-adds per example of the compact program's conv and dense layers."""
-    total = 0
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One conv or dense layer's multiply-adds per example: as traced (``dense``), on its
+    kernel's nonzero entries (``masked``), and in the compact model (``compact``; a BCSR
+    layer counts its stored entries)."""
+
+    name: str
+    dense: int
+    masked: int
+    compact: int
+    bcsr: bool
+
+
+def _layer_counts(graph, keep, program, arrays, static, sparse) -> tuple:
     by_eqn = {id(step.eqn): step for step in program if isinstance(step, _Step)}
+    names = dict(zip(graph.param_ids, graph.param_paths))
     shape_of = functools.partial(_static_shape, graph, keep)
+    layers = []
     for c in graph.contractions:
         eqn = graph.eqns[c.eqn]
+        k = eqn.ins[c.kernel]
+        name = names[k].rsplit("/", 1)[0] if k in names else f"{eqn.name} at {eqn.where}"
+        dense = graph_lib.contraction_macs(graph, c, graph.shapes.__getitem__)
+        kernel = np.asarray(static[k])
+        masked = dense // kernel.size * int(np.count_nonzero(kernel))
         step = by_eqn.get(id(eqn))
-        if step is None:
-            continue
-        if step.sparse is not None and sparse:
-            out = shape_of(eqn.outs[0])
-            positions = math.prod(out[:-1])
-            total += positions * int(arrays[step.sparse].nse)
+        bcsr = step is not None and step.sparse is not None and sparse
+        if step is None:  # everything it computes is constant
+            compact = 0
+        elif bcsr:
+            compact = math.prod(shape_of(eqn.outs[0])[:-1]) * int(arrays[step.sparse].nse)
         elif step.rows is not None:
-            out = shape_of(eqn.outs[0])
-            total += math.prod(out) * int(arrays[step.rows].shape[0])
+            compact = math.prod(shape_of(eqn.outs[0])) * int(arrays[step.rows].shape[0])
         else:
-            total += graph_lib.contraction_macs(graph, c, shape_of)
-    return total
+            compact = graph_lib.contraction_macs(graph, c, shape_of)
+        layers.append(Layer(name, dense, masked, compact, bcsr))
+    return tuple(layers)
 
 
 def _static_shape(graph, keep, v) -> tuple:

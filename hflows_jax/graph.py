@@ -205,6 +205,36 @@ class Graph:
                         found[s] = size
         return found
 
+    def read_axes(self) -> set:
+        """(kernel value, axis) pairs a conv or dense layer contracts: its input side."""
+        out = set()
+        for c in self.contractions:
+            eqn = self.eqns[c.eqn]
+            k = eqn.ins[c.kernel]
+            if eqn.name == "conv_general_dilated":
+                if eqn.params["feature_group_count"] == 1:
+                    out.add((k, eqn.params["dimension_numbers"].rhs_spec[1]))
+            else:
+                (lc, rc), _ = eqn.params["dimension_numbers"]
+                out.update((k, d) for d in (rc if c.kernel == 1 else lc))
+        return out
+
+    def group_names(self) -> dict[int, str]:
+        """Each group named after the first layer that writes it: its kernel's path without
+        ``/kernel`` (``"Conv_3"``, ``"ResNetBlock_0/Conv_1"``)."""
+        groups, read = self.groups, self.read_axes()
+        paths = dict(zip(self.param_ids, self.param_paths))
+        names = {}
+        for c in self.contractions:
+            k = self.eqns[c.eqn].ins[c.kernel]
+            if k not in paths:
+                continue
+            for axis in range(len(self.shapes[k])):
+                for _, s in self.factors(k, axis):
+                    if s in groups and (k, axis) not in read:
+                        names.setdefault(s, paths[k].rsplit("/", 1)[0])
+        return {s: names.get(s, f"group_{s}") for s in groups}
+
     def leaf_axes(self) -> dict[str, tuple]:
         """Per param leaf (by path), per axis, the factors ``((size, space), ...)``."""
         return {p: tuple(self.factors(v, a) for a in range(len(self.shapes[v])))
@@ -284,9 +314,33 @@ def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes,
     return [read(a) for a in jaxpr.outvars]
 
 
+def function_of(fn: Any, example: Any) -> tuple[Callable, jax.Array]:
+    """``(fn(params, x), example batch)`` from what a caller has: a function and a batch,
+    or a linen module and the shape of one input (our models' call). A module is applied
+    with its other variables (BatchNorm statistics) at zero: a traced graph depends on
+    shapes only."""
+    if isinstance(example, tuple) and all(isinstance(n, int) for n in example):
+        example = jax.numpy.zeros((2,) + example, jax.numpy.float32)
+    example = jax.numpy.asarray(example)
+    import flax.linen as nn  # only for this convenience
+
+    if not isinstance(fn, nn.Module):
+        return fn, example
+    model = fn
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example)
+    rest = {k: jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), v)
+            for k, v in shapes.items() if k != "params"}
+    return (lambda p, x: model.apply({"params": p, **rest}, x)), example
+
+
 def trace(fn: Callable, params: PyTree, example: jax.Array) -> Graph:
     """The graph of ``fn(params, x)`` for inputs shaped like ``example`` (axis 0: batch)."""
-    closed = jax.make_jaxpr(fn)(params, example)
+    try:
+        closed = jax.make_jaxpr(fn)(params, example)
+    except Exception as e:  # noqa: BLE001  (the user's fn: say where it failed, keep the cause)
+        raise GraphError(f"fn(params, x) failed while tracing on these params and an "
+                         f"example of shape {tuple(example.shape)}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
     shapes, dtypes = {}, {}
 
     def new_id(aval):

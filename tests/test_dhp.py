@@ -127,9 +127,10 @@ def test_finalized_plain_vgg_gives_the_hypernetwork_models_logits_and_exports_co
     kept = {"Conv_0": np.arange(8) % 4 != 1, "Conv_1": np.ones(16, bool),
             "Conv_2": np.arange(16) != 0}
     masks = groups.expand(kept, plain_params)
-    compact = hf.family_export.export(plain, plain_params, masks, plain_stats, image_shape=(16, 16, 3))
-    assert compact.counts.macs_compact == float(groups.macs(kept)) < groups.dense_macs
-    np.testing.assert_allclose(compact.apply(x), want, rtol=1e-4, atol=1e-5)
+    compact = hf.export(lambda p, x: plain.apply({"params": p, "batch_stats": plain_stats}, x),
+                        plain_params, masks, x)
+    assert compact.macs == float(groups.macs(kept)) < groups.dense_macs
+    np.testing.assert_allclose(compact(x), want, rtol=1e-4, atol=1e-5)
 
 
 def test_dhp_search_stops_at_its_flops_target_and_then_freezes():

@@ -112,6 +112,27 @@ def test_serialized_models_match_the_in_process_ones(exported):
         images[:3]).shape == (3, 10)
 
 
+def test_model_jax_loads_in_a_process_with_jax_alone(exported):
+    """The served file needs no hflows_jax: a fresh process with the imports export.json
+    names (jax, and jax.experimental.sparse for BCSR layers) runs it."""
+    _, _, out, result = exported
+    assert result["bcsr_layers"] and result["load"] == "import jax, jax.experimental.sparse"
+    images = np.random.default_rng(2).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    np.save(out / "images.npy", images)
+    np.save(out / "want.npy", np.asarray(jax.export.deserialize(
+        bytearray((out / "model.jax").read_bytes())).call(images)))
+    script = (f"{result['load']}\nimport sys, numpy as np\n"
+              "assert 'hflows_jax' not in sys.modules\n"
+              f"exp = jax.export.deserialize(bytearray(open({str(out / 'model.jax')!r}, "
+              "'rb').read()))\n"
+              f"got = exp.call(np.load({str(out / 'images.npy')!r}))\n"
+              f"np.testing.assert_allclose(got, np.load({str(out / 'want.npy')!r}), "
+              "rtol=1e-5, atol=1e-5)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_dense_only_run_is_a_one_line_error(tmp_path):
     cfg = tiny_config(tmp_path, "dense_only", dense_only=True)
     run(cfg)

@@ -19,6 +19,10 @@ def test_forward_macs_against_hand_count():
     presence["Conv_1"]["kernel"] = presence["Conv_1"]["kernel"].at[:, :, :3, :].set(-1.0)
     presence["Dense_0"]["kernel"] = -jnp.ones_like(presence["Dense_0"]["kernel"])
     masks = hf.masks(state._replace(presence=presence))
-    got_dense, got_sparse = forward_macs(model, variables, (28, 28, 1), masks)
+    got_dense, got_sparse = forward_macs(model, variables["params"], (28, 28, 1), masks)
     assert got_dense == dense
     assert got_sparse == dense - (5 * 5 * 3 * 16) * 64 - 256 * 120
+    # The same through a function of params and a batch, as a user's model gives it.
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    assert forward_macs(fn, variables["params"], jnp.ones((3, 28, 28, 1)), masks) == (
+        got_dense, got_sparse)

@@ -21,6 +21,12 @@ def _init(name, shape, **kwargs):
     return model, variables["params"], variables.get("batch_stats", {})
 
 
+def _export(model, params, masks, stats, shape):
+    rest = {"batch_stats": stats} if stats else {}
+    return hf.export(lambda p, x: model.apply({"params": p, **rest}, x, train=False), params,
+                     masks, np.zeros((2,) + shape, np.float32))
+
+
 def _random_kept(groups, seed, p=0.6):
     rng = np.random.default_rng(seed)
     kept = {}
@@ -46,9 +52,12 @@ def test_channel_flows_are_the_derivative_of_the_loss_by_a_channel_scale():
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def scaled(s):
-        return jax.tree.map_with_path(
-            lambda path, w: w * s[groups.members[path_of(path)]]
-            if path_of(path) in groups.members else w, params)
+        def leaf(path, w):
+            for group, axis in groups.members.get(path_of(path), ()):
+                w = w * jnp.moveaxis(jnp.broadcast_to(s[group], w.shape[:axis] + w.shape[
+                    axis + 1:] + (w.shape[axis],)), -1, axis)
+            return w
+        return jax.tree.map_with_path(leaf, params)
 
     ones = {g: jnp.ones(n) for g, n in groups.sizes.items()}
     want = jax.grad(lambda s: loss(scaled(s)))(ones)
@@ -62,7 +71,7 @@ def test_channel_flows_are_the_derivative_of_the_loss_by_a_channel_scale():
         np.testing.assert_allclose(got, ste * want[g], rtol=1e-4, atol=1e-7)
     # Behind BatchNorm a filter's own flows sum to zero: the signal is in scale and shift.
     grads = jax.grad(loss)(params)
-    conv = groups.program[1][3]
+    conv = "Conv_1"
     kernel_sums = jnp.sum(params[conv]["kernel"] * grads[conv]["kernel"], axis=(0, 1, 2))
     assert float(jnp.max(jnp.abs(kernel_sums))) < 1e-3 * float(jnp.max(jnp.abs(want[conv])))
 
@@ -77,36 +86,39 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     kept = _random_kept(groups, seed=1)
     masks = groups.expand(kept, params)
     pruned = hf.multiply_masks(params, masks)
-    compact = hf.family_export.export(model, pruned, masks, stats, image_shape=shape)
-    counts = compact.counts
-    assert groups.dense_macs == counts.macs_total
-    assert float(groups.macs(kept)) == counts.macs_compact
-    assert float(groups.flops_fraction(kept)) == pytest.approx(
-        counts.macs_compact / counts.macs_total)
+    compact = _export(model, pruned, masks, stats, shape)
+    assert groups.dense_macs == compact.dense_macs
+    assert float(groups.macs(kept)) == compact.macs
+    assert float(groups.flops_fraction(kept)) == pytest.approx(compact.macs / compact.dense_macs)
     assert float(groups.channels_fraction(kept)) == pytest.approx(
         sum(k.sum() for k in kept.values()) / sum(groups.sizes.values()))
     # A layer with no channel left: what follows it is constant, and export drops it too.
     dead = dict(kept)
     dead[list(groups.sizes)[1]] = np.zeros(groups.sizes[list(groups.sizes)[1]], bool)
     masks = groups.expand(dead, params)
-    compact = hf.family_export.export(model, hf.multiply_masks(params, masks), masks, stats,
-                               image_shape=shape)
-    assert float(groups.macs(dead)) == compact.counts.macs_compact < float(groups.macs(kept))
+    compact = _export(model, hf.multiply_masks(params, masks), masks, stats, shape)
+    assert float(groups.macs(dead)) == compact.macs < float(groups.macs(kept))
 
 
-def test_resnet_stream_channels_stay_while_a_branch_writes_them():
+def test_a_resnet_stream_is_one_group_with_every_layer_that_writes_it():
     shape = (16, 16, 3)
     model, params, stats = _init("resnet20", shape, width=0.25)
     groups = channel_groups(model, params, shape)
-    members = {m for m, g in groups.members.items() if g == "ResNetBlock_0/Conv_1"}
-    assert members == {"ResNetBlock_0/Conv_1/kernel", "ResNetBlock_0/BatchNorm_1/scale",
-                       "ResNetBlock_0/BatchNorm_1/bias"}
+    stream = {m for m, axes in groups.members.items() if axes == (("conv_init", 3),)}
+    assert stream == {"conv_init/kernel"} | {f"ResNetBlock_{i}/Conv_1/kernel" for i in range(3)}
     everything = {g: np.ones(n, bool) for g, n in groups.sizes.items()}
     one_off = dict(everything)
-    one_off["ResNetBlock_0/Conv_1"] = np.arange(4) != 0  # block 0 writes stream channel 0 no more
-    # Only that conv's output channel goes: 16 x 16 positions, 3 x 3 taps, 4 inputs. The
-    # stream channel stays (the stem still writes it), and so do all its readers.
-    assert float(groups.macs(everything) - groups.macs(one_off)) == 16 * 16 * 9 * 4
+    one_off["conv_init"] = np.arange(4) != 0  # stage 0's stream channel 0, everywhere
+    # Writers: the stem (3 image channels in) and three blocks' second convs (4 in);
+    # readers: three blocks' first convs (4 out), and at stride 2 block 3's first conv and
+    # projection (8 out each). 3 x 3 taps but for the 1 x 1 projection.
+    hand = (16 * 16 * 9 * 3 + 3 * 16 * 16 * 9 * 4 + 3 * 16 * 16 * 9 * 4
+            + 8 * 8 * 9 * 8 + 8 * 8 * 8)
+    assert float(groups.macs(everything) - groups.macs(one_off)) == hand
+    masks = groups.expand(one_off, params)
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    compact = hf.export(fn, hf.multiply_masks(params, masks), masks, jnp.ones((2,) + shape))
+    assert compact.macs == float(groups.macs(one_off))
 
 
 def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
@@ -143,10 +155,10 @@ def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
     assert jax.tree.structure(masks) == jax.tree.structure(
         groups.expand({g: np.ones(n, bool) for g, n in groups.sizes.items()}, params))
     final = hf.finalize(params, state)
-    compact = hf.family_export.export(model, final, masks, image_shape=shape)
-    assert compact.counts.macs_compact / compact.counts.macs_total == pytest.approx(kept)
+    compact = _export(model, final, masks, {}, shape)
+    assert compact.macs / compact.dense_macs == pytest.approx(kept)
     want = model.apply({"params": final}, x[:16])
-    np.testing.assert_allclose(compact.apply(x[:16]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compact(x[:16]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_layer_keeps_its_floor_of_channels():
@@ -195,13 +207,13 @@ def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale
     kept = _random_kept(groups, seed=2)
     masks = groups.expand(kept, params)
     pruned = hf.multiply_masks(params, masks)
-    stale = hf.family_export.export(model, pruned, masks, stats, image_shape=shape)
+    stale = _export(model, pruned, masks, stats, shape)
     settled_stats = groups.settle_statistics(stats, kept)
-    settled = hf.family_export.export(model, pruned, masks, settled_stats, image_shape=shape)
-    assert stale.counts.macs_compact > settled.counts.macs_compact == float(groups.macs(kept))
+    settled = _export(model, pruned, masks, settled_stats, shape)
+    assert stale.macs > settled.macs == float(groups.macs(kept))
     images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
     want = model.apply({"params": pruned, "batch_stats": settled_stats}, images, train=False)
-    np.testing.assert_allclose(settled.apply(images), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(settled(images), want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_fixed_batchnorm_scale_is_warned_at_start():
@@ -284,3 +296,41 @@ def test_channel_pruners_keep_the_pruner_contract_where_it_applies(name):
     want, want_state = pruner.update(jax.tree.map(lambda g: 2 * g, g1), inner, params)
     chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_equal(hf.masks(m_state), hf.masks(want_state))
+
+
+def test_channel_hyperflows_on_a_mobilenet_v2_block():
+    """Channel groups traced from a user's function (the Linen MNIST CNN: README's "Your own
+    model", tests/test_compact.py): channel Hyperflows prunes them, and the exported model's
+    multiply-adds are the groups' count, its logits the masked model's."""
+    from tests.test_compact import InvertedResidual
+
+    model = InvertedResidual()
+    x = np.random.default_rng(0).normal(size=(16, 12, 12, 3)).astype(np.float32)
+    # the stream (the stem and the projection write it); the expanded channels (the 1x1
+    # expansion writes them, the depthwise conv and its BatchNorm carry them)
+    want_groups = {"Conv_0": 8, "Conv_1": 32}
+    variables = model.init(jax.random.key(0), x)
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    fn = lambda p, x: model.apply({"params": p, **rest}, x)  # noqa: E731
+    groups = channel_groups(fn, params, x)
+    assert groups.sizes == want_groups
+    y = np.arange(16) % 10
+    tx = optax.chain(channel_hyperflows(groups, hf.pressure.constant(30.0), optax.adam(0.05),
+                                        min_channels=2), optax.sgd(0.01))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        grads = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+            fn(q, x), y).mean())(hf.apply_masks(p, s))
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    for _ in range(15):
+        params, state = step(params, state)
+    kept = hf.find_pruner_state(state).channel_masks()
+    assert all(2 <= int(np.sum(k)) < groups.sizes[g] for g, k in kept.items())
+    final = hf.finalize(params, state)
+    compact = hf.export(fn, final, hf.masks(state), x)
+    assert compact.macs == float(groups.macs(kept)) < compact.dense_macs
+    np.testing.assert_allclose(compact(x), fn(final, x), rtol=1e-4, atol=1e-5)

@@ -1,27 +1,28 @@
-"""Output channels as prunable groups, and the multiply-adds a set of channels costs.
+"""Channel groups, traced from any model, and the multiply-adds a set of channels costs.
 
-A channel's group is everything that only computes it: its filter ``kernel[..., c]``, its
-bias, and behind a BatchNorm that BatchNorm's scale and shift. With all of them zeroed the
-channel is exactly zero, so ``hf.export`` removes it and the inputs the next layers read
-from it. The classifier's outputs (the logits) are never grouped.
-
-The groups come from the model's layer graph (``hf.export.graph``), so they follow VGG,
-ResNet and LeNet alike; in a ResNet a stream channel stays alive while any branch writes it.
+A group is one coupling group of the traced graph (``hflows_jax.graph``): channels that
+must go together, across layers (a residual stream's channels are one group with every
+branch that writes them; a depthwise conv's channels with the conv feeding it). Its
+*members* are the params that only compute it: the filters that write it (their output
+axis), their biases, the BatchNorm scales and shifts applied to it. With all of them
+zeroed the channel is exactly zero, so ``hf.export`` removes it, and the kernel rows that
+read it. Channels that reach the output (the logits) or that an op needs whole (a
+LayerNorm's, a softmax's) are in no group.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import keystr
 
-from hflows_jax import family_export as hf_export
-from hflows_jax.flops import layer_positions
+from hflows_jax import graph as graph_lib
+from hflows_jax.masking import unwrap_nnx
 
 PyTree = Any
 
@@ -41,72 +42,59 @@ def keep_at_least(scores: jax.Array, cutoff, min_channels: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ChannelGroups:
-    """The prunable channels of one model, for ``channel_hyperflows`` and FLOP counts.
+    """The prunable channels of one model, for channel pruners and their FLOP counts.
 
-    ``sizes``: channels per group (a group is named after its layer's path in params).
-    ``members``: param path (``"Conv_0/kernel"``) -> the group whose channels are its last
-    axis. ``program``: the layer graph reduced to what channel counts need, in order:
-    ``("linear", out, inp, group or None, width, macs per (input, output) channel pair)``,
-    ``("same", out, inp)`` for pools, ``("or", out, a, b)`` for residual additions.
+    ``sizes``: channels per group, named after the first layer that writes it (its
+    kernel's path without ``/kernel``). ``members``: param path -> ``((group, axis), ...)``,
+    the axes of that param that index a group's channels. ``layers``: per conv or dense
+    layer, its multiply-adds as ``(unit, read, written)``: ``unit`` times the kept channels
+    of each group in ``read`` (its input) and ``written`` (its output).
     """
 
     sizes: dict[str, int]
-    members: dict[str, str]
-    program: tuple
-    image_channels: int
-    norms: dict[str, str]  # group -> the path of its BatchNorm in batch_stats
+    members: dict[str, tuple]
+    layers: tuple
+    dense_macs: int
+    norms: dict[str, str]  # group -> the path of a BatchNorm on it (for batch_stats)
 
     @property
     def total(self) -> int:
         return sum(self.sizes.values())
 
     def live(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """Per tensor of the program, which channels the compact model computes.
+        """Which kept channels the compact model computes: a layer all of whose input
+        channels are gone writes constants (``hf.export`` folds them), and a layer none of
+        whose output channels is read computes nothing."""
+        ones = jnp.ones((), jnp.float32)
+        kept = {g: jnp.asarray(k, jnp.float32) for g, k in kept.items()}
+        fed = {g: jnp.zeros((), jnp.float32) for g in self.sizes}
+        for _ in range(2):  # a group's writers may come after a reader (a residual stream)
+            for _, read, written in self.layers:
+                inputs = math.prod((jnp.max(kept[g] * jnp.minimum(fed[g] + (g not in
+                                    self._written), 1.0)) for g in read), start=ones)
+                for g in written:
+                    fed[g] = jnp.maximum(fed[g], inputs)
+        alive = {g: kept[g] * fed[g] for g in self.sizes}
+        read_by = {g: jnp.zeros((), jnp.float32) for g in self.sizes}
+        for _ in range(2):
+            for _, read, written in reversed(self.layers):
+                out = math.prod((jnp.max(alive[g] * read_by[g]) for g in written), start=ones)
+                for g in read:
+                    read_by[g] = jnp.maximum(read_by[g], out)
+        return {g: alive[g] * read_by[g] for g in self.sizes}
 
-        A kept channel is live when it is fed (some input channel live; else it is a
-        constant, which ``hf.export`` folds into its readers' biases) and read (some live
-        channel of a later layer reads it, or it is a logit), as export decides.
-        """
-        alive = {"image": jnp.ones(self.image_channels, jnp.float32)}
-        for op in self.program:
-            if op[0] == "linear":
-                _, out, inp, group, width, _ = op
-                fed = (jnp.sum(alive[inp]) > 0).astype(jnp.float32)
-                alive[out] = fed * (jnp.ones(width, jnp.float32) if group is None
-                                    else kept[group].astype(jnp.float32))
-            elif op[0] == "same":
-                alive[op[1]] = alive[op[2]]
-            else:
-                alive[op[1]] = jnp.maximum(alive[op[2]], alive[op[3]])
-        read = {t: jnp.zeros_like(a) for t, a in alive.items()}
-        read["logits"] = jnp.ones_like(alive["logits"])
-        for op in reversed(self.program):
-            out, sources = op[1], op[2:4] if op[0] == "or" else op[2:3]
-            if op[0] == "linear":  # every input channel is read while any output is live
-                used = jnp.max(alive[out] * read[out], initial=0.0) * jnp.ones_like(
-                    alive[op[2]])
-            else:
-                used = read[out]
-            for source in sources:
-                read[source] = jnp.maximum(read[source], used)
-        return {t: alive[t] * read[t] for t in alive}
+    @property
+    def _written(self) -> set:
+        return {g for _, _, written in self.layers for g in written}
 
     def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
-        """Multiply-adds per image with only the ``kept`` channels (bool per group), counting
-        only the live ones (``live``)."""
+        """Multiply-adds per example with only the ``kept`` channels (bool per group),
+        counting the live ones (``live``)."""
         live = self.live(kept)
-        return sum((op[5] * jnp.sum(live[op[2]]) * jnp.sum(live[op[1]])
-                    for op in self.program if op[0] == "linear"), jnp.zeros((), jnp.float32))
-
-    @functools.cached_property
-    def dense_macs(self) -> int:
-        width = {"image": self.image_channels}
-        total = 0
-        for op in self.program:
-            width[op[1]] = op[4] if op[0] == "linear" else width[op[2]]
-            if op[0] == "linear":
-                total += op[5] * width[op[2]] * op[4]
-        return total
+        count = {g: jnp.sum(v) for g, v in live.items()}
+        return sum((unit * math.prod((count[g] for g in read + written),
+                                     start=jnp.ones((), jnp.float32))
+                    for unit, read, written in self.layers), jnp.zeros((), jnp.float32))
 
     def flops_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds kept over the dense model's."""
@@ -116,21 +104,27 @@ class ChannelGroups:
         return sum(jnp.sum(k) for k in kept.values()) / self.total
 
     def expand(self, kept: dict[str, jax.Array], params: PyTree) -> PyTree:
-        """Per-weight masks shaped like ``params``: a group's channel mask broadcast over
-        each member's leading axes; ``None`` off the groups."""
+        """Per-weight masks shaped like ``params``: each group's channel mask broadcast
+        along its members' axes; ``None`` off the groups."""
         def leaf(path, p):
-            group = self.members.get(path_of(path))
-            return None if group is None else jnp.broadcast_to(kept[group], p.shape)
-        return jax.tree.map_with_path(leaf, params)
+            axes = self.members.get(path_of(path))
+            if axes is None:
+                return None
+            mask = jnp.ones(p.shape, bool)
+            for group, axis in axes:
+                shape = [1] * p.ndim
+                shape[axis] = p.shape[axis]
+                mask = mask & jnp.reshape(jnp.asarray(kept[group], bool), shape)
+            return mask
+        return jax.tree.map_with_path(leaf, unwrap_nnx(params))
 
     def reduce(self, tree: PyTree) -> dict[str, jax.Array]:
         """Per-group sums over channels of a params-shaped tree (e.g. flows)."""
         sums = {g: jnp.zeros(n, jnp.float32) for g, n in self.sizes.items()}
-        for path, x in jax.tree.leaves_with_path(tree):
-            group = self.members.get(path_of(path))
-            if group is not None:
-                sums[group] = sums[group] + jnp.sum(
-                    x.astype(jnp.float32).reshape(-1, x.shape[-1]), axis=0)
+        for path, x in jax.tree.leaves_with_path(unwrap_nnx(tree)):
+            for group, axis in self.members.get(path_of(path), ()):
+                others = tuple(d for d in range(x.ndim) if d != axis)
+                sums[group] = sums[group] + jnp.sum(x.astype(jnp.float32), axis=others)
         return sums
 
     def settle_statistics(self, batch_stats: PyTree, kept: dict[str, Any]) -> PyTree:
@@ -150,42 +144,72 @@ class ChannelGroups:
         return jax.tree.map_with_path(leaf, batch_stats)
 
     def check(self, params: PyTree) -> None:
-        paths = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(params)}
-        for path, group in self.members.items():
-            if path not in paths or paths[path][-1] != self.sizes[group]:
-                raise ValueError(f"params do not match these channel groups: {path} "
-                                 f"{'is missing' if path not in paths else paths[path]} "
-                                 f"(group {group} has {self.sizes[group]} channels). Build "
-                                 "the groups from the same model (channel_groups).")
+        shapes = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(unwrap_nnx(params))}
+        for path, axes in self.members.items():
+            for group, axis in axes:
+                if path not in shapes or shapes[path][axis] != self.sizes[group]:
+                    raise ValueError(
+                        f"params do not match these channel groups: {path} "
+                        f"{'is missing' if path not in shapes else shapes[path]} (group "
+                        f"{group} has {self.sizes[group]} channels). Build the groups from "
+                        "the same model (channel_groups).")
 
 
-def channel_groups(model, params: PyTree, image_shape: tuple[int, int, int]) -> ChannelGroups:
-    """The output channels of every conv and dense layer of a ``hflows_jax.models`` model
-    but the classifier, with their filters, biases and BatchNorm scales and shifts."""
-    ops = hf_export.graph(model, params)
-    shapes = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(params)}
-    positions = layer_positions(model, image_shape)
-    sizes, members, norms, program = {}, {}, {}, []
-    width = {"image": int(image_shape[-1])}
-    for op in ops:
-        if isinstance(op, hf_export.Linear):
-            kernel = shapes[f"{op.name}/kernel"]
-            width[op.out] = int(kernel[-1])
-            group = None
-            if op.out != "logits":
-                group = op.name
-                sizes[group] = width[op.out]
-                owned = [f"{op.name}/kernel", f"{op.name}/bias"]
-                if op.bn:
-                    owned += [f"{op.bn}/scale", f"{op.bn}/bias"]
-                    norms[group] = op.bn
-                members.update({m: group for m in owned if m in shapes})
-            unit = positions[op.name] * int(np.prod(kernel)) // (width[op.inp] * width[op.out])
-            program.append(("linear", op.out, op.inp, group, width[op.out], unit))
-        elif isinstance(op, hf_export.Pool):
-            width[op.out] = width[op.inp]
-            program.append(("same", op.out, op.inp))
-        else:
-            width[op.out] = width[op.a]
-            program.append(("or", op.out, op.a, op.b))
-    return ChannelGroups(sizes, members, tuple(program), int(image_shape[-1]), norms)
+def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
+    """The channel groups of ``fn(params, x)`` (eval mode) for inputs like ``example``,
+    from its traced graph (``hflows_jax.graph``).
+
+    ``fn`` may also be a linen module with ``example`` the shape of one input (our models'
+    call: ``channel_groups(model, params, (32, 32, 3))``); it is then applied with its
+    other variables (BatchNorm statistics) at zero, which the groups do not depend on.
+    """
+    params = unwrap_nnx(params)
+    fn, example = graph_lib.function_of(fn, example)
+    graph = graph_lib.trace(fn, params, example)
+    roots = graph.groups
+    leaf_axes = graph.leaf_axes()
+    read_axes = graph.read_axes()
+    names, members = graph.group_names(), {}
+    for path, v in zip(graph.param_paths, graph.param_ids):
+        axes = tuple((names[f[0][1]], axis) for axis, f in enumerate(leaf_axes[path])
+                     if len(f) == 1 and f[0][1] in roots and (v, axis) not in read_axes)
+        if axes:
+            members[path] = axes
+    norms = {}
+    for path, axes in members.items():
+        module, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
+        if leaf in ("scale", "bias") and f"{module}/kernel" not in leaf_axes:
+            for group, _ in axes:
+                norms.setdefault(group, module)
+    layers = tuple(_layer_cost(graph, c, roots, names) for c in graph.contractions)
+    sizes = {names[s]: n for s, n in sorted(roots.items(), key=lambda kv: names[kv[0]])}
+    return ChannelGroups(sizes, members, layers, graph.macs(), norms)
+
+
+def _layer_cost(graph, c, roots, names) -> tuple:
+    """``(unit, read, written)`` of one contraction: its multiply-adds per example are
+    ``unit`` times the channel counts of the groups it reads and writes."""
+    eqn = graph.eqns[c.eqn]
+    k = eqn.ins[c.kernel]
+    out = eqn.outs[0]
+    unit, read, written = 1, [], []
+    for axis in range(len(graph.shapes[out])):
+        for n, s in graph.factors(out, axis):
+            if s == graph_lib.BATCH:
+                continue
+            if s in roots:
+                written.append(names[s])
+            else:
+                unit *= n
+    if eqn.name == "conv_general_dilated":
+        contracted = eqn.params["dimension_numbers"].rhs_spec[1:]
+    else:
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        contracted = rc if c.kernel == 1 else lc
+    for axis in contracted:
+        for n, s in graph.factors(k, axis):
+            if s in roots:
+                read.append(names[s])
+            else:
+                unit *= n
+    return unit, tuple(read), tuple(written)

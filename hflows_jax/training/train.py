@@ -440,7 +440,8 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         model, variables, masks, groups = pruned_network(setup.model, setup.method, state,
                                                          data.image_shape)
         layer_sparsity = {k: float(v) for k, v in hf.layer_sparsity(state.opt_state).items()}
-    macs_dense, macs_sparse = forward_macs(model, variables, data.image_shape, masks)
+    macs_dense, macs_sparse = forward_macs(model, variables["params"], data.image_shape,
+                                           masks)
     params_total = sum(int(p.size) for p in jax.tree.leaves(variables["params"]))
     pruned = sum(int(m.size - m.sum()) for m in jax.tree.leaves(masks))
     train_s = sum(r["train_s"] for r in history)
