@@ -104,7 +104,8 @@ def schedule_warnings(pressure: PressureController,
     fitting = recipe.fitting_presence_lr(target, steps, (low, high))
     hint = ""
     if fitting is not None and not math.isclose(fitting, step, rel_tol=0.05):
-        hint = f" hf.recipe.presence_regime({steps}) gives a presence lr of {fitting:.3g}, which fits."
+        hint = (f" hf.recipe.presence_regime({steps}) gives a presence lr of {fitting:.3g}, "
+                "which fits.")
     out = []
     if message := recipe.unreachable_warning(*args):
         out.append(f"hf.hyperflows: {message} Give the pressure schedule more steps "
