@@ -115,6 +115,14 @@ def test_under_multisteps_the_schedules_count_optimizer_updates_not_mini_batches
     assert int(presence_adam.count) == 5  # and so does the presence lr schedule
     # The hyperparams hold the value the last (5th) update used: the schedule at step 4.
     assert float(presence_adam.hyperparams["learning_rate"]) == pytest.approx(1e-3 * (1 - 4 / 10))
+    # A non-finite step: the pruner's own counts stay, the injection around it counts it.
+    bad = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), grads)
+    for _ in range(4):
+        _, state = update(bad, state, params)
+    inner = hf.find_pruner_state(state)
+    assert int(state.gradient_step) == 6 and int(state.inner_opt_state[0].count) == 6
+    assert int(inner.count) == 5 and int(inner.presence_opt_state.count) == 5
+    assert int(inner.skipped) == 1
 
 
 # --- misuse -------------------------------------------------------------------------------
