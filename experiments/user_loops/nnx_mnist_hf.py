@@ -69,7 +69,8 @@ def batches(npz_path, batch_size, train_steps):
   order = np.random.default_rng(0).permutation(len(train['label']))
   train_ds = [{k: v[order[i * batch_size:(i + 1) * batch_size]] for k, v in train.items()}
               for i in range(train_steps)]
-  test_ds = [{k: v[i:i + 1000] for k, v in test.items()} for i in range(0, 10000, 1000)]
+  n_test = len(test['label'])
+  test_ds = [{k: v[i:i + 1000] for k, v in test.items()} for i in range(0, n_test, 1000)]
   return train_ds, test_ds
 
 
