@@ -211,18 +211,20 @@ def apply_masks(params: PyTree, opt_state: PyTree, missing: str = "raise") -> Py
     return multiply_masks(params, masks(opt_state))
 
 
-def masked_value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
+def masked_value_and_grad(fn: Callable, *, has_aux: bool = False,
+                          missing: str = "raise") -> Callable:
     """``jax.value_and_grad(fn)`` at the effective weights: the gradient w.r.t. ``W * M``.
 
     Returns ``grad_fn(params, opt_state, *args)``, which evaluates ``fn(W * M, *args)``;
     its gradients go to ``tx.update(grads, opt_state, params)``. Hyperflows needs this
     gradient (not the one w.r.t. ``W`` through the mask, which is 0 on pruned weights): the
-    flow ``W * grad`` of a pruned weight is what lets it regrow.
+    flow ``W * grad`` of a pruned weight is what lets it regrow. ``missing`` as in
+    :func:`apply_masks`.
     """
     value_and_grad = jax.value_and_grad(fn, has_aux=has_aux)
 
     def grad_fn(params, opt_state, *args, **kwargs):
-        return value_and_grad(apply_masks(params, opt_state), *args, **kwargs)
+        return value_and_grad(apply_masks(params, opt_state, missing), *args, **kwargs)
 
     return grad_fn
 

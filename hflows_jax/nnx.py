@@ -26,12 +26,13 @@ def _opt_state_and_wrt(optimizer: Any):
 
 
 @contextlib.contextmanager
-def masked(model: Any, optimizer: Any):
+def masked(model: Any, optimizer: Any, missing: str = "raise"):
     """Within the block, ``model`` runs on ``W * M``; on leaving it, ``W`` is back.
 
     ``optimizer`` is the ``nnx.Optimizer`` (or its ``opt_state``) whose pruner holds the
     masks. Everything else the model updates in the block (BatchNorm statistics, RNG
-    counts) stays updated. Works eagerly and inside ``nnx.jit``.
+    counts) stays updated. Works eagerly and inside ``nnx.jit``. ``missing="ignore"``:
+    without a pruner in the optimizer, the model runs as it is (``hf.apply_masks``).
 
     Apply the optimizer's update after the block: an update inside it would be made to
     ``W * M`` and then overwritten by ``W``.
@@ -40,28 +41,30 @@ def masked(model: Any, optimizer: Any):
     opt_state, wrt = _opt_state_and_wrt(optimizer)
     params = nnx.state(model, wrt)
     weights = masking.unwrap_nnx(params)  # the arrays, not the Variables the model shares
-    nnx.update(model, masking.apply_masks(params, opt_state))
+    nnx.update(model, masking.apply_masks(params, opt_state, missing))
     try:
         yield model
     finally:
         nnx.update(model, masking.rewrap_nnx(params, weights))
 
 
-def masked_value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
+def masked_value_and_grad(fn: Callable, *, has_aux: bool = False,
+                          missing: str = "raise") -> Callable:
     """``nnx.value_and_grad(fn)`` taken on the masked model: the gradient w.r.t. ``W * M``.
 
     Returns ``grad_fn(model, optimizer, *args)``, which calls ``fn(model, *args)`` with
     ``model`` running on ``W * M`` and returns ``(value, grads)`` as ``nnx.value_and_grad``
     does; ``grads`` has the structure of the optimizer's params, for
     ``optimizer.update(model, grads)``. This is the gradient Hyperflows expects: the flow
-    ``W * grad`` of a pruned weight is what lets it regrow.
+    ``W * grad`` of a pruned weight is what lets it regrow. ``missing`` as in
+    :func:`masked`.
     """
 
     def grad_fn(model, optimizer, *args, **kwargs):
         from flax import nnx
         _, wrt = _opt_state_and_wrt(optimizer)
         value_and_grad = nnx.value_and_grad(fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
-        with masked(model, optimizer):
+        with masked(model, optimizer, missing):
             return value_and_grad(model, *args, **kwargs)
 
     return grad_fn

@@ -269,6 +269,19 @@ def test_baseline_pruners_under_nnx_optimizer(method):
         np.testing.assert_array_equal(kernel, np.where(mask, params[name]["kernel"][...], 0.0))
 
 
+def test_masked_without_a_pruner_raises_or_runs_the_model_as_it_is():
+    model = MLP(nnx.Rngs(0))
+    plain = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    x, y = data()
+    with pytest.raises(ValueError, match="No pruning state found"):
+        hf.nnx.masked_value_and_grad(loss_on)(model, plain, x, y)
+    loss, grads = hf.nnx.masked_value_and_grad(loss_on, missing="ignore")(model, plain, x, y)
+    want_loss, want = nnx.value_and_grad(loss_on)(model, x, y)
+    assert float(loss) == float(want_loss)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_mismatched_trees_still_fail_clearly(trained):
     model, opt, _ = trained
     one_layer = nnx.state(model.hidden, nnx.Param)

@@ -191,6 +191,12 @@ def test_apply_masks_on_a_masks_tree_and_without_a_pruner():
     assert float(jnp.sum(kernel == 0)) == pytest.approx(params["layer0"]["kernel"].size / 3, abs=1)
     with pytest.raises(ValueError, match="missing"):
         hf.apply_masks(params, state, missing="skip")
+    # The gradient helper passes it on: pruning off, the plain gradient.
+    x, y = classification_batch(jax.random.key(1))
+    loss = lambda p: xent(mlp_apply(p, x), y)  # noqa: E731
+    _, grads = hf.masked_value_and_grad(loss, missing="ignore")(params, plain)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss)(params))):
+        np.testing.assert_array_equal(got, want)
 
 
 # --- plain results ------------------------------------------------------------------------
