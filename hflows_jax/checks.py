@@ -86,13 +86,11 @@ def check(opt_state: PyTree, grads: PyTree | None = None) -> list[str]:
         mask_tree = state.pruning_masks()
         grads = masking.unwrap_nnx(grads)
         masking.check_same_structure("gradients", grads, mask_tree)
-        pruned = [(~m, g) for m, g in zip(masking.prunable_leaves(mask_tree),
-                                          masking.prunable_leaves(
-                                              masking.map_prunable(lambda m, g: g, mask_tree,
-                                                                   grads)))]
-        count = sum(int(jnp.sum(p)) for p, _ in pruned)
-        on_pruned = sum(float(jnp.sum(jnp.where(p, jnp.abs(g), 0))) for p, g in pruned)
-        on_present = sum(float(jnp.sum(jnp.where(p, 0, jnp.abs(g)))) for p, g in pruned)
+        pairs = list(zip(masking.prunable_leaves(mask_tree), masking.prunable_leaves(
+            masking.map_prunable(lambda m, g: g, mask_tree, grads))))
+        count = sum(int(jnp.sum(~m)) for m, _ in pairs)
+        on_pruned = sum(float(jnp.sum(jnp.where(m, 0, jnp.abs(g)))) for m, g in pairs)
+        on_present = sum(float(jnp.sum(jnp.where(m, jnp.abs(g), 0))) for m, g in pairs)
         if count >= MIN_PRUNED and on_pruned == 0 and on_present > 0:
             found.append(f"the gradient is exactly 0 on all {count} pruned weights: it was "
                          "taken with respect to W through hf.apply_masks, so pruned weights "

@@ -35,10 +35,13 @@ def masked(model: Any, optimizer: Any, missing: str = "raise"):
     without a pruner in the optimizer, the model runs as it is (``hf.apply_masks``).
 
     Apply the optimizer's update after the block: an update inside it would be made to
-    ``W * M`` and then overwritten by ``W``.
+    ``W * M`` and then overwritten by ``W``, so an ``nnx.Optimizer`` whose step moved in
+    the block raises.
     """
     from flax import nnx
     opt_state, wrt = _opt_state_and_wrt(optimizer)
+    step = getattr(optimizer, "step", None)
+    step_before = None if step is None else step.get_value()
     params = nnx.state(model, wrt)
     weights = masking.unwrap_nnx(params)  # the arrays, not the Variables the model shares
     nnx.update(model, masking.apply_masks(params, opt_state, missing))
@@ -46,6 +49,10 @@ def masked(model: Any, optimizer: Any, missing: str = "raise"):
         yield model
     finally:
         nnx.update(model, masking.rewrap_nnx(params, weights))
+    if step is not None and step.get_value() is not step_before:
+        raise RuntimeError("optimizer.update ran inside hf.nnx.masked: it updated W * M, "
+                           "and leaving the block put W back, so the update is lost. Call "
+                           "it after the block.")
 
 
 def masked_value_and_grad(fn: Callable, *, has_aux: bool = False,

@@ -151,6 +151,15 @@ def test_masked_swaps_w_times_m_in_and_w_back_and_keeps_batchnorm_updates(traine
     assert not np.array_equal(np.asarray(model.bn.mean[...]), mean_before)
 
 
+def test_an_update_inside_masked_is_refused(trained):
+    model, opt, (x, y) = trained
+    model, opt = nnx.clone(model), nnx.clone(opt)
+    _, grads = hf.nnx.masked_value_and_grad(loss_on)(model, opt, x, y)
+    with pytest.raises(RuntimeError, match="inside hf.nnx.masked"):
+        with hf.nnx.masked(model, opt):
+            opt.update(model, grads)
+
+
 def test_masked_value_and_grad_is_the_gradient_at_w_times_m(trained):
     model, opt, (x, y) = trained
     model = nnx.clone(model)
