@@ -75,8 +75,11 @@ def presence_step_size(optimizer: optax.GradientTransformation) -> float | None:
     with jax.ensure_compile_time_eval():  # concrete numbers even under jit or eval_shape
         zero = jnp.zeros((1,), jnp.float32)
         for g in (1.0, 1e-3):
-            step, _ = optimizer.update(jnp.full((1,), g, jnp.float32), optimizer.init(zero),
-                                       zero)
+            try:
+                step, _ = optimizer.update(jnp.full((1,), g, jnp.float32),
+                                           optimizer.init(zero), zero)
+            except Exception:  # noqa: BLE001  (one needing more than (grads, state, params))
+                return None
             if isinstance(step, jax.core.Tracer):  # a traced hyperparameter: unknown
                 return None
             sizes.append(float(jnp.abs(step[0])))

@@ -88,6 +88,9 @@ def test_presence_step_size_is_the_adam_lr_and_none_for_sgd():
     assert presence_step_size(optax.inject_hyperparams(optax.adam)(learning_rate=4e-3)) \
         == pytest.approx(4e-3, rel=1e-4)
     assert presence_step_size(optax.sgd(1e-3)) is None
+    # One that needs more than (grads, state, params) to step says nothing, and init runs.
+    needs_value = optax.contrib.reduce_on_plateau()
+    assert presence_step_size(optax.chain(optax.adam(1e-3), needs_value)) is None
 
 
 # --- which steps the schedules count ------------------------------------------------------
