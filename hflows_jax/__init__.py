@@ -1,6 +1,7 @@
 """hflows_jax: Hyperflows pruning as an optax transformation."""
 
-from hflows_jax import pressure
+from hflows_jax import nnx, pressure, recipe
+from hflows_jax.checks import check
 from hflows_jax.hyperflows import HyperflowsState, flows, hyperflows, pressure_value
 from hflows_jax.masking import (
     PrunerState,
@@ -8,9 +9,12 @@ from hflows_jax.masking import (
     default_is_prunable,
     finalize,
     find_pruner_state,
+    has_pruner_state,
     layer_sparsity,
+    masked_value_and_grad,
     masks,
     multiply_masks,
+    path_name,
     prunable_like,
     sparsity,
 )
@@ -29,17 +33,23 @@ __all__ = [
     "HyperflowsState",
     "PrunerState",
     "apply_masks",
+    "check",
     "default_is_prunable",
     "finalize",
     "find_pruner_state",
     "flows",
+    "has_pruner_state",
     "hyperflows",
     "layer_sparsity",
+    "masked_value_and_grad",
     "masks",
     "multiply_masks",
+    "nnx",
+    "path_name",
     "prunable_like",
     "pressure",
     "pressure_value",
+    "recipe",
     "sparsity",
     "structured",
 ]

@@ -18,13 +18,14 @@ like any optax state.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from hflows_jax import masking
+from hflows_jax import masking, recipe
 from hflows_jax.pressure import PressureController
 
 PyTree = Any
@@ -62,6 +63,62 @@ def finite_step(grads: PyTree, stepped: NamedTuple, state: NamedTuple, masks: Py
     return updates, new_state
 
 
+def presence_step_size(optimizer: optax.GradientTransformation) -> float | None:
+    """How far ``optimizer`` moves a score per step of one-signed flow, or None if that
+    depends on the flow's size.
+
+    Probed on a one-entry tree: the first update for gradients 1 and 1e-3. Adam-like
+    optimizers (the reference's) move by their lr for both; for SGD the distance scales
+    with the flows, which are not known before training, and the answer is None.
+    """
+    sizes = []
+    with jax.ensure_compile_time_eval():  # concrete numbers even under jit or eval_shape
+        zero = jnp.zeros((1,), jnp.float32)
+        for g in (1.0, 1e-3):
+            try:
+                step, _ = optimizer.update(jnp.full((1,), g, jnp.float32),
+                                           optimizer.init(zero), zero)
+            except Exception:  # noqa: BLE001  (one needing more than (grads, state, params))
+                return None
+            if isinstance(step, jax.core.Tracer):  # a traced hyperparameter: unknown
+                return None
+            sizes.append(float(jnp.abs(step[0])))
+    return sizes[0] if math.isclose(sizes[0], sizes[1], rel_tol=0.05) else None
+
+
+def schedule_warnings(pressure: PressureController,
+                      presence_optimizer: optax.GradientTransformation,
+                      presence_init: tuple[float, float] = (0.2, 0.5)) -> list[str]:
+    """Why this pressure schedule and presence optimizer miss the schedule's target.
+
+    ``recipe.unreachable_warning`` and ``recipe.overshoot_warning`` on the controller's
+    target and steps and the presence optimizer's probed step size; nothing for
+    controllers without a target (``constant``, ``exponential``) or optimizers whose step
+    depends on the flows' size (SGD).
+    """
+    target, steps = pressure.target_sparsity, pressure.total_steps
+    low, high = presence_init
+    if target is None or not (masking.is_static_number(low) and masking.is_static_number(high)):
+        return []
+    step = presence_step_size(presence_optimizer)
+    if not step:
+        return []
+    args = (target, step, steps, (low, high))
+    fitting = recipe.fitting_presence_lr(target, steps, (low, high))
+    hint = ""
+    if fitting is not None and not math.isclose(fitting, step, rel_tol=0.05):
+        hint = (f" hf.recipe.presence_regime({steps}) gives a presence lr of {fitting:.3g}, "
+                "which fits.")
+    out = []
+    if message := recipe.unreachable_warning(*args):
+        out.append(f"hf.hyperflows: {message} Give the pressure schedule more steps "
+                   f"(total_steps) or the presence optimizer a larger learning rate.{hint}")
+    if message := recipe.overshoot_warning(*args):
+        out.append(f"hf.hyperflows: {message} Give the pressure schedule more steps "
+                   f"(total_steps).{hint}")
+    return out
+
+
 def hyperflows(
     pressure: PressureController,
     presence_optimizer: optax.GradientTransformation | None = None,
@@ -69,6 +126,7 @@ def hyperflows(
     presence_init: tuple[float, float] = (0.2, 0.5),
     ste_scale: float | jax.Array = 0.25,
     seed: int | jax.Array = 0,
+    warn: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """The Hyperflows pruner; chain it before the weight optimizer.
 
@@ -85,6 +143,9 @@ def hyperflows(
       presence_init: T starts uniform in this range (all weights present).
       ste_scale: derivative of the step function in the straight-through estimator.
       seed: seed of the presence initialization (an int or an int array).
+      warn: at ``init``, a ``UserWarning`` if the pressure schedule's target cannot be
+        reached in its ``total_steps`` at the presence optimizer's step size, or is likely
+        to be overshot (:func:`schedule_warnings`). ``False`` silences it.
     """
     if not isinstance(pressure, PressureController):
         raise ValueError("pressure must be a controller from hf.pressure (constant, "
@@ -98,6 +159,10 @@ def hyperflows(
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
 
     def init(params):
+        # Under optax.inject_hyperparams a passed warn arrives as an array, maybe traced.
+        if not isinstance(warn, jax.core.Tracer) and bool(warn):
+            for message in schedule_warnings(pressure, presence_optimizer, presence_init):
+                warnings.warn(message, UserWarning, stacklevel=2)
         key = jax.random.key(seed)
         presence = masking.prunable_like(
             params, is_prunable,

@@ -45,6 +45,16 @@ def default_is_prunable(path: tuple, leaf: Any) -> bool:
     return len(leaf.shape) >= 2
 
 
+def path_name(path: tuple) -> str:
+    """A leaf's name as :func:`layer_sparsity` keys it: ``'Conv_0/kernel'``.
+
+    ``is_prunable`` receives the jax key path itself (``(DictKey('Conv_0'),
+    DictKey('kernel'))``, printed ``['Conv_0']['kernel']``); ``path_name(path)`` turns it
+    into that name, so a rule can be written against the names ``layer_sparsity`` shows.
+    """
+    return keystr(path, simple=True, separator="/")
+
+
 def is_static_number(x: Any) -> bool:
     """Whether ``x`` is a Python (or NumPy) number, which can be validated at construction.
 
@@ -74,7 +84,7 @@ def unwrap_nnx(tree: PyTree) -> PyTree:
                         if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
-def _rewrap_like(like: PyTree, tree: PyTree) -> PyTree:
+def rewrap_nnx(like: PyTree, tree: PyTree) -> PyTree:
     """``tree`` (shaped like ``unwrap_nnx(like)``) in the NNX Variables of ``like``, if any."""
     if unwrap_nnx(like) is like:
         return tree
@@ -139,12 +149,24 @@ def _map_masked(fn: Callable, tree: PyTree, mask_tree: PyTree) -> PyTree:
 def multiply_masks(tree: PyTree, mask_tree: PyTree) -> PyTree:
     """``x * M`` on prunable leaves, in the dtype of ``x``; leaves where M is None unchanged."""
     out = _map_masked(lambda m, x: x * m.astype(x.dtype), unwrap_nnx(tree), unwrap_nnx(mask_tree))
-    return _rewrap_like(tree, out)
+    return rewrap_nnx(tree, out)
 
 
 def _is_pruner_state(x: Any) -> bool:
     # The structural check of PrunerState, restricted to tuples (optax states).
     return isinstance(x, tuple) and callable(getattr(type(x), "pruning_masks", None))
+
+
+def _looks_like_masks(tree: PyTree) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves)
+
+
+def has_pruner_state(opt_state: PyTree) -> bool:
+    """Whether ``opt_state`` holds a pruning state (e.g. pruning switched off by a flag)."""
+    opt_state = unwrap_nnx(opt_state)
+    return _is_pruner_state(opt_state) or any(
+        _is_pruner_state(s) for s in jax.tree.leaves(opt_state, is_leaf=_is_pruner_state))
 
 
 def find_pruner_state(opt_state: PyTree) -> PrunerState:
@@ -157,6 +179,10 @@ def find_pruner_state(opt_state: PyTree) -> PrunerState:
         return opt_state
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_pruner_state)
              if _is_pruner_state(s)]
+    if not found and _looks_like_masks(opt_state):
+        raise ValueError("This is a tree of masks, not an optimizer state: pass the "
+                         "optimizer state (it holds the masks), or apply these masks with "
+                         "hf.multiply_masks(params, masks).")
     if not found:
         raise ValueError("No pruning state found in this optimizer state: chain "
                          "hf.hyperflows(...) or a baseline pruner into the optimizer.")
@@ -171,16 +197,43 @@ def masks(opt_state: PyTree) -> PyTree:
     return find_pruner_state(opt_state).pruning_masks()
 
 
-def apply_masks(params: PyTree, opt_state: PyTree) -> PyTree:
-    """The effective weights ``W * M`` the network runs on (differentiable in W)."""
+def apply_masks(params: PyTree, opt_state: PyTree, missing: str = "raise") -> PyTree:
+    """The effective weights ``W * M`` the network runs on (differentiable in W).
+
+    ``missing="ignore"`` returns ``params`` unchanged when ``opt_state`` holds no pruning
+    state, so one training step serves runs with pruning on and off; the default raises,
+    since a pruned run without masks in its forward pass trains the dense network.
+    """
+    if missing not in ("raise", "ignore"):
+        raise ValueError(f"missing must be 'raise' or 'ignore', got {missing!r}.")
+    if missing == "ignore" and not has_pruner_state(opt_state):
+        return params
     return multiply_masks(params, masks(opt_state))
+
+
+def masked_value_and_grad(fn: Callable, *, has_aux: bool = False,
+                          missing: str = "raise") -> Callable:
+    """``jax.value_and_grad(fn)`` at the effective weights: the gradient w.r.t. ``W * M``.
+
+    Returns ``grad_fn(params, opt_state, *args)``, which evaluates ``fn(W * M, *args)``;
+    its gradients go to ``tx.update(grads, opt_state, params)``. Hyperflows needs this
+    gradient (not the one w.r.t. ``W`` through the mask, which is 0 on pruned weights): the
+    flow ``W * grad`` of a pruned weight is what lets it regrow. ``missing`` as in
+    :func:`apply_masks`.
+    """
+    value_and_grad = jax.value_and_grad(fn, has_aux=has_aux)
+
+    def grad_fn(params, opt_state, *args, **kwargs):
+        return value_and_grad(apply_masks(params, opt_state, missing), *args, **kwargs)
+
+    return grad_fn
 
 
 def finalize(params: PyTree, opt_state: PyTree) -> PyTree:
     """Params with every pruned entry exactly 0 (even if W held inf or NaN), for export."""
     out = _map_masked(lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), unwrap_nnx(params),
                       masks(opt_state))
-    return _rewrap_like(params, out)
+    return rewrap_nnx(params, out)
 
 
 def count_present(mask_tree: PyTree) -> tuple[jax.Array, int]:
@@ -201,10 +254,15 @@ def sparsity(opt_state: PyTree) -> jax.Array:
     return 1.0 - density_of(masks(opt_state))
 
 
-def layer_sparsity(opt_state: PyTree) -> dict[str, jax.Array]:
-    """Fraction pruned per prunable leaf, keyed by its path (``'Dense_0/kernel'``)."""
+def layer_sparsity(opt_state: PyTree) -> dict[str, float | jax.Array]:
+    """Fraction pruned per prunable leaf, keyed by :func:`path_name` (``'Dense_0/kernel'``).
+
+    Python floats (ready for ``json.dumps``) when the masks are concrete; under ``jax.jit``
+    the values are traced scalars.
+    """
     out = {}
     for path, m in jax.tree.leaves_with_path(masks(opt_state), is_leaf=_is_none):
         if m is not None:
-            out[keystr(path, simple=True, separator="/")] = 1.0 - jnp.mean(m, dtype=jnp.float32)
+            value = 1.0 - jnp.mean(m, dtype=jnp.float32)
+            out[path_name(path)] = value if isinstance(value, jax.core.Tracer) else float(value)
     return out

@@ -114,7 +114,8 @@ def _hyperflows(b: Budget):
     return hf.hyperflows(
         pressure=CONTROLLERS[b.controller](target, b.pruning_steps,
                                            update_every=b.controller_period),
-        presence_optimizer=optax.adam(b.presence_lr), seed=b.seed)
+        presence_optimizer=optax.adam(b.presence_lr), seed=b.seed,
+        warn=False)  # the run prints train.start_warnings, in its own flags' words
 
 
 register(Method("hyperflows", _hyperflows, has_pressure=True))

@@ -21,6 +21,10 @@ import numpy as np
 class PressureController(NamedTuple):
     init: Callable[[], NamedTuple]
     update: Callable[[NamedTuple, jax.Array, jax.Array], NamedTuple]
+    # What a controller that aims at a sparsity aims at, so that hf.hyperflows can tell at
+    # init whether its presence optimizer gets there in time; None for open-loop laws.
+    target_sparsity: float | None = None
+    total_steps: int | None = None
 
 
 class ConstantPressureState(NamedTuple):
@@ -162,7 +166,7 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
         gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
-    return PressureController(init, update)
+    return PressureController(init, update, float(target_sparsity), total_steps)
 
 
 class LogDensityPIState(NamedTuple):
@@ -209,4 +213,4 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
         gamma = jnp.where(step >= total_steps, 0.0, push)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
-    return PressureController(init, update)
+    return PressureController(init, update, float(target_sparsity), total_steps)

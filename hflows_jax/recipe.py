@@ -40,24 +40,33 @@ def unreachable_warning(target_sparsity: float, presence_lr: float, pruning_step
                         presence_init: tuple[float, float] = (0.2, 0.5)) -> str | None:
     """Why the pruning phase cannot reach ``target_sparsity``, or None if it can.
 
-    Adam moves a score by at most about the lr per step, so in ``pruning_steps`` a score
-    travels at most ``lr * steps``. To prune a fraction s of scores that start uniform in
-    ``presence_init``, the s-quantile of that range must cross zero.
+    The text says what is wrong, not what to change: the remedy depends on the caller
+    (flags of a training script, arguments of ``hf.hyperflows``).
+
+    Adam moves a score by about the lr per step of a steady one-signed flow, so in
+    ``pruning_steps`` a score travels about ``lr * steps``. To prune a fraction s of scores
+    that start uniform in ``presence_init``, the s-quantile of that range must cross zero.
+    This is not a hard bound: while the pressure rises fast, Adam's second-moment average
+    lags the growing gradient and its step exceeds the lr, and such a run may overshoot
+    instead (docs/RESULTS.md, "The library in a user's loop": 100 steps at lr 3.5e-3, a
+    travel of 0.35 for 0.47 needed, ended at 96.9 % for a 90 % target).
     """
     needed = _distance_to_cross(target_sparsity, presence_init)
     travel = presence_lr * pruning_steps
     if travel >= needed:
         return None
-    return (f"the pruning phase cannot reach {target_sparsity:.2%} sparsity: in "
+    return (f"the pruning phase cannot reach {target_sparsity:.2%} sparsity at its pace: in "
             f"{pruning_steps} steps at presence lr {presence_lr:.3g} a presence score moves "
-            f"at most {travel:.3f}, and {needed:.3f} is needed. Give it more pruning epochs "
-            f"or leave --presence_lr to its default (recipe.presence_regime).")
+            f"about {travel:.3f} (one lr a step), and {needed:.3f} is needed. Runs like this "
+            f"end short of the target or, when the rising pressure drives Adam beyond one lr "
+            f"a step, far past it.")
 
 
 def overshoot_warning(target_sparsity: float, presence_lr: float, pruning_steps: int,
                       presence_init: tuple[float, float] = (0.2, 0.5),
                       settling: float = 5.0) -> str | None:
-    """Why the pruning phase is likely to overshoot ``target_sparsity``, or None.
+    """Why the pruning phase is likely to overshoot ``target_sparsity``, or None (the
+    diagnosis only, as :func:`unreachable_warning`).
 
     Nothing is pruned until scores cross zero, so the controller raises the pressure for
     the whole crossing time; it needs several crossing times after that to bring the
@@ -71,8 +80,16 @@ def overshoot_warning(target_sparsity: float, presence_lr: float, pruning_steps:
     return (f"the pruning phase is short for its presence lr: scores need about "
             f"{crossing:.0f} steps to cross zero at presence lr {presence_lr:.3g}, and its "
             f"{pruning_steps} steps are fewer than {settling:g} times that, so the pressure "
-            f"controller is likely to overshoot the {target_sparsity:.2%} target. Give it "
-            f"more pruning epochs.")
+            f"controller is likely to overshoot the {target_sparsity:.2%} target.")
+
+
+def fitting_presence_lr(target_sparsity: float, pruning_steps: int,
+                        presence_init: tuple[float, float] = (0.2, 0.5)) -> float | None:
+    """The presence lr of :func:`presence_regime` if neither warning fires with it, else None
+    (then no lr in the reference's regime fits: the pruning phase is too short)."""
+    lr, _ = presence_regime(pruning_steps)
+    args = (target_sparsity, lr, pruning_steps, presence_init)
+    return None if unreachable_warning(*args) or overshoot_warning(*args) else lr
 
 
 def weight_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int) -> optax.Schedule:

@@ -1,12 +1,16 @@
-"""Flax NNX: the helpers on ``nnx.Optimizer.opt_state`` and on ``nnx.state(model, nnx.Param)``.
+"""Flax NNX: README's NNX code block, run as it stands, and the helpers on the NNX trees it
+leaves behind (``nnx.Optimizer.opt_state``, ``nnx.state(model, nnx.Param)``).
 
-One short run prunes a small NNX MLP to a target sparsity through ``nnx.Optimizer`` with a
-masked forward (the network runs on ``W * M``, gradients taken with respect to ``W * M``),
-then every helper is checked on the NNX trees it leaves behind.
+The README trains a model with BatchNorm and Dropout through ``hf.nnx.masked_value_and_grad``
+(the model runs on ``W * M``, gradients taken with respect to ``W * M``) to a target
+sparsity.
 """
 
+import pathlib
+import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +21,15 @@ from flax import nnx
 
 import hflows_jax as hf
 
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 TARGET = 0.9
 STEPS = 300  # the whole pruning phase: the run ends as the pressure drops to 0
+
+
+def readme_nnx_code() -> str:
+    """The first python block of README's "Flax NNX" section."""
+    section = README.read_text().split("## Flax NNX\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 class MLP(nnx.Module):
@@ -39,55 +50,58 @@ def loss_on(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-@nnx.jit
-def train_step(model, opt, x, y):  # as in the README's NNX section
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    effective = hf.apply_masks(params, opt.opt_state)             # W * M
-
-    def loss_fn(effective):                                       # the network runs on W * M
-        logits = nnx.merge(graphdef, effective, rest)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(effective)          # gradient w.r.t. W * M
-    opt.update(model, grads)
-    return loss
-
-
 @pytest.fixture(scope="module")
-def trained():
-    x, y = data()
-    model = MLP(nnx.Rngs(0))
-    tx = optax.chain(
-        hf.hyperflows(hf.pressure.trajectory(target_sparsity=TARGET, total_steps=STEPS,
-                                             update_every=10),
-                      presence_optimizer=optax.adam(1e-2)),
-        optax.sgd(0.1, momentum=0.9),
-    )
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    losses = [float(train_step(model, opt, x, y)) for _ in range(STEPS)]
-    return model, opt, losses, (x, y)
+def readme_run():
+    """README's NNX block, run as it stands; its namespace and the warnings it raised."""
+    namespace = {"__name__": "readme_nnx"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(readme_nnx_code(), str(README), "exec"), namespace)
+    namespace["warnings"] = [w for w in caught if issubclass(w.category, UserWarning)]
+    return namespace
 
 
 KERNELS = ("hidden", "out")
 
 
-def test_short_run_reaches_the_target_sparsity(trained):
-    model, opt, losses, (x, y) = trained
+def eval_forward(params, masks, bn, x):
+    """The README's Net in eval mode on W * M, written out: the oracle."""
+    def kernel(name):
+        return params[name]["kernel"][...] * masks[name]["kernel"]
+    h = x @ kernel("hidden") + params["hidden"]["bias"][...]
+    h = (h - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5) * params["bn"]["scale"][...] \
+        + params["bn"]["bias"][...]
+    return jax.nn.relu(h) @ kernel("out") + params["out"]["bias"][...]
+
+
+def test_readme_run_reaches_the_target_silently_and_evaluates_the_masked_model(readme_run):
+    model, opt, (x, y) = readme_run["model"], readme_run["opt"], (readme_run["x"],
+                                                                   readme_run["y"])
+    assert readme_run["warnings"] == []  # a good schedule: the library says nothing
     sparsity = hf.sparsity(opt.opt_state)
     assert isinstance(sparsity, jax.Array) and sparsity.shape == ()
     assert abs(float(sparsity) - TARGET) < 0.03, float(sparsity)
     layers = hf.layer_sparsity(opt.opt_state)
     assert set(layers) == {"hidden/kernel", "out/kernel"}
+    assert all(type(v) is float for v in layers.values())
     sizes = {"hidden/kernel": 8 * 32, "out/kernel": 32 * 3}
-    weighted = sum(float(layers[k]) * n for k, n in sizes.items()) / sum(sizes.values())
+    weighted = sum(layers[k] * n for k, n in sizes.items()) / sum(sizes.values())
     np.testing.assert_allclose(weighted, float(sparsity), rtol=1e-6)
-    # The network trained on W * M: the pruned network alone fits the task (trained on the
-    # dense W instead, it keeps a loss near 0.5 once pruned).
-    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
-    pruned = nnx.clone(model)
-    nnx.update(pruned, hf.finalize(nnx.state(model, nnx.Param), opt.opt_state))
-    assert float(loss_on(pruned, x, y)) < 0.1
-    assert float(jnp.mean(pruned(x).argmax(axis=1) == y)) > 0.95
+    # The README's last line zeroed the pruned weights: the model is the pruned network,
+    # and the README's masked evaluation agrees with it and with the oracle.
+    masks = hf.masks(opt.opt_state)
+    params = nnx.state(model, nnx.Param)
+    for name in KERNELS:
+        mask = np.asarray(masks[name]["kernel"])
+        assert np.all(np.asarray(params[name]["kernel"][...])[~mask] == 0)
+    bn = {"mean": model.bn.mean[...], "var": model.bn.var[...]}
+    expected = eval_forward(params, masks, bn, x)
+    np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+    accuracy = float(readme_run["accuracy"](model, opt, x, y))
+    assert accuracy == pytest.approx(float(jnp.mean(expected.argmax(axis=1) == y)))
+    assert accuracy > 0.85, accuracy  # the pruned network alone fits the task
+    # BatchNorm's running statistics moved away from their initial (0, 1) during training.
+    assert float(jnp.abs(bn["mean"]).max()) > 1e-3 and float(jnp.abs(bn["var"] - 1).max()) > 1e-3
     state = hf.find_pruner_state(opt.opt_state)
     assert isinstance(state, hf.HyperflowsState)
     assert isinstance(state.count, jax.Array) and int(state.count) == STEPS
@@ -95,8 +109,87 @@ def test_short_run_reaches_the_target_sparsity(trained):
     assert float(hf.pressure_value(opt.opt_state)) == 0.0  # the pruning phase is over
 
 
+def short_run(steps=100):
+    """The README's model and step after ``steps`` of its training steps: part of each
+    kernel pruned, the pruned weights still in ``W``."""
+    namespace = {"__name__": "readme_nnx"}
+    code = readme_nnx_code().split("\nx = jax.random.normal")[0]  # up to the data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, str(README), "exec"), namespace)
+    model, opt = namespace["model"], namespace["opt"]
+    x, y = data()
+    for _ in range(steps):
+        namespace["train_step"](model, opt, x, y)
+    masks = hf.masks(opt.opt_state)
+    assert all(0 < np.sum(masks[n]["kernel"]) < masks[n]["kernel"].size for n in KERNELS)
+    return namespace, model, opt, (x, y)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    _, model, opt, batch = short_run()
+    return model, opt, batch
+
+
+def test_masked_swaps_w_times_m_in_and_w_back_and_keeps_batchnorm_updates(trained):
+    model, opt, (x, y) = trained
+    model = nnx.clone(model)  # train mode, as the README's training left it
+    params = nnx.state(model, nnx.Param)
+    weights = jax.tree.map(lambda v: np.asarray(v), nnx.to_pure_dict(params))
+    masks = hf.masks(opt.opt_state)
+    mean_before = np.asarray(model.bn.mean[...])
+    with hf.nnx.masked(model, opt):
+        for name in KERNELS:
+            np.testing.assert_array_equal(
+                np.asarray(getattr(model, name).kernel[...]),
+                np.where(masks[name]["kernel"], weights[name]["kernel"], 0.0))
+        model(x)  # train mode: BatchNorm updates its statistics
+    for name in KERNELS:  # W is back, pruned entries included
+        np.testing.assert_array_equal(np.asarray(getattr(model, name).kernel[...]),
+                                      weights[name]["kernel"])
+    assert not np.array_equal(np.asarray(model.bn.mean[...]), mean_before)
+
+
+def test_an_update_inside_masked_is_refused(trained):
+    model, opt, (x, y) = trained
+    model, opt = nnx.clone(model), nnx.clone(opt)
+    _, grads = hf.nnx.masked_value_and_grad(loss_on)(model, opt, x, y)
+    with pytest.raises(RuntimeError, match="inside hf.nnx.masked"):
+        with hf.nnx.masked(model, opt):
+            opt.update(model, grads)
+
+
+def test_masked_value_and_grad_is_the_gradient_at_w_times_m(trained):
+    model, opt, (x, y) = trained
+    model = nnx.clone(model)
+    model.eval()  # no dropout, BatchNorm on its running statistics: one fixed function
+    params = nnx.state(model, nnx.Param)
+    masks = hf.masks(opt.opt_state)
+    bn = {"mean": model.bn.mean[...], "var": model.bn.var[...]}
+    loss, grads = hf.nnx.masked_value_and_grad(loss_on)(model, opt, x, y)
+    # The oracle: the written-out network's gradient w.r.t. its effective weights.
+    pure = nnx.to_pure_dict(params)
+    effective = jax.tree.map(lambda w, m: w if m is None else w * m, pure,
+                             nnx.to_pure_dict(masks), is_leaf=lambda m: m is None)
+    ones = jax.tree.map(lambda m: None if m is None else jnp.ones_like(m),
+                        nnx.to_pure_dict(masks), is_leaf=lambda m: m is None)
+
+    def oracle(p):
+        logits = eval_forward(p, ones, bn, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    want_loss, want = jax.value_and_grad(oracle)(effective)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    got = nnx.to_pure_dict(grads)
+    for path in (("hidden", "kernel"), ("out", "kernel"), ("bn", "scale"), ("out", "bias")):
+        np.testing.assert_allclose(got[path[0]][path[1]], want[path[0]][path[1]],
+                                   rtol=1e-4, atol=1e-6)
+    assert set(got) == set(want)  # the optimizer's params only: no BatchNorm statistics
+
+
 def test_apply_masks_and_finalize_zero_exactly_the_masked_weights(trained):
-    model, opt, _, (x, y) = trained
+    model, opt, (x, y) = trained
     params = nnx.state(model, nnx.Param)
     masks = hf.masks(opt.opt_state)
     for name in KERNELS:
@@ -117,14 +210,13 @@ def test_apply_masks_and_finalize_zero_exactly_the_masked_weights(trained):
                                           np.where(mask, weight, 0.0))
             np.testing.assert_array_equal(np.asarray(out[name]["bias"][...]),
                                           np.asarray(params[name]["bias"][...]))
-        # Ready for nnx.update: the updated copy computes x @ (W * M) + b.
+        # Ready for nnx.update: the updated copy computes the network on W * M.
         masked_model = nnx.clone(model)
         nnx.update(masked_model, out)
-        h = jax.nn.relu(x @ (params["hidden"]["kernel"][...] * masks["hidden"]["kernel"])
-                        + params["hidden"]["bias"][...])
-        expected = (h @ (params["out"]["kernel"][...] * masks["out"]["kernel"])
-                    + params["out"]["bias"][...])
-        np.testing.assert_allclose(masked_model(x), expected, rtol=1e-5, atol=1e-5)
+        masked_model.eval()
+        bn = {"mean": model.bn.mean[...], "var": model.bn.var[...]}
+        np.testing.assert_allclose(masked_model(x), eval_forward(params, masks, bn, x),
+                                   rtol=1e-4, atol=1e-4)
     by_hand = hf.multiply_masks(params, masks)
     assert jax.tree.structure(by_hand) == jax.tree.structure(params)
     same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), by_hand,
@@ -133,7 +225,7 @@ def test_apply_masks_and_finalize_zero_exactly_the_masked_weights(trained):
 
 
 def test_finalize_zeroes_non_finite_pruned_weights(trained):
-    model, opt, _, _ = trained
+    model, opt, _ = trained
     params = nnx.state(model, nnx.Param)
     mask = np.asarray(hf.masks(opt.opt_state)["hidden"]["kernel"])
     poisoned = jax.tree.map(lambda p: p, params)
@@ -143,11 +235,11 @@ def test_finalize_zeroes_non_finite_pruned_weights(trained):
 
 
 def test_flows_on_nnx_params_and_grads(trained):
-    model, opt, _, (x, y) = trained
+    model, opt, (x, y) = trained
     params = nnx.state(model, nnx.Param)
-    graphdef = nnx.graphdef(model)
-    grads = jax.grad(lambda p: loss_on(nnx.merge(graphdef, p), x, y))(
-        hf.apply_masks(params, opt.opt_state))
+    frozen = nnx.clone(model)
+    frozen.eval()
+    _, grads = hf.nnx.masked_value_and_grad(loss_on)(frozen, opt, x, y)
     flows = hf.flows(params, grads, opt.opt_state)
     assert flows["hidden"]["bias"] is None and flows["out"]["bias"] is None
     for name in KERNELS:
@@ -186,8 +278,21 @@ def test_baseline_pruners_under_nnx_optimizer(method):
         np.testing.assert_array_equal(kernel, np.where(mask, params[name]["kernel"][...], 0.0))
 
 
+def test_masked_without_a_pruner_raises_or_runs_the_model_as_it_is():
+    model = MLP(nnx.Rngs(0))
+    plain = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    x, y = data()
+    with pytest.raises(ValueError, match="No pruning state found"):
+        hf.nnx.masked_value_and_grad(loss_on)(model, plain, x, y)
+    loss, grads = hf.nnx.masked_value_and_grad(loss_on, missing="ignore")(model, plain, x, y)
+    want_loss, want = nnx.value_and_grad(loss_on)(model, x, y)
+    assert float(loss) == float(want_loss)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_mismatched_trees_still_fail_clearly(trained):
-    model, opt, _, _ = trained
+    model, opt, _ = trained
     one_layer = nnx.state(model.hidden, nnx.Param)
     for helper in (hf.apply_masks, hf.finalize):
         with pytest.raises(ValueError, match="masks do not have the structure of params"):

@@ -51,3 +51,38 @@ def test_start_warning_fires_for_a_too_short_run_and_not_for_the_defaults():
     assert train.start_warnings(presets.MNIST, 468, hyperflows) == []
     assert train.start_warnings(presets.CIFAR, 390, hyperflows) == []
     assert train.start_warnings(short, 39, methods.get("magnitude")) == []
+
+
+def test_start_warning_names_the_presence_lr_flag_only_where_dropping_it_helps():
+    hyperflows = methods.get("hyperflows")
+    # 20 pruning epochs of 39 steps at presence lr 1e-4: unreachable; the default fits.
+    slow = presets.CIFAR.replace(model="resnet20", pruning_epochs=20, target_sparsity=0.9,
+                                 presence_lr=1e-4)
+    (message,) = train.start_warnings(slow, 39, hyperflows)
+    fitting = recipe.fitting_presence_lr(
+        recipe.pruning_phase_sparsity(0.9, slow.method.regrowth_allowance), 780)
+    assert fitting is not None and "drop --presence_lr: its default" in message
+    assert f"{fitting:.3g}" in message
+    # At the default, the remedy is more epochs only.
+    short = presets.CIFAR.replace(model="resnet20", pruning_epochs=2, target_sparsity=0.9)
+    for message in train.start_warnings(short, 39, hyperflows):
+        assert "--presence_lr" not in message and message.endswith("more pruning epochs.")
+
+
+@pytest.mark.parametrize("removed, text", [
+    (0.0, "the run pruned nothing: 0.00% sparsity for a 90.00% target."),
+    (0.8, "the run ended at 80.00% sparsity, 10.00 points below the 90.00% target."),
+    (0.95, "the run ended at 95.00% sparsity, 5.00 points above the 90.00% target."),
+])
+def test_missed_target_message_says_above_or_below(removed, text):
+    cfg = presets.CIFAR.replace(target_sparsity=0.9)
+    assert train.missed_target_message(cfg, removed, "sparsity") == text
+
+
+def test_fitting_presence_lr_is_the_regime_lr_where_no_warning_fires():
+    lr, _ = recipe.presence_regime(39100)
+    assert recipe.fitting_presence_lr(0.9, 39100) == lr
+    # One epoch of 469 steps for 98 %: the regime's lr crosses in 141 steps, too few
+    # crossings to settle, and a larger lr would follow the flows' noise.
+    assert recipe.overshoot_warning(0.98, recipe.presence_regime(469)[0], 469)
+    assert recipe.fitting_presence_lr(0.98, 469) is None

@@ -163,5 +163,8 @@ def test_a_run_that_cannot_prune_says_so_at_start_and_in_its_report(small_cifar,
     assert out.index("WARNING: the pruning phase cannot reach") < out.index("epoch   1")
     assert report["sparsity"] == 0.0  # 6 steps of lr 1e-3 move no score past 0
     assert report["target_missed_by"] == pytest.approx(-0.9)
-    assert len(report["warnings"]) == 2 and "-90.00 points" in report["warnings"][1]
-    assert "WARNING: the run ended at 0.00% sparsity" in out
+    assert len(report["warnings"]) == 2
+    assert report["warnings"][1] == "the run pruned nothing: 0.00% sparsity for a 90.00% target."
+    assert "WARNING: the run pruned nothing" in out
+    # No presence lr fits 6 steps, so the start warning does not send the user to the default.
+    assert "--presence_lr" not in report["warnings"][0]

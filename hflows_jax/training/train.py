@@ -183,9 +183,16 @@ def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
     if not cfg.pruned or not method.has_pressure:
         return []
     p = cfg.method
-    args = (recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance),
-            presence_settings(cfg, spe)[0], cfg.schedule.pruning_epochs * spe)
-    warnings = [recipe.unreachable_warning(*args), recipe.overshoot_warning(*args)]
+    target = recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance)
+    steps = cfg.schedule.pruning_epochs * spe
+    args = (target, presence_settings(cfg, spe)[0], steps)
+    remedy = " Give it more pruning epochs."
+    fitting = recipe.fitting_presence_lr(target, steps)
+    if p.presence_lr is not None and fitting is not None:
+        remedy = (" Give it more pruning epochs, or drop --presence_lr: its default "
+                  f"(recipe.presence_regime) is {fitting:.3g} here, which fits.")
+    warnings = [w and w + remedy for w in (recipe.unreachable_warning(*args),
+                                           recipe.overshoot_warning(*args))]
     if (method.target == "flops" and cfg.model.name in models.BATCHNORM_MODELS
             and not cfg.model.train_bn_scale):
         warnings.append(f"{method.name} on {cfg.model.name} with the BatchNorm scale fixed "
@@ -430,6 +437,16 @@ def missed_target(cfg: Config, sparsity: float) -> float | None:
     return missed_by if abs(missed_by) > TARGET_TOLERANCE else None
 
 
+def missed_target_message(cfg: Config, removed: float, what: str) -> str:
+    """The warning for a run that ended away from its target, in plain words."""
+    target = cfg.method.target_sparsity
+    if removed == 0.0:
+        return f"the run pruned nothing: 0.00% {what} for a {target:.2%} target."
+    side = "above" if removed > target else "below"
+    return (f"the run ended at {removed:.2%} {what}, {100 * abs(removed - target):.2f} "
+            f"points {side} the {target:.2%} target.")
+
+
 def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
     cfg, data = setup.cfg, setup.inputs.data
@@ -458,8 +475,7 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     missed_by = missed_target(cfg, removed) if cfg.pruned else None
     warnings = list(setup.warnings)
     if missed_by is not None:
-        warnings.append(f"the run ended at {removed:.2%} {what}, {100 * missed_by:+.2f} "
-                        f"points from the {cfg.method.target_sparsity:.2%} target.")
+        warnings.append(missed_target_message(cfg, removed, what))
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
