@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, overhead, pressure_law, structured
+from experiments import compare, graph_speed, overhead, pressure_law, structured
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
 
@@ -102,6 +102,15 @@ def test_overhead_counts_state_bytes_exactly(tmp_path):
     assert row["dense_state_bytes_per_param"] == pytest.approx(4.0)
     assert row["dense_step_s"] > 0 and row["hyperflows_step_s"] > 0
     assert row["ratio"] == pytest.approx(row["hyperflows_step_s"] / row["dense_step_s"])
+
+
+def test_graph_speed_times_every_stage_and_counts_macs(tmp_path):
+    result = graph_speed.main(["--quick", "--models=lenet300_mnist", f"--out={tmp_path}"])
+    (row,) = result["rows"]
+    assert row["equations"] > 0 and row["groups"] == 2 and row["channels"] == 400
+    assert row["dense_macs"] == 784 * 300 + 300 * 100 + 100 * 10 > row["compact_macs"] > 0
+    assert all(row["seconds"][s]["first"] > 0 for s in graph_speed.STAGES)
+    assert (tmp_path / "graph_speed.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_compare_without_dense_epochs_starts_every_method_from_initialization():

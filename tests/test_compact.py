@@ -161,6 +161,34 @@ def test_mobilenet_v2_block_couples_depthwise_channels():
     assert compact.params["Conv_2/kernel"].shape == (3, 3, 1, 22)
 
 
+def test_resnet50_bottleneck_stage():
+    """One ResNet-50 stage (three bottleneck blocks, a projection): the stream is one group
+    with the projection and every block's expanding conv, and a block's middle channels
+    go with what reads them."""
+    from hflows_jax.models.resnet import BottleneckResNetBlock, ResNet
+
+    model = ResNet(stage_sizes=(3,), block_cls=BottleneckResNetBlock, num_filters=8,
+                   zero_init_residual=False)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    params = jax.tree.map(np.array, variables["params"])
+    stats = variables["batch_stats"]
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    axes = hf.graph.trace(fn, params, x).leaf_axes()
+    stream = axes["BottleneckResNetBlock_0/conv_proj/kernel"][3]
+    assert all(axes[f"BottleneckResNetBlock_{i}/Conv_2/kernel"][3] == stream for i in range(3))
+    assert axes["BottleneckResNetBlock_1/Conv_0/kernel"][2] == stream
+
+    masks = _dense_masks(params)
+    masks["BottleneckResNetBlock_1"]["Conv_1"]["kernel"][..., :3] = False
+    params["BottleneckResNetBlock_1"]["BatchNorm_1"]["bias"][:3] = -1.0  # relu(-1) = 0
+    compact = hf.export(fn, params, masks, x)
+    _assert_close(compact(x), fn(multiply_masks(params, masks), x))
+    assert compact.groups["BottleneckResNetBlock_1/Conv_1"] == (5, 8)
+    # the 3x3 conv's 3 outputs (8 inputs, 9 taps) and the expanding 1x1 conv's 3 inputs
+    assert compact.dense_macs - compact.macs == 64 * 9 * 8 * 3 + 64 * 3 * 32
+
+
 class TinyViT(nn.Module):
     dim: int = 16
     heads: int = 2
