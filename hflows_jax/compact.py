@@ -255,6 +255,9 @@ class _Analysis:
             return prim.bind(*parts, **params)
         if name == "broadcast_in_dim":
             return prim.bind(x, *ins[1:], **params)
+        if name == "sort":  # a sorted position may come from anywhere along the axis
+            return jnp.broadcast_to(jnp.max(x, axis=params["dimension"], keepdims=True),
+                                    out_shape)
         return prim.bind(x, **params)
 
     def step(self) -> bool:
@@ -371,7 +374,7 @@ class Compact:
     has_bcsr: bool = False
     layers: tuple = ()  # Layer per conv or dense layer
     params_compact: int = 0  # entries stored (BCSR: its nonzeros; not index arrays)
-    params_dense: int = 0  # entries of fn's params
+    params_dense: int = 0  # entries of fn's params and of the arrays it closes over
     params_nonzero: int = 0  # ... that the masks keep
 
     @property
@@ -397,7 +400,8 @@ class Compact:
         batch = x.shape[0]
         if isinstance(batch, int):
             return run(batch >= self.min_sparse_batch)
-        return lax.cond(jnp.asarray(batch) >= self.min_sparse_batch, lambda: run(True), lambda: run(False))
+        return lax.cond(jnp.asarray(batch) >= self.min_sparse_batch, lambda: run(True),
+                        lambda: run(False))
 
     @functools.cached_property
     def _jitted(self):
@@ -616,7 +620,8 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
         step = dict(delta=None, rows=None, sparse=None)
         if i in analysis.deltas:
             name = f"delta/{i}"
-            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i]))
+            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i]),
+                                       graph.dtypes[out])
             step["delta"] = name
         r = readers.get(i)
         if r is not None and eqn.name == "dot_general" and _is_dense_layer(graph, eqn, r):
@@ -628,10 +633,10 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
                 arrays[f"{name}/read"] = jnp.asarray(kernel[rows])
                 ins[1] = ("p", f"{name}/read")
                 step["rows"], kernel = f"{name}/rows", kernel[rows]
-            nonzero = int(np.count_nonzero(kernel))
+            entries = int(np.count_nonzero(kernel))
             density = BCSR_SMALL_DENSITY if kernel.size <= BCSR_SMALL_KERNEL else BCSR_AUTO_DENSITY
-            sparse = (on_cpu and nonzero <= density * kernel.size) if bcsr is None else bool(bcsr)
-            if sparse and nonzero > 0:
+            sparse = (on_cpu and entries <= density * kernel.size) if bcsr is None else bool(bcsr)
+            if sparse and entries > 0:
                 from jax.experimental.sparse import BCSR
                 arrays[f"{name}/bcsr"] = BCSR.fromdense(jnp.asarray(kernel.T))
                 step["sparse"], has_bcsr = f"{name}/bcsr", True
@@ -653,6 +658,8 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
     used |= {o for o in outs if isinstance(o, str) and o != "x"}
     arrays = {k: v for k, v in arrays.items() if k in used}
     example_spec = jax.ShapeDtypeStruct(example.shape, example.dtype)
+    params_stored = sum(math.prod(graph.shapes[v]) for v in graph.param_ids)
+    dense_stored = params_stored + sum(math.prod(graph.shapes[v]) for v in graph.const_ids)
     twins = {step.ins[1][1] for step in program if isinstance(step, _Step)
              and step.sparse is not None and step.ins[1][0] == "p"}
     stored = sum(int(a.nse) if hasattr(a, "nse") else int(np.size(a))
@@ -661,7 +668,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
     return Compact(arrays, sum(r.compact for r in layers), graph.macs(), groups,
                    tuple(program), example_spec, 0 if bcsr else BCSR_MIN_BATCH, has_bcsr,
                    layers, stored,
-                   sum(math.prod(graph.shapes[v]) for v in graph.param_ids), nonzero)
+                   dense_stored, nonzero + dense_stored - params_stored)
 
 
 def _is_dense_layer(graph, eqn, r) -> bool:

@@ -20,7 +20,7 @@ def forward_macs(fn: Callable, params: Any, example: Any, masks: Any = None
     ``graph.function_of`` (a linen module and an input shape will do)."""
     fn, example = graph_lib.function_of(fn, example)
     params = unwrap_nnx(params)
-    graph = graph_lib.trace(fn, params, example)
+    graph = graph_lib.trace(fn, params, example, strict=False)
     present = {}
     if masks is not None:
         for path, m in jax.tree.leaves_with_path(unwrap_nnx(masks), is_leaf=lambda x: x is None):

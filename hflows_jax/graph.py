@@ -72,7 +72,7 @@ class Eqn:
 def _where(source_info) -> str:
     try:
         from jax._src import source_info_util  # no public way to name a user's line
-        return source_info_util.summarize(source_info)
+        return source_info_util.summarize(source_info) or "an unknown place"
     except Exception:  # noqa: BLE001  (a location is a courtesy, never a failure)
         return "an unknown place"
 
@@ -188,6 +188,7 @@ class Graph:
     depends: set  # value ids that depend on x
     runtime: set  # value ids the program computes per call (depend on x or carry the batch)
     contractions: list
+    strict: bool = True  # an op the graph does not know is an error (else: frozen around)
 
     def factors(self, v: int, axis: int) -> tuple:
         return self.spaces.resolve(self.labels[v][axis])
@@ -333,8 +334,12 @@ def function_of(fn: Any, example: Any) -> tuple[Callable, jax.Array]:
     return (lambda p, x: model.apply({"params": p, **rest}, x)), example
 
 
-def trace(fn: Callable, params: PyTree, example: jax.Array) -> Graph:
-    """The graph of ``fn(params, x)`` for inputs shaped like ``example`` (axis 0: batch)."""
+def trace(fn: Callable, params: PyTree, example: jax.Array, strict: bool = True) -> Graph:
+    """The graph of ``fn(params, x)`` for inputs shaped like ``example`` (axis 0: batch).
+
+    ``strict=False`` takes any op, freezing every channel it touches: enough to count
+    multiply-adds (``flops.forward_macs``), not to prune or export.
+    """
     try:
         closed = jax.make_jaxpr(fn)(params, example)
     except Exception as e:  # noqa: BLE001  (the user's fn: say where it failed, keep the cause)
@@ -361,7 +366,7 @@ def trace(fn: Callable, params: PyTree, example: jax.Array) -> Graph:
     graph = Graph(eqns, shapes, dtypes, {}, Spaces(), in_ids[:-1],
                   [keystr(p, simple=True, separator="/") for p, _ in leaves_with_path],
                   const_ids, [np.asarray(c) for c in consts], in_ids[-1], outs, set(), set(),
-                  [])
+                  [], strict)
     _label(graph)
     _classify(graph)
     return graph
@@ -533,6 +538,30 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
                     sp.unify(la[d], lo[d])
     elif name == "iota":
         _fresh(graph, eqn.outs[0])
+    elif name == "sort":  # every operand sorted along one axis, the others carried
+        d = p["dimension"]
+        for o in eqn.outs:
+            lo = _fresh(graph, o)
+            for a in ins:
+                for axis, (fa, fo) in enumerate(zip(graph.labels[a], lo)):
+                    if axis == d:
+                        sp.freeze(fa, f"sort at {eqn.where} reorders it")
+                        sp.freeze(fo, f"sort at {eqn.where} reorders it")
+                    else:
+                        sp.unify(fa, fo)
+    elif not graph.strict:  # counting only: whatever it touches stays whole
+        why = f"`{name}` at {eqn.where}, which the graph does not know"
+        for o in eqn.outs:
+            lo = _fresh(graph, o)
+            for a in ins:
+                la = _label_of(graph, a)
+                if la is not None and graph.shapes[a] == graph.shapes[o]:
+                    for fa, fo in zip(la, lo):
+                        sp.unify(fa, fo)
+                for f in la or ():
+                    sp.freeze(f, why)
+            for f in lo:
+                sp.freeze(f, why)
     else:
         raise GraphError(
             f"hf.export cannot take `{name}` (at {eqn.where}): the traced graph does not "

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import hflows_jax as hf
+from experiments.user_loops.linen_mnist import CNN as LinenMnistCNN  # the Flax example's
 from hflows_jax.graph import GraphError
 from hflows_jax.masking import multiply_masks
 
@@ -23,24 +24,6 @@ def _assert_close(got, want):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-class LinenMnistCNN(nn.Module):
-    """The CNN of the official Flax Linen MNIST example (examples/mnist/train.py)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(features=256)(x)
-        x = nn.relu(x)
-        x = nn.Dense(features=10)(x)
-        return x
 
 
 def test_linen_mnist_cnn_drops_filters_and_units_by_hand_count():

@@ -100,6 +100,8 @@ def test_lenet300_dead_units_chains_and_pixels():
     assert compact.masked_macs == sum(int(m.sum()) for m in (m0, m1, m2))
     folded = 97 + 10  # the constants' contributions to Dense_1 and the logits
     assert compact.params_compact == (756 * 296 + 296) + (296 * 97 + 97) + (97 * 10 + 10) + folded
+    assert compact.params_dense == 266_610  # no arrays closed over
+    assert compact.params_nonzero == sum(int(m.sum()) for m in (m0, m1, m2)) + 300 + 100 + 10
     assert not any(r.bcsr for r in compact.layers)  # 70 % dense: no BCSR by default
 
     sparse = _export(model, params, masks, stats, images, bcsr=True)
@@ -178,6 +180,10 @@ def test_vgg_dead_channels_behind_batchnorm():
         for conv, kept in (("Conv_15", 63), ("Conv_9", 63), ("Conv_5", 31), ("Conv_6", 32)):
             assert compact.groups[conv] == (kept, 64 if int(conv[5:]) >= 8 else 32), conv
         assert compact.macs < base.macs
+        stats_entries = sum(int(np.size(a)) for a in jax.tree.leaves(stats))
+        assert compact.params_dense == stats_entries + sum(
+            int(np.size(p)) for p in jax.tree.leaves(params))  # BatchNorm statistics too
+    assert keep.params_compact < base.params_compact  # "map" stores H x W x C maps instead
     # The border: "keep" keeps the constant channel, "map" adds its exact per-position
     # contribution to the padded conv that reads it, which is not spatially uniform.
     for conv, hw, total in (("Conv_2", 16, 16), ("Conv_13", 2, 64)):
