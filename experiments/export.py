@@ -92,15 +92,17 @@ def restore_last(cfg: Config):
     return inputs, model, epoch, state
 
 
-def predict_functions(model, method, state, inputs, border: str = "keep", bcsr=False):
+def predict_functions(cfg: Config, inputs, model, method, state, epoch: int,
+                      border: str = "keep", bcsr=False):
     """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
-    (the masked linen model, the compact one with ``bcsr``), normalization inside. A
+    (the masked linen model, the compact one with ``bcsr``), normalization inside, on the
+    BatchNorm statistics the run evaluated its epoch ``epoch`` on (``--bn_batches``). A
     wrapped model (DHP) is timed as the plain model it stands for."""
     if not method.static_masks:
         raise ValueError(f"--method={method.name} switches channels per input: it has no "
                          "fixed compact model to export.")
-    model, variables, masks, _ = train.pruned_network(model, method, state,
-                                                      inputs.data.image_shape)
+    model, variables, masks, _ = train.evaluated_network(cfg, inputs, model, method, state,
+                                                         epoch)
 
     def logits(params, x):
         return model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
@@ -210,7 +212,7 @@ def main(argv=None) -> dict:
     cfg = Config().replace(**flags)
     inputs, model, epoch, state = restore_last(cfg)
     shape, method = inputs.data.image_shape, methods.get(cfg.method.name)
-    dense, compact, compact_model = predict_functions(model, method, state, inputs,
+    dense, compact, compact_model = predict_functions(cfg, inputs, model, method, state, epoch,
                                                       args.border, BCSR_CHOICES[args.bcsr])
     bcsr_layers = [r.name for r in compact_model.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
@@ -228,7 +230,8 @@ def main(argv=None) -> dict:
     # Counts of the compact model with dense kernels (a BCSR layer counts its nonzeros).
     counts = compact_model
     if bcsr_layers:
-        counts = predict_functions(model, method, state, inputs, args.border, False)[2]
+        counts = predict_functions(cfg, inputs, model, method, state, epoch, args.border,
+                                   False)[2]
     result = {
         "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "sparsity": report["sparsity"],

@@ -99,15 +99,15 @@ def measure(cfg: Config, report: dict, repeats: int) -> dict:
     """The exported model's fractions and its speed-up over the masked dense model; for a
     method that gates per input (FTWT), the mean executed FLOPs and no speed-ups."""
     method = methods.get(cfg.method.name)
-    inputs, model, _, state = export_tools.restore_last(cfg)
+    inputs, model, epoch, state = export_tools.restore_last(cfg)
     if not method.static_masks:
         backbone = sum(x.size for k, v in state.params.items() if not ftwt.is_gate(k)
                        for x in jax.tree.leaves(v))
         return {"flops_fraction": 1 - report["target_removed"],
                 "params_fraction": report["params_total"] / backbone,
                 "speedup_b1": None, "speedup_b256": None}
-    dense, compact, compact_model = export_tools.predict_functions(model, method, state,
-                                                                  inputs)
+    dense, compact, compact_model = export_tools.predict_functions(cfg, inputs, model, method,
+                                                                  state, epoch)
     fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
     ms = {b: export_tools.latency(fns, inputs.data.x_test, b, repeats, warmup=3)
           for b in (1, 256)}

@@ -54,6 +54,12 @@ def test_two_epoch_run_on_npz_arrays(small_cifar, tmp_path):
     check_outputs(tmp_path, report, epochs=2)
     assert [r["phase"] for r in report["history"]] == ["dense", "pruning"]
     assert report["config"]["dataset"] == small_cifar
+    # While pruning, evaluation runs on re-estimated BatchNorm statistics (--bn_batches);
+    # the report keeps the running statistics' accuracy beside it.
+    dense, pruning = report["history"]
+    assert dense["test_accuracy_running_stats"] is None
+    assert 0.0 <= report["test_accuracy_running_stats"] <= 1.0
+    assert report["test_accuracy_running_stats"] == pruning["test_accuracy_running_stats"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "snip", "grasp", "random", "rigl"])

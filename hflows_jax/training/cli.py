@@ -61,6 +61,8 @@ HELP = {
     "seed": "initialization, batch order and augmentation",
     "workdir": "checkpoints, metrics.csv, report.json and run.png; rerun with it to resume",
     "eval_every": "epochs between test evaluations",
+    "bn_batches": "training batches to re-estimate BatchNorm statistics on before each "
+                  "evaluation while pruning (0: evaluate on the running statistics)",
     "log_every": "steps between progress-bar updates",
     "compilation_cache": "JAX's persistent compilation cache in ~/.cache/hflows_jax "
                          "(repeated and resumed runs start in seconds); false to turn off",

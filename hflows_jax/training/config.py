@@ -59,6 +59,9 @@ class RunConfig:
     seed: int = 0
     workdir: str = "workdir/cifar"
     eval_every: int = 1
+    # While pruning: evaluate on BatchNorm statistics re-estimated over this many training
+    # batches with the current masks (0: on the running statistics, which lag them).
+    bn_batches: int = 32
     log_every: int = 50
     compilation_cache: bool = True  # JAX's persistent compilation cache, in a user directory
     keep_checkpoints: int = 2  # checkpoints kept per phase; 0 keeps every epoch's
@@ -154,6 +157,7 @@ class Config:
         methods.get(p.name).distribution(p.distribution)
         _require(r.keep_checkpoints >= 0,
                  f"--keep_checkpoints must be >= 0, got {r.keep_checkpoints}.")
+        _require(r.bn_batches >= 0, f"--bn_batches must be >= 0, got {r.bn_batches}.")
         _require(r.parallel in PARALLEL,
                  f"--parallel must be one of {list(PARALLEL)}, got {r.parallel!r}.")
         explicit = (r.coordinator_address, r.num_processes, r.process_id)

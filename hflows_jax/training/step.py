@@ -19,6 +19,7 @@ import optax
 from jax import lax
 
 import hflows_jax as hf
+from hflows_jax.models.norm import MOMENTUM
 from hflows_jax.training.state import TrainState
 
 AXIS = "batch"
@@ -96,3 +97,42 @@ def make_eval_step(model: nn.Module, masked: bool, axis_name: str | None = AXIS)
         return correct, count
 
     return eval_step
+
+
+def _is_statistic(path) -> bool:
+    return getattr(path[-1], "key", None) in ("mean", "var")
+
+
+def batch_statistics(model: nn.Module, variables: dict, images: jax.Array) -> dict:
+    """The BatchNorm statistics of one batch (train mode), shaped like ``batch_stats``.
+
+    BatchNorm's update is ``running = MOMENTUM * running + (1 - MOMENTUM) * batch``: from
+    zeroed running statistics it writes ``(1 - MOMENTUM) * batch``. Other entries of
+    ``batch_stats`` (FTWT's mass threshold) come back unchanged.
+    """
+    stats = variables["batch_stats"]
+    zeros = jax.tree.map_with_path(lambda p, s: jnp.zeros_like(s) if _is_statistic(p) else s,
+                                   stats)
+    _, new = model.apply({**variables, "batch_stats": zeros}, images, train=True,
+                         mutable=["batch_stats"])
+    return jax.tree.map_with_path(
+        lambda p, s, n: n / (1 - MOMENTUM) if _is_statistic(p) else s, stats,
+        new["batch_stats"])
+
+
+def make_statistics_step(model: nn.Module, masked: bool):
+    """``(state, images) -> batch_stats`` of one batch on the weights the network runs on
+    (under pmap or shard_map the model's BatchNorm averages over the devices itself)."""
+
+    def statistics_step(state: TrainState, images: jax.Array):
+        variables = {"params": effective_params(state, masked), "batch_stats": state.batch_stats}
+        return batch_statistics(model, variables, images)
+
+    return statistics_step
+
+
+def mean_statistics(batch_stats: list, like: dict) -> dict:
+    """The mean of several batches' statistics; other entries as in ``like``."""
+    return jax.tree.map_with_path(
+        lambda p, s, *batches: sum(batches) / len(batches) if _is_statistic(p) else s,
+        like, *batch_stats)

@@ -35,7 +35,9 @@ from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
 from hflows_jax.flops import forward_macs
 from hflows_jax.training.state import TrainState
-from hflows_jax.training.step import make_eval_step, make_train_step, smoothed_cross_entropy
+from hflows_jax.training.step import (batch_statistics, make_eval_step, make_statistics_step,
+                                      make_train_step, mean_statistics,
+                                      smoothed_cross_entropy)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_BATCH = 1000
@@ -262,6 +264,21 @@ def pruned_network(model: nn.Module, method: methods.Method, state: TrainState,
     return model, {"params": params, "batch_stats": batch_stats}, masks, groups
 
 
+def evaluated_network(cfg: Config, inputs: Inputs, model: nn.Module,
+                      method: methods.Method, state: TrainState, epoch: int) -> tuple:
+    """``pruned_network`` with the BatchNorm statistics the loop evaluated epoch ``epoch``
+    on (re-estimated over ``--bn_batches`` of its training batches; ``model`` without a
+    device axis): what ``experiments.export`` serves."""
+    model, variables, masks, groups = pruned_network(model, method, state,
+                                                     inputs.data.image_shape)
+    if cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
+        step = jax.jit(lambda v, x: batch_statistics(model, v, x))
+        stats = [step(variables, images) for images in statistics_batches(cfg, inputs, epoch)]
+        variables = {**variables,
+                     "batch_stats": mean_statistics(stats, variables["batch_stats"])}
+    return model, variables, masks, groups
+
+
 # --- state: init or restore ----------------------------------------------------------------
 
 def new_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:
@@ -300,10 +317,17 @@ def resume_point(phases: tuple[Phase, ...], ckpts: dict) -> tuple[int, int | Non
 
 # --- epochs -----------------------------------------------------------------------------
 
-def compile_steps(setup: Setup, phase: Phase, placed: TrainState) -> tuple:
-    """The phase's train and eval steps over the devices, compiled ahead of time, and the
-    seconds that took (JAX's persistent compilation cache makes a repeated run's compile
-    short)."""
+def refreshes_statistics(setup: Setup, phase: Phase, state: TrainState) -> bool:
+    """Whether this phase evaluates on re-estimated BatchNorm statistics: while masks
+    change (pruning, regrowth), with BatchNorm in the model and ``--bn_batches`` set."""
+    return phase.masked and setup.cfg.run.bn_batches > 0 and bool(
+        jax.tree.leaves(state.batch_stats))
+
+
+def compile_steps(setup: Setup, phase: Phase, placed: TrainState, statistics: bool) -> tuple:
+    """The phase's train, eval and (with ``statistics``) BatchNorm statistics steps over
+    the devices, compiled ahead of time, and the seconds that took (JAX's persistent
+    compilation cache makes a repeated run's compile short)."""
     cfg, par, n = setup.cfg, setup.parallel, jax.local_device_count()
     started = time.time()
     train_step = par.compile(make_train_step(
@@ -316,7 +340,35 @@ def compile_steps(setup: Setup, phase: Phase, placed: TrainState) -> tuple:
     train_step = par.precompile(train_step, placed, images, labels)
     eval_step = par.precompile(par.compile(make_eval_step(setup.model, phase.masked),
                                            num_batch_args=3), placed, *setup.test_set)
-    return train_step, eval_step, time.time() - started
+    statistics_step = None
+    if statistics:
+        statistics_step = par.precompile(par.compile(
+            make_statistics_step(setup.model, phase.masked), num_batch_args=1), placed, images)
+    return train_step, eval_step, statistics_step, time.time() - started
+
+
+def epoch_batches(cfg: Config, inputs: Inputs, epoch: int):
+    """This process's (normalized images, labels) for every step of one epoch."""
+    return train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
+                         cfg.run.seed, epoch, inputs.mean, inputs.std, cfg.data.augment,
+                         jax.process_index(), jax.process_count())
+
+
+def statistics_batches(cfg: Config, inputs: Inputs, epoch: int):
+    """The first ``--bn_batches`` training batches of an epoch's order (images only)."""
+    for _, (images, _) in zip(range(cfg.run.bn_batches), epoch_batches(cfg, inputs, epoch)):
+        yield images
+
+
+def with_fresh_statistics(setup: Setup, statistics_step, placed: TrainState,
+                          epoch: int) -> TrainState:
+    """``placed`` with BatchNorm statistics re-estimated for its current masks: the mean
+    over ``--bn_batches`` training batches of each batch's statistics, as an evaluation
+    sees them. Training keeps its own running statistics."""
+    par, n = setup.parallel, jax.local_device_count()
+    stats = [statistics_step(placed, par.put_batch(parallel.split_for_devices(images, n)))
+             for images in statistics_batches(setup.cfg, setup.inputs, epoch)]
+    return placed._replace(batch_stats=mean_statistics(stats, placed.batch_stats))
 
 
 def device_test_set(inputs: Inputs, par: parallel.Pmap | parallel.ShardMap,
@@ -349,9 +401,7 @@ def train_epoch(setup: Setup, train_step, placed: TrainState, epoch: int, label:
     spe = inputs.steps_per_epoch
     started = time.time()
     sums = {"loss": 0.0, "accuracy": 0.0}
-    batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
-                            cfg.run.seed, epoch, inputs.mean, inputs.std, cfg.data.augment,
-                            jax.process_index(), jax.process_count())
+    batches = epoch_batches(cfg, inputs, epoch)
     pending = []
     # A context, so that an interrupted epoch clears its bar too.
     with tqdm(batches, total=spe, desc=f"{label} {epoch}", leave=False, file=sys.stderr,
@@ -384,7 +434,9 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
     row of the phase in this process carries the compile time of its steps."""
     cfg, par = setup.cfg, setup.parallel
     placed = par.put_state(state)
-    train_step, eval_step, compile_s = compile_steps(setup, phase, placed)
+    fresh = refreshes_statistics(setup, phase, state)
+    train_step, eval_step, statistics_step, compile_s = compile_steps(setup, phase, placed,
+                                                                      fresh)
     skipped = skipped_steps(state, phase.masked)
     for epoch in range(first, phase.epochs[-1] + 1):
         placed, means, seconds = train_epoch(setup, train_step, placed, epoch,
@@ -392,8 +444,17 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
         state = par.get_state(placed)
         evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
         now_skipped = skipped_steps(state, phase.masked)
+        started = time.time()
+        test_accuracy = running = None
+        if evaluate:
+            evaluated = (with_fresh_statistics(setup, statistics_step, placed, epoch)
+                         if fresh else placed)
+            test_accuracy = accuracy(setup, eval_step, evaluated)
+            if fresh and epoch == phase.epochs[-1]:  # the running statistics, for the report
+                running = accuracy(setup, eval_step, placed)
         row = {"phase": phase.label(epoch), "epoch": epoch, **means,
-               "test_accuracy": (accuracy(setup, eval_step, placed) if evaluate else None),
+               "test_accuracy": test_accuracy,
+               "test_accuracy_running_stats": running,
                "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
                "pressure": (float(hf.pressure_value(state.opt_state))
                             if phase.masked and setup.method.has_pressure else 0.0),
@@ -401,6 +462,7 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
                "skipped_steps": now_skipped - skipped,
                "compile_s": compile_s if epoch == first else 0.0,
                "train_s": seconds,
+               "eval_s": time.time() - started,
                "images_per_s": setup.inputs.steps_per_epoch * cfg.data.batch_size / seconds,
                "time_s": time.time() - setup.started}
         skipped = now_skipped
@@ -479,6 +541,8 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
+        # with --bn_batches: the last phase's final accuracy on the running statistics
+        "test_accuracy_running_stats": history[-1].get("test_accuracy_running_stats"),
         "sparsity": sparsity,
         "target": setup.method.target,  # what target_sparsity counts: weights or flops
         "target_removed": removed,  # the fraction of it removed (weights: the sparsity)
