@@ -206,7 +206,8 @@ def plot(fig, result: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = scaffold.read_report(args.workdir)
-    flags = {**report["config"], "workdir": args.workdir}
+    # a run from before --bn_batches evaluated on its running statistics
+    flags = {"bn_batches": 0, **report["config"], "workdir": args.workdir}
     if args.dataset:
         flags["dataset"] = args.dataset
     cfg = Config().replace(**flags)

@@ -83,40 +83,6 @@ def _evaluate(graph: graph_lib.Graph, env: dict, which: set | None = None) -> di
 # ---------------------------------------------------------------------------------------
 # Which channels go.
 
-@dataclasses.dataclass
-class _Reader:
-    """A contraction seen from the channels it reads: for each (axis of the data operand,
-    factor) that runs over a group, and the matching kernel axis."""
-
-    c: graph_lib.Contraction
-    data_axes: list  # data operand axes read through the kernel (contracted or depthwise)
-    kernel_axes: list  # the kernel's matching axes
-    out_kernel_axes: list  # kernel axes that index output channels (not for depthwise)
-    depthwise: bool
-
-
-def _readers(graph: graph_lib.Graph) -> list[_Reader]:
-    out = []
-    for c in graph.contractions:
-        eqn = graph.eqns[c.eqn]
-        if eqn.name == "conv_general_dilated":
-            dn = eqn.params["dimension_numbers"]
-            depthwise = eqn.params["feature_group_count"] > 1
-            if depthwise:
-                out.append(_Reader(c, [dn.lhs_spec[1]], [dn.rhs_spec[0]], [], True))
-            else:
-                out.append(_Reader(c, [dn.lhs_spec[1]], [dn.rhs_spec[1]], [dn.rhs_spec[0]],
-                                   False))
-        else:
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            dc, kc = (lc, rc) if c.data == 0 else (rc, lc)
-            kb = rb if c.kernel == 1 else lb
-            free = [d for d in range(len(graph.shapes[eqn.ins[c.kernel]]))
-                    if d not in kc and d not in kb]
-            out.append(_Reader(c, list(dc), list(kc), free, False))
-    return out
-
-
 def _axis_index(factors: tuple, keep: dict) -> np.ndarray | None:
     """Flat indices of an axis's kept entries (its factors' kept channels, row-major);
     None when it keeps all."""
@@ -147,6 +113,16 @@ def _channel_vector(vector: dict, factors: tuple, default: float):
     return out
 
 
+def _one_example(graph: graph_lib.Graph, v: int, value) -> np.ndarray | None:
+    """``value`` at the first example, its batch axis kept at size 1; None when the batch
+    is not an axis of its own (merged with tokens, say)."""
+    axes = [a for a in range(len(graph.shapes[v]))
+            if any(s == graph_lib.BATCH for _, s in graph.factors(v, a))]
+    if len(axes) != 1 or len(graph.factors(v, axes[0])) != 1:
+        return None
+    return np.take(np.asarray(value, np.float64), [0], axis=axes[0])
+
+
 def _along(array_shape: tuple, axis: int, vec: np.ndarray) -> np.ndarray:
     shape = [1] * len(array_shape)
     shape[axis] = array_shape[axis]
@@ -159,7 +135,7 @@ class _Analysis:
     def __init__(self, graph: graph_lib.Graph, static: dict, values: dict, border: str):
         self.graph, self.static, self.values, self.border = graph, static, values, border
         self.groups = graph.groups
-        self.readers = _readers(graph)
+        self.readers = graph.contractions
         self.keep = {s: np.ones(n, bool) for s, n in self.groups.items()}
         self.forced = {s: np.zeros(n, bool) for s, n in self.groups.items()}
         self.deltas = {}
@@ -167,12 +143,11 @@ class _Analysis:
     def factors(self, v, axis):
         return self.graph.factors(v, axis)
 
-    def kernel_nonzero(self, r: _Reader) -> np.ndarray:
+    def kernel_nonzero(self, r: graph_lib.Contraction) -> np.ndarray:
         """The kernel's nonzero pattern, its output axes cut to the kept channels."""
-        eqn = self.graph.eqns[r.c.eqn]
-        k = eqn.ins[r.c.kernel]
+        k = self.graph.eqns[r.eqn].ins[r.kernel]
         nz = np.asarray(self.static[k]) != 0
-        for axis in r.out_kernel_axes:
+        for axis in r.out_axes:
             index = _axis_index(self.factors(k, axis), self.keep)
             if index is not None:
                 nz = np.take(nz, index, axis=axis)
@@ -182,9 +157,9 @@ class _Analysis:
     def _dependence(self):
         """``keep -> {reader's data value: where it depends on x}``, compiled once."""
         g = self.graph
-        readers = {r.c.eqn: r for r in self.readers}
-        wanted = {g.eqns[r.c.eqn].ins[r.c.data] for r in self.readers}
-        nonzero = {i: jnp.asarray(np.asarray(self.static[g.eqns[i].ins[r.c.kernel]]) != 0,
+        readers = {r.eqn: r for r in self.readers}
+        wanted = {g.eqns[r.eqn].ins[r.data] for r in self.readers}
+        nonzero = {i: jnp.asarray(np.asarray(self.static[g.eqns[i].ins[r.kernel]]) != 0,
                                   jnp.float32) for i, r in readers.items()}
 
         def run(keep):
@@ -198,7 +173,7 @@ class _Analysis:
                     res = jnp.zeros(shape, jnp.float32)
                 elif i in readers:
                     r = readers[i]
-                    data, v = ins[r.c.data], eqn.ins[r.c.data]
+                    data, v = ins[r.data], eqn.ins[r.data]
                     if data is None:
                         res = jnp.zeros(shape, jnp.float32)
                     else:
@@ -206,7 +181,7 @@ class _Analysis:
                             vec = _channel_vector(keep, self.factors(v, axis), 1.0)
                             data = data * _along(data.shape, axis, vec)
                         args = [None, None]
-                        args[r.c.data], args[r.c.kernel] = data, nonzero[i]
+                        args[r.data], args[r.kernel] = data, nonzero[i]
                         res = (eqn.prim.bind(*args, **dict(
                             eqn.params, preferred_element_type=jnp.float32)) > 0)
                 elif eqn.name in graph_lib.CONTRACTIONS:  # x on both sides
@@ -266,10 +241,10 @@ class _Analysis:
         removable = {s: ~self.forced[s] for s in self.groups}
         const_read = []
         for r in self.readers:
-            eqn = self.graph.eqns[r.c.eqn]
-            v = eqn.ins[r.c.data]
+            eqn = self.graph.eqns[r.eqn]
+            v = eqn.ins[r.data]
             nz = self.kernel_nonzero(r)
-            for d_axis, k_axis in zip(r.data_axes, r.kernel_axes):
+            for d_axis, k_axis in zip(r.data_axes, r.read_axes):
                 factors = self.factors(v, d_axis)
                 for _, s in factors:
                     if s not in self.groups:
@@ -278,7 +253,7 @@ class _Analysis:
                         reads = np.moveaxis(nz, k_axis, -1).reshape(-1, nz.shape[k_axis]).any(0)
                     else:
                         reads = _per_channel(nz, k_axis, self.factors(
-                            eqn.ins[r.c.kernel], k_axis), s)
+                            eqn.ins[r.kernel], k_axis), s)
                     depends = _per_channel(dep[v], d_axis, factors, s)
                     removable[s] &= ~reads | ~depends
                     const_read.append((r, d_axis, s, reads & ~depends))
@@ -296,22 +271,27 @@ class _Analysis:
             by_reader.setdefault(id(r), (r, []))[1].append((d_axis, s, const & ~self.keep[s]))
         self.deltas, forced = {}, False
         for r, parts in by_reader.values():
-            eqn = self.graph.eqns[r.c.eqn]
-            v = eqn.ins[r.c.data]
+            eqn = self.graph.eqns[r.eqn]
+            v = eqn.ins[r.data]
             if not any(c.any() for _, _, c in parts):
                 continue
-            data = np.asarray(self.values[v][:1], np.float64)
+            data = _one_example(self.graph, v, self.values[v])
+            if data is None:  # the batch shares an axis: no per-example constant to add
+                for _, s, const in parts:
+                    self.forced[s] |= const & ~self.keep[s]
+                forced = True
+                continue
             mask = np.ones(data.shape, bool)
             for d_axis, s, const in parts:
                 vec = _channel_vector({s: const.astype(np.float32)}, self.factors(v, d_axis),
                                       1.0)
                 mask = mask & (_along(data.shape, d_axis, vec) > 0)
             args = [None, None]
-            args[r.c.data] = jnp.asarray(np.where(mask, data, 0.0), jnp.float32)
-            args[r.c.kernel] = jnp.asarray(self.static[eqn.ins[r.c.kernel]], jnp.float32)
+            args[r.data] = jnp.asarray(np.where(mask, data, 0.0), jnp.float32)
+            args[r.kernel] = jnp.asarray(self.static[eqn.ins[r.kernel]], jnp.float32)
             delta = np.asarray(eqn.prim.bind(*args, **dict(
                 eqn.params, preferred_element_type=jnp.float32)), np.float32)
-            delta = self._collapse(eqn.outs[0], delta, _data_out_axes(self.graph, r))
+            delta = self._collapse(eqn.outs[0], delta, r.positions)
             if delta is None:  # varies along a spatial axis: the border
                 for d_axis, s, const in parts:
                     nonzero = _per_channel(np.where(mask, data, 0.0) != 0, d_axis,
@@ -319,7 +299,7 @@ class _Analysis:
                     self.forced[s] |= const & ~self.keep[s] & nonzero
                 forced = True
             elif np.any(delta != 0):
-                self.deltas[r.c.eqn] = delta
+                self.deltas[r.eqn] = delta
         return forced
 
     def _collapse(self, out: int, delta: np.ndarray, axes: list) -> np.ndarray | None:
@@ -337,18 +317,6 @@ class _Analysis:
             elif self.border == "keep":
                 return None
         return delta
-
-
-def _data_out_axes(graph: graph_lib.Graph, r: _Reader) -> list:
-    """The reader's output axes that index positions of its data (not its channels)."""
-    eqn = graph.eqns[r.c.eqn]
-    if eqn.name == "conv_general_dilated":
-        return list(eqn.params["dimension_numbers"].out_spec[2:])
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    n_free = [len(graph.shapes[a]) - len(c) - len(b)
-              for a, c, b in zip(eqn.ins, (lc, rc), (lb, rb))]
-    start = len(lb) + (0 if r.c.data == 0 else n_free[0])
-    return list(range(start, start + n_free[r.c.data]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,8 +417,10 @@ def _run(program: tuple, params: dict, x, sparse: bool):
     batch = x.shape[0]
     outs = None
     for step in program:
-        if isinstance(step, tuple):  # ("outputs", refs): the last step
-            outs = [env[v] if isinstance(v, int) or v == "x" else params[v] for v in step[1]]
+        if isinstance(step, tuple):  # ("outputs", refs, tree): the last step
+            leaves = [env[ref] if kind == "v" else params[ref] if kind == "p" else ref
+                      for kind, ref in step[1]]
+            outs = jax.tree.unflatten(step[2], leaves)
             continue
         use_sparse = step.sparse is not None and sparse
         args = []
@@ -474,7 +444,7 @@ def _run(program: tuple, params: dict, x, sparse: bool):
         results = out if step.eqn.prim.multiple_results else [out]
         for o, val in zip(step.eqn.outs, results):
             env[o] = val
-    return outs[0] if len(outs) == 1 else tuple(outs)
+    return outs
 
 
 def _aligned_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -580,10 +550,9 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
     keep = analysis.keep
     names = {v: p for v, p in zip(graph.param_ids, graph.param_paths)}
     arrays, program = {}, []
-    readers = {r.c.eqn: r for r in analysis.readers}
+    readers = {r.eqn: r for r in analysis.readers}
     on_cpu = jax.default_backend() == "cpu"
     has_bcsr = False
-    compact_shapes = {}
 
     def ref(a):
         if _is_literal(a):
@@ -606,16 +575,19 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
             params[SHAPE_PARAMS[eqn.name]] = _compact_shape(graph, keep, out)
             if eqn.name == "reshape":
                 params["dimensions"] = None
-        for a in eqn.ins:
-            if not _is_literal(a) and a in graph.runtime:
-                shape = _compact_shape(graph, keep, a)
-                if eqn.name in ("slice", "pad", "rev", "concatenate") and any(
-                        k for _, k in shape.dims):
-                    _check_batch_untouched(graph, eqn, a)
-        if eqn.name == "conv_general_dilated" and params["feature_group_count"] > 1:
+        if eqn.name in graph_lib.CUTS or eqn.name == "split":
+            _check_batch_untouched(graph, eqn)
+        if eqn.name == "slice":  # uncut axes run over their compact sizes
+            cut = graph_lib.cut_axes(eqn, graph.shapes[eqn.ins[0]])
+            dims = _compact_shape(graph, keep, eqn.ins[0]).dims
+            params["limit_indices"] = _Shape(tuple(
+                (params["limit_indices"][d], 0) if d in cut else dims[d]
+                for d in range(len(dims))))
+        r = readers.get(i)
+        if r is not None and r.depthwise:  # as many groups as its compact channels
             dn = params["dimension_numbers"]
-            lhs = _compact_shape(graph, keep, eqn.ins[0]).dims[dn.lhs_spec[1]][0]
-            params["feature_group_count"] = lhs
+            params["feature_group_count"] = _compact_shape(
+                graph, keep, eqn.ins[0]).dims[dn.lhs_spec[1]][0]
         ins = [ref(a) for a in eqn.ins]
         step = dict(delta=None, rows=None, sparse=None)
         if i in analysis.deltas:
@@ -623,7 +595,6 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
             arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i]),
                                        graph.dtypes[out])
             step["delta"] = name
-        r = readers.get(i)
         if r is not None and eqn.name == "dot_general" and _is_dense_layer(graph, eqn, r):
             kernel = np.asarray(arrays[ins[1][1]])
             rows = np.flatnonzero((kernel != 0).any(axis=1))
@@ -643,10 +614,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
                 if bcsr:  # always sparse: the dense kernel is never read
                     ins[1] = ("lit", None)
         program.append(_Step(eqn, tuple(ins), tuple(params.items()), **step))
-        compact_shapes[out] = _compact_shape(graph, keep, out)
-    outs = tuple("x" if o == graph.x_id else o if o in graph.runtime else ref(o)[1]
-                 for o in graph.out_ids)
-    program.append(("outputs", outs))
+    program.append(("outputs", tuple(ref(o) for o in graph.out_ids), graph.out_tree))
 
     layers = _layer_counts(graph, keep, program, arrays, static, has_bcsr and bcsr is not False)
     groups = {name: (int(keep[s].sum()), int(keep[s].size))
@@ -655,7 +623,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
             for kind, name in step.ins if kind == "p"}
     used |= {n for step in program if isinstance(step, _Step)
              for n in (step.delta, step.rows, step.sparse) if n is not None}
-    used |= {o for o in outs if isinstance(o, str) and o != "x"}
+    used |= {name for kind, name in program[-1][1] if kind == "p"}
     arrays = {k: v for k, v in arrays.items() if k in used}
     example_spec = jax.ShapeDtypeStruct(example.shape, example.dtype)
     params_stored = sum(math.prod(graph.shapes[v]) for v in graph.param_ids)
@@ -675,22 +643,15 @@ def _is_dense_layer(graph, eqn, r) -> bool:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     kernel = graph.shapes[eqn.ins[1]]
     data = graph.shapes[eqn.ins[0]]
-    return (r.c.kernel == 1 and len(kernel) == 2 and tuple(rc) == (0,)
+    return (r.kernel == 1 and len(kernel) == 2 and tuple(rc) == (0,)
             and tuple(lc) == (len(data) - 1,) and not lb and not rb)
 
 
-def _check_batch_untouched(graph, eqn, a) -> None:
-    p = eqn.params
-    n = len(graph.shapes[a])
-    for axis in range(n):
-        if not any(s == graph_lib.BATCH for _, s in graph.factors(a, axis)):
-            continue
-        cut = {"slice": lambda: (p["start_indices"][axis], p["limit_indices"][axis])
-               != (0, graph.shapes[a][axis]),
-               "pad": lambda: tuple(p["padding_config"][axis]) != (0, 0, 0),
-               "rev": lambda: axis in p["dimensions"],
-               "concatenate": lambda: p["dimension"] == axis}[eqn.name]()
-        if cut:
+def _check_batch_untouched(graph, eqn) -> None:
+    """A clear error for an op that cuts the batch axis: its sizes are the example's."""
+    a = eqn.ins[0]
+    for axis in graph_lib.cut_axes(eqn, graph.shapes[a]):
+        if any(s == graph_lib.BATCH for _, s in graph.factors(a, axis)):
             raise graph_lib.GraphError(f"hf.export cannot take `{eqn.name}` over the batch "
                                        f"axis (at {eqn.where}).")
 
@@ -715,11 +676,10 @@ def _layer_counts(graph, keep, program, arrays, static, sparse) -> tuple:
     layers = []
     for c in graph.contractions:
         eqn = graph.eqns[c.eqn]
-        k = eqn.ins[c.kernel]
-        name = names[k].rsplit("/", 1)[0] if k in names else f"{eqn.name} at {eqn.where}"
-        dense = graph_lib.contraction_macs(graph, c, graph.shapes.__getitem__)
-        kernel = np.asarray(static[k])
-        masked = dense // kernel.size * int(np.count_nonzero(kernel))
+        name = (names[c.param].rsplit("/", 1)[0] if c.param is not None
+                else f"{eqn.name} at {eqn.where}")
+        dense = graph_lib.contraction_macs(graph, c, graph.per_example_shape)
+        masked = graph_lib.masked_macs(graph, c, np.count_nonzero(static[eqn.ins[c.kernel]]))
         step = by_eqn.get(id(eqn))
         bcsr = step is not None and step.sparse is not None and sparse
         if step is None:  # everything it computes is constant

@@ -29,10 +29,8 @@ def forward_macs(fn: Callable, params: Any, example: Any, masks: Any = None
     paths = dict(zip(graph.param_ids, graph.param_paths))
     dense = masked = 0
     for c in graph.contractions:
-        macs = graph_lib.contraction_macs(graph, c, graph.shapes.__getitem__)
-        kernel = graph.eqns[c.eqn].ins[c.kernel]
+        macs = graph_lib.contraction_macs(graph, c, graph.per_example_shape)
         dense += macs
-        path = paths.get(kernel)
-        masked += (macs // int(np.prod(graph.shapes[kernel])) * present[path]
-                   if path in present else macs)
+        path = paths.get(c.param)
+        masked += graph_lib.masked_macs(graph, c, present[path]) if path in present else macs
     return dense, masked

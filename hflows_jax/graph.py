@@ -47,6 +47,24 @@ REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_a
 WINDOWS = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
 CONTRACTIONS = {"conv_general_dilated", "dot_general"}
+CUTS = {"slice", "pad", "concatenate", "rev"} | CUMULATIVE  # ops that cut or reorder axes
+
+
+def cut_axes(eqn, shape: tuple) -> set:
+    """The axes of its (first) operand, of ``shape``, that a slice, pad, concatenate,
+    rev, split or cumulative op cuts or reorders; the others it carries whole."""
+    p, n = eqn.params, len(shape)
+    if eqn.name == "slice":
+        strides = p["strides"] or (1,) * n
+        return {d for d in range(n)
+                if (p["start_indices"][d], p["limit_indices"][d], strides[d]) != (0, shape[d], 1)}
+    if eqn.name == "pad":
+        return {d for d, c in enumerate(p["padding_config"]) if tuple(c) != (0, 0, 0)}
+    if eqn.name in ("concatenate",):
+        return {p["dimension"]}
+    if eqn.name == "rev":
+        return set(p["dimensions"])
+    return {p["axis"]}  # split and the cumulative ops
 
 
 class GraphError(ValueError):
@@ -161,12 +179,56 @@ class Spaces:
 
 @dataclasses.dataclass
 class Contraction:
-    """A conv or dot_general with one input-dependent operand and one that is not (its
-    kernel): ``data``/``kernel`` are operand positions, ``eqn`` its index."""
+    """A conv or dot_general with one input-dependent operand (``data``) and one that is
+    not (``kernel``), by operand position; ``eqn`` is its index in the program.
+
+    The axes, once: ``data_axes`` of the data are read through ``read_axes`` of the
+    kernel (a depthwise conv: its channels, through the kernel's output axis);
+    ``out_axes`` of the kernel index the output channels (none for depthwise);
+    ``taps`` are the kernel axes each output entry sums over (in-feature and spatial);
+    ``positions`` are the output axes that index the data's positions. ``param`` is the
+    params leaf the kernel is (through dtype casts), or None.
+    """
 
     eqn: int
     data: int
     kernel: int
+    data_axes: tuple
+    read_axes: tuple
+    out_axes: tuple
+    taps: tuple
+    positions: tuple
+    depthwise: bool
+    param: int | None
+
+
+def _contraction(graph, i: int, eqn: Eqn, data: int, origin: dict) -> Contraction:
+    kernel = 1 - data
+    k = eqn.ins[kernel]
+    if eqn.name == "conv_general_dilated":
+        dn = eqn.params["dimension_numbers"]
+        depthwise = _is_depthwise(graph, eqn)
+        return Contraction(
+            i, data, kernel, (dn.lhs_spec[1],),
+            (dn.rhs_spec[0],) if depthwise else (dn.rhs_spec[1],),
+            () if depthwise else (dn.rhs_spec[0],), tuple(dn.rhs_spec[1:]),
+            tuple(dn.out_spec[2:]), depthwise, origin.get(k))
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    dc, kc, kb = (lc, rc, rb) if data == 0 else (rc, lc, lb)
+    free = tuple(d for d in range(len(graph.shapes[k])) if d not in kc and d not in kb)
+    n_free = [len(graph.shapes[a]) - len(c) - len(b)
+              for a, c, b in zip(eqn.ins, (lc, rc), (lb, rb))]
+    start = len(lb) + (0 if data == 0 else n_free[0])
+    return Contraction(i, data, kernel, tuple(dc), tuple(kc), free, tuple(kc),
+                       tuple(range(start, start + n_free[data])), False, origin.get(k))
+
+
+def _is_depthwise(graph, eqn: Eqn) -> bool:
+    """A conv whose every input channel is its own group, with one output channel each."""
+    dn = eqn.params["dimension_numbers"]
+    groups = eqn.params["feature_group_count"]
+    rhs, out = graph.shapes[eqn.ins[1]], graph.shapes[eqn.outs[0]]
+    return groups > 1 and rhs[dn.rhs_spec[1]] == 1 and out[dn.out_spec[1]] == groups
 
 
 @dataclasses.dataclass
@@ -184,7 +246,8 @@ class Graph:
     const_ids: list  # closed-over arrays (BatchNorm statistics, ...)
     consts: list
     x_id: int
-    out_ids: list
+    out_ids: list  # value ids or Literals
+    out_tree: Any  # fn's output structure
     depends: set  # value ids that depend on x
     runtime: set  # value ids the program computes per call (depend on x or carry the batch)
     contractions: list
@@ -195,45 +258,43 @@ class Graph:
 
     @property
     def groups(self) -> dict[int, int]:
-        """Prunable spaces: root -> channel count. A space is prunable when a kernel's axis
-        runs over it and nothing freezes it."""
+        """Prunable spaces: root -> channel count. A space is prunable when a conv or dense
+        layer reads or writes it and nothing freezes it."""
         found = {}
         for c in self.contractions:
-            v = self.eqns[c.eqn].ins[c.kernel]
-            for axis in range(len(self.shapes[v])):
-                for size, s in self.factors(v, axis):
-                    if s != BATCH and s not in self.spaces.frozen:
-                        found[s] = size
+            eqn = self.eqns[c.eqn]
+            sides = ((eqn.ins[c.data], c.data_axes), (eqn.ins[c.kernel], c.out_axes))
+            for v, axes in sides:  # the channels it reads and those it writes
+                for axis in axes:
+                    for size, s in self.factors(v, axis):
+                        if s != BATCH and s not in self.spaces.frozen:
+                            found[s] = size
         return found
 
     def read_axes(self) -> set:
-        """(kernel value, axis) pairs a conv or dense layer contracts: its input side."""
-        out = set()
-        for c in self.contractions:
-            eqn = self.eqns[c.eqn]
-            k = eqn.ins[c.kernel]
-            if eqn.name == "conv_general_dilated":
-                if eqn.params["feature_group_count"] == 1:
-                    out.add((k, eqn.params["dimension_numbers"].rhs_spec[1]))
-            else:
-                (lc, rc), _ = eqn.params["dimension_numbers"]
-                out.update((k, d) for d in (rc if c.kernel == 1 else lc))
-        return out
+        """(params leaf, axis) pairs that a conv or dense layer contracts: its input side."""
+        return {(c.param, d) for c in self.contractions if c.param is not None
+                and not c.depthwise for d in c.read_axes}
+
+    def per_example_shape(self, v: int) -> tuple:
+        """A value's shape with its batch factors taken out."""
+        return tuple(math.prod(n for n, s in self.factors(v, a) if s != BATCH)
+                     for a in range(len(self.shapes[v])))
 
     def group_names(self) -> dict[int, str]:
         """Each group named after the first layer that writes it: its kernel's path without
         ``/kernel`` (``"Conv_3"``, ``"ResNetBlock_0/Conv_1"``)."""
-        groups, read = self.groups, self.read_axes()
+        groups = self.groups
         paths = dict(zip(self.param_ids, self.param_paths))
         names = {}
         for c in self.contractions:
-            k = self.eqns[c.eqn].ins[c.kernel]
-            if k not in paths:
+            if c.param is None:
                 continue
-            for axis in range(len(self.shapes[k])):
-                for _, s in self.factors(k, axis):
-                    if s in groups and (k, axis) not in read:
-                        names.setdefault(s, paths[k].rsplit("/", 1)[0])
+            for axis in c.out_axes or c.read_axes:  # depthwise: it writes what it reads
+                for _, s in self.factors(c.param, axis):
+                    if s in groups and s not in names:
+                        name = paths[c.param].rsplit("/", 1)[0]  # a second group: + axis
+                        names[s] = name if name not in names.values() else f"{name}:{axis}"
         return {s: names.get(s, f"group_{s}") for s in groups}
 
     def leaf_axes(self) -> dict[str, tuple]:
@@ -246,28 +307,24 @@ class Graph:
 
     def macs(self, shape_of: Callable[[int], tuple] | None = None) -> int:
         """Multiply-adds per example of the conv and dense layers (contractions with a
-        kernel), with value shapes from ``shape_of`` (default: as traced)."""
-        shape_of = shape_of or self.shapes.__getitem__
-        total = 0
-        for c in self.contractions:
-            total += contraction_macs(self, c, shape_of)
-        return total
+        kernel), with per-example value shapes from ``shape_of`` (default: as traced)."""
+        shape_of = shape_of or self.per_example_shape
+        return sum(contraction_macs(self, c, shape_of) for c in self.contractions)
+
+
+def masked_macs(graph: Graph, c: Contraction, present: int) -> int:
+    """``contraction_macs`` on ``present`` of the kernel's entries: each one is read at
+    every output position."""
+    kernel = math.prod(graph.shapes[graph.eqns[c.eqn].ins[c.kernel]])
+    return contraction_macs(graph, c, graph.per_example_shape) // kernel * int(present)
 
 
 def contraction_macs(graph: Graph, c: Contraction, shape_of) -> int:
-    """Multiply-adds per example of one contraction: its output entries (batch axes left
-    out) times the kernel entries each reads."""
+    """Multiply-adds per example of one contraction: its output entries times the kernel
+    entries each reads (``shape_of``: per-example shapes)."""
     eqn = graph.eqns[c.eqn]
-    out = eqn.outs[0]
-    per_example = math.prod(n for n, f in zip(shape_of(out), graph.labels[out])
-                            if not any(s == BATCH for _, s in graph.spaces.resolve(f)))
     kernel = shape_of(eqn.ins[c.kernel])
-    if eqn.name == "conv_general_dilated":
-        rhs = eqn.params["dimension_numbers"].rhs_spec
-        return per_example * math.prod(kernel[d] for d in rhs[1:])
-    (lc, rc), _ = eqn.params["dimension_numbers"]
-    contracted = rc if c.kernel == 1 else lc
-    return per_example * math.prod(kernel[d] for d in contracted)
+    return math.prod(shape_of(eqn.outs[0])) * math.prod(kernel[d] for d in c.taps)
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +398,7 @@ def trace(fn: Callable, params: PyTree, example: jax.Array, strict: bool = True)
     multiply-adds (``flops.forward_macs``), not to prune or export.
     """
     try:
-        closed = jax.make_jaxpr(fn)(params, example)
+        closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(params, example)
     except Exception as e:  # noqa: BLE001  (the user's fn: say where it failed, keep the cause)
         raise GraphError(f"fn(params, x) failed while tracing on these params and an "
                          f"example of shape {tuple(example.shape)}: {type(e).__name__}: "
@@ -361,12 +418,12 @@ def trace(fn: Callable, params: PyTree, example: jax.Array, strict: bool = True)
     eqns, const_ids, consts = [], [], []
     outs = _flatten(jaxpr, closed.consts, in_ids, new_id, eqns, const_ids, consts,
                     shapes, dtypes)
-    if any(isinstance(o, jex.core.Literal) for o in outs):
-        raise GraphError("fn returns a constant: nothing to trace.")
+    if all(isinstance(o, jex.core.Literal) for o in outs):
+        raise GraphError("fn returns only constants: nothing to trace.")
     graph = Graph(eqns, shapes, dtypes, {}, Spaces(), in_ids[:-1],
                   [keystr(p, simple=True, separator="/") for p, _ in leaves_with_path],
-                  const_ids, [np.asarray(c) for c in consts], in_ids[-1], outs, set(), set(),
-                  [], strict)
+                  const_ids, [np.asarray(c) for c in consts], in_ids[-1], outs,
+                  jax.tree.structure(out_shapes), set(), set(), [], strict)
     _label(graph)
     _classify(graph)
     return graph
@@ -399,15 +456,31 @@ def _unify_axes(graph: Graph, out: int, ins: list) -> None:
 
 def _reshape(graph: Graph, operand: int, out: int) -> None:
     """Axes that merge concatenate their factors; an axis split along its factors' bounds
-    hands them on; splitting inside a factor freezes it (attention heads)."""
+    hands them on; splitting inside a factor freezes it (attention heads, maxout), while
+    the axes around the split (the batch) keep their labels."""
     sp = graph.spaces
-    src = [(n, sp.resolve(f)) for n, f in zip(graph.shapes[operand], graph.labels[operand])]
-    dst = list(graph.shapes[out])
-    factors = [f for _, fs in src for f in fs]
-    labels, k = [], 0
-    for n in dst:
+    src_shape, dst = graph.shapes[operand], graph.shapes[out]
+    lead = 0  # axes kept one-to-one at both ends
+    while lead < min(len(src_shape), len(dst)) and src_shape[lead] == dst[lead]:
+        lead += 1
+    tail = 0
+    while (tail < min(len(src_shape), len(dst)) - lead
+           and src_shape[-1 - tail] == dst[-1 - tail]):
+        tail += 1
+    middle = _split_factors(sp, graph.labels[operand][lead:len(src_shape) - tail],
+                            dst[lead:len(dst) - tail])
+    src = graph.labels[operand]
+    graph.labels[out] = src[:lead] + middle + (src[len(src) - tail:] if tail else ())
+
+
+def _split_factors(sp: Spaces, labels: tuple, sizes: tuple) -> tuple:
+    """Labels for axes of ``sizes`` made of the factors of ``labels`` in order, or fresh
+    frozen ones where a factor would have to be split."""
+    factors = [f for label in labels for f in sp.resolve(label)]
+    out, k = [], 0
+    for n in sizes:
         if n == 1:
-            labels.append(((1, sp.new(1)),))
+            out.append(((1, sp.new(1)),))
             continue
         take, prod = [], 1
         while k < len(factors) and prod < n and prod * factors[k][0] <= n:
@@ -416,13 +489,15 @@ def _reshape(graph: Graph, operand: int, out: int) -> None:
             k += 1
         if prod != n:
             break
-        labels.append(tuple(take))
-    if len(labels) == len(dst) and k == len(factors):
-        graph.labels[out] = tuple(labels)
-        return
-    sp.freeze(tuple(factors), "a reshape splits it into sub-axes (e.g. attention heads)")
-    for f in _fresh(graph, out):
-        sp.freeze(f, "a reshape splits it into sub-axes (e.g. attention heads)")
+        out.append(tuple(take))
+    if len(out) == len(sizes) and k == len(factors):
+        return tuple(out)
+    why = "a reshape splits it into sub-axes (e.g. attention heads)"
+    sp.freeze(tuple(factors), why)
+    fresh = tuple(((n, sp.new(n)),) for n in sizes)
+    for f in fresh:
+        sp.freeze(f, why)
+    return fresh
 
 
 def _conv(graph: Graph, eqn: Eqn) -> None:
@@ -439,13 +514,12 @@ def _conv(graph: Graph, eqn: Eqn) -> None:
     if groups == 1:
         sp.unify(ll[dn.lhs_spec[1]], lr[dn.rhs_spec[1]])
         sp.unify(lr[dn.rhs_spec[0]], lo[dn.out_spec[1]])
-    elif graph.shapes[rhs][dn.rhs_spec[1]] == 1 and graph.shapes[out][dn.out_spec[1]] == groups:
-        # depthwise: channel c in is channel c out
+    elif _is_depthwise(graph, eqn):  # channel c in is channel c out
         sp.unify(ll[dn.lhs_spec[1]], lr[dn.rhs_spec[0]])
         sp.unify(lr[dn.rhs_spec[0]], lo[dn.out_spec[1]])
     else:
         why = "a grouped conv (other than depthwise with multiplier 1) reads it"
-        for f in (ll[dn.lhs_spec[1]], lr[dn.rhs_spec[0]], lo[dn.out_spec[1]]):
+        for f in (ll[dn.lhs_spec[1]], lr[dn.rhs_spec[1]], lr[dn.rhs_spec[0]], lo[dn.out_spec[1]]):
             sp.freeze(f, why)
     for labels, spec in ((ll, dn.lhs_spec), (lr, dn.rhs_spec), (lo, dn.out_spec)):
         for d in spec[2:]:
@@ -497,6 +571,9 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
         la = graph.labels[first]
         axes = set(p["axes"])
         for d in axes:
+            if any(s == BATCH for _, s in sp.resolve(la[d])):
+                raise GraphError(f"hf.export cannot take `{name}` over the batch axis (at "
+                                 f"{eqn.where}): fn must treat each example on its own.")
             sp.freeze(la[d], f"it is reduced over ({name} at {eqn.where})")
         graph.labels[eqn.outs[0]] = tuple(f for i, f in enumerate(la) if i not in axes)
     elif name in WINDOWS:
@@ -512,25 +589,22 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
         _conv(graph, eqn)
     elif name == "dot_general":
         _dot(graph, eqn)
-    elif name in ("slice", "pad", "concatenate", "rev") or name in CUMULATIVE:
+    elif name == "split":  # every output is a piece of the split axis; the others carried
+        for o in eqn.outs:
+            lo = _fresh(graph, o)
+            for axis, (fa, fo) in enumerate(zip(graph.labels[first], lo)):
+                if axis in cut_axes(eqn, graph.shapes[first]):
+                    sp.freeze(fa, f"split at {eqn.where} cuts it")
+                    sp.freeze(fo, f"split at {eqn.where} cuts it")
+                else:
+                    sp.unify(fa, fo)
+    elif name in CUTS:
         lo = _fresh(graph, eqn.outs[0])
-        n = len(lo)
-        if name == "slice":
-            cut = [d for d in range(n) if (p["start_indices"][d], p["limit_indices"][d],
-                                           (p["strides"] or (1,) * n)[d])
-                   != (0, graph.shapes[first][d], 1)]
-        elif name == "pad":
-            cut = [d for d, c in enumerate(p["padding_config"]) if tuple(c) != (0, 0, 0)]
-        elif name == "concatenate":
-            cut = [p["dimension"]]
-        elif name == "rev":
-            cut = list(p["dimensions"])
-        else:
-            cut = [p["axis"]]
+        cut = cut_axes(eqn, graph.shapes[first])
         operands = ins if name == "concatenate" else ins[:1]
         for a in operands:
             la = graph.labels[a]
-            for d in range(n):
+            for d in range(len(lo)):
                 if d in cut:
                     sp.freeze(la[d], f"{name} at {eqn.where} cuts or reorders it")
                     sp.freeze(lo[d], f"{name} at {eqn.where} cuts or reorders it")
@@ -583,7 +657,7 @@ def _label(graph: Graph) -> None:
     for eqn in graph.eqns:
         _label_eqn(graph, eqn)
     for o in graph.out_ids:
-        for f in graph.labels[o]:
+        for f in _label_of(graph, o) or ():
             sp.freeze(f, "it reaches fn's output")
 
 
@@ -591,8 +665,12 @@ def _classify(graph: Graph) -> None:
     """Which values depend on x or carry the batch axis; the contractions with a kernel."""
     depends = {graph.x_id}
     runtime = {graph.x_id}
+    origin = {v: v for v in graph.param_ids}  # value -> the params leaf it is, cast
     sp = graph.spaces
     for i, eqn in enumerate(graph.eqns):
+        if (eqn.name in ("convert_element_type", "copy", "copy_p")
+                and not isinstance(eqn.ins[0], jex.core.Literal) and eqn.ins[0] in origin):
+            origin[eqn.outs[0]] = origin[eqn.ins[0]]
         dyn = [a for a in eqn.ins if not isinstance(a, jex.core.Literal) and a in depends]
         if dyn:
             depends.update(eqn.outs)
@@ -607,7 +685,8 @@ def _classify(graph: Graph) -> None:
             if a_dyn and b_dyn:
                 _freeze_contracted(graph, eqn)
             elif a_dyn != b_dyn:
-                graph.contractions.append(Contraction(i, 0 if a_dyn else 1, 1 if a_dyn else 0))
+                graph.contractions.append(_contraction(graph, i, eqn, 0 if a_dyn else 1,
+                                                       origin))
     graph.depends, graph.runtime = depends, runtime
 
 

@@ -12,6 +12,8 @@ from flax import nnx
 
 import hflows_jax as hf
 from experiments.user_loops.linen_mnist import CNN as LinenMnistCNN  # the Flax example's
+from hflows_jax import models
+from hflows_jax.flops import forward_macs
 from hflows_jax.graph import GraphError
 from hflows_jax.masking import multiply_masks
 
@@ -245,3 +247,92 @@ def test_readme_your_own_model_runs():
     final = hf.finalize(scope["params"], scope["opt_state"])
     _assert_close(compact(scope["x"]), scope["fn"](final, scope["x"]))
     assert isinstance(scope["serialized"], (bytes, bytearray))
+
+
+def _mlp(n_in=6, hidden=8, n_out=4, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"w1": rng.normal(size=(n_in, hidden)).astype(np.float32),
+              "w2": rng.normal(size=(hidden, n_out)).astype(np.float32)}
+    masks = {"w1": np.ones((n_in, hidden), bool), "w2": np.ones((hidden, n_out), bool)}
+    masks["w1"][:, :3] = False  # three hidden units with no input: relu(0) = 0
+    return params, masks
+
+
+@pytest.mark.parametrize("case", ["slice", "maxout", "split", "dict_output"])
+def test_programs_that_slice_split_or_reshape_export_at_any_batch(case):
+    """Ops whose shape parameters mention the batch or a pruned axis (found in review)."""
+    params, masks = _mlp()
+    if case == "maxout":  # a reshape that splits the hidden units: frozen, batch kept
+        params["w2"], masks["w2"] = params["w2"][:4], masks["w2"][:4]
+    if case == "split":  # a GLU: the hidden units split in two halves
+        params["w2"], masks["w2"] = params["w2"][:4], masks["w2"][:4]
+
+    def fn(p, x):
+        h = x @ p["w1"]
+        if case == "slice":
+            return jax.nn.relu(h)[:, 1:] @ p["w2"][1:]
+        if case == "maxout":
+            return h.reshape(x.shape[0], 4, 2).max(-1) @ p["w2"]
+        if case == "split":
+            a, b = jnp.split(h, 2, axis=-1)
+            return (a * jax.nn.sigmoid(b)) @ p["w2"]
+        return {"logits": jax.nn.relu(h) @ p["w2"], "hidden": jax.nn.relu(h)}
+
+    x2, x5 = (np.random.default_rng(n).normal(size=(n, 6)).astype(np.float32) for n in (2, 5))
+    compact = hf.export(fn, params, masks, x2)
+    masked = multiply_masks(params, masks)
+    got, want = compact(x5), fn(masked, x5)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _assert_close(g, w)
+
+
+def test_a_grouped_conv_and_bfloat16_kernels_keep_their_layers():
+    class Net(nn.Module):
+        dtype: jnp.dtype = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), dtype=self.dtype)(x)
+            x = nn.Conv(8, (3, 3), feature_group_count=2, dtype=self.dtype)(x)  # not depthwise
+            return nn.Dense(3, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    params = jax.tree.map(np.array, Net().init(jax.random.key(0), x)["params"])
+    masks = _dense_masks(params)
+    masks["Conv_0"]["kernel"][:, :, :, :2] = False
+    compact = hf.export(lambda p, x: Net().apply({"params": p}, x), params, masks, x)
+    _assert_close(compact(x), Net().apply({"params": multiply_masks(params, masks)}, x))
+    # bfloat16: every kernel is cast before its layer; the layers still name their params
+    bf16 = lambda p, x: Net(jnp.bfloat16).apply({"params": p}, x)  # noqa: E731
+    dense, masked = forward_macs(bf16, params, x, masks)
+    assert dense - masked == 36 * 9 * 3 * 2  # Conv_0's two dead filters, 6x6 positions
+    assert hf.structured.channel_groups(bf16, params, x).sizes == {}  # a grouped conv
+    # reads Conv_0: its channels stay whole. A bfloat16 VGG names its groups by layer and
+    # keeps the kernels' input axes (the reading side) out of its members.
+    vgg = models.VGG(layers=(8, "M", 16), num_classes=3, dtype=jnp.bfloat16)
+    v = vgg.init(jax.random.key(0), x)
+    groups = hf.structured.channel_groups(vgg, v["params"], x)
+    assert groups.sizes == {"Conv_0": 8, "Conv_1": 16}
+    assert groups.members["Conv_1/kernel"] == (("Conv_1", 3),)
+
+
+def test_a_per_token_mlp_counts_its_multiply_adds_per_example():
+    params, masks = _mlp()
+
+    def fn(p, x):  # x: (batch, 5 tokens, 6): the tokens merged with the batch
+        h = jax.nn.relu(x.reshape(-1, 6) @ p["w1"]) @ p["w2"]
+        return h.reshape(x.shape[0], 5, 4).mean(1)
+
+    x = np.ones((2, 5, 6), np.float32)
+    want = 5 * (6 * 8 + 8 * 4)
+    assert forward_macs(fn, params, x)[0] == want
+    assert hf.structured.channel_groups(fn, params, x).dense_macs == want
+    assert hf.graph.trace(fn, params, x).macs() == want
+
+
+def test_a_mean_over_the_batch_is_refused():
+    params, masks = _mlp()
+    with pytest.raises(GraphError, match="batch axis"):
+        hf.export(lambda p, x: (x @ p["w1"]) - (x @ p["w1"]).mean(0), params, masks,
+                  np.ones((2, 6), np.float32))

@@ -67,11 +67,11 @@ class ChannelGroups:
         whose output channels is read computes nothing."""
         ones = jnp.ones((), jnp.float32)
         kept = {g: jnp.asarray(k, jnp.float32) for g, k in kept.items()}
-        fed = {g: jnp.zeros((), jnp.float32) for g in self.sizes}
+        writers = {g for _, _, written in self.layers for g in written}
+        fed = {g: jnp.zeros((), jnp.float32) if g in writers else ones for g in self.sizes}
         for _ in range(2):  # a group's writers may come after a reader (a residual stream)
             for _, read, written in self.layers:
-                inputs = math.prod((jnp.max(kept[g] * jnp.minimum(fed[g] + (g not in
-                                    self._written), 1.0)) for g in read), start=ones)
+                inputs = math.prod((jnp.max(kept[g] * fed[g]) for g in read), start=ones)
                 for g in written:
                     fed[g] = jnp.maximum(fed[g], inputs)
         alive = {g: kept[g] * fed[g] for g in self.sizes}
@@ -82,10 +82,6 @@ class ChannelGroups:
                 for g in read:
                     read_by[g] = jnp.maximum(read_by[g], out)
         return {g: alive[g] * read_by[g] for g in self.sizes}
-
-    @property
-    def _written(self) -> set:
-        return {g for _, _, written in self.layers for g in written}
 
     def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds per example with only the ``kept`` channels (bool per group),
@@ -190,26 +186,13 @@ def _layer_cost(graph, c, roots, names) -> tuple:
     """``(unit, read, written)`` of one contraction: its multiply-adds per example are
     ``unit`` times the channel counts of the groups it reads and writes."""
     eqn = graph.eqns[c.eqn]
-    k = eqn.ins[c.kernel]
-    out = eqn.outs[0]
     unit, read, written = 1, [], []
-    for axis in range(len(graph.shapes[out])):
-        for n, s in graph.factors(out, axis):
-            if s == graph_lib.BATCH:
-                continue
-            if s in roots:
-                written.append(names[s])
-            else:
-                unit *= n
-    if eqn.name == "conv_general_dilated":
-        contracted = eqn.params["dimension_numbers"].rhs_spec[1:]
-    else:
-        (lc, rc), _ = eqn.params["dimension_numbers"]
-        contracted = rc if c.kernel == 1 else lc
-    for axis in contracted:
-        for n, s in graph.factors(k, axis):
-            if s in roots:
-                read.append(names[s])
-            else:
-                unit *= n
+    for value, axes, found in ((eqn.outs[0], range(len(graph.shapes[eqn.outs[0]])), written),
+                               (eqn.ins[c.kernel], c.taps, read)):
+        for axis in axes:
+            for n, s in graph.factors(value, axis):
+                if s in roots:
+                    found.append(names[s])
+                elif s != graph_lib.BATCH:
+                    unit *= n
     return unit, tuple(read), tuple(written)
