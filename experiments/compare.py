@@ -18,14 +18,15 @@ to --out. Default grids (SETTINGS): mnist and cifar10_5k_short 90/95/98/99 % x 3
 cifar10_5k 95/99 % x 2 seeds, what fits in 90 minutes on 2 CPU cores.
 
 cifar10 is the whole CIFAR-10 (JPEG) set, 50000 training and 10000 test images: the
-narrow VGG-19 of cifar10_5k in 8 epochs (2 dense, 5 pruning, 1 regrowth; about 10
-minutes a run on 2 CPU cores). Its default grid, what fits in about 100 minutes there:
-Hyperflows and the three strongest baselines of the cifar10_5k sweep (magnitude,
-random ERK, RigL) at 95, 98 and 99 %, one seed (one shared dense start), and the dense
-row: 14 runs, 94 epochs of training. Left out: SNIP and GraSP (one class at 99 % on
-cifar10_5k, below random ERK at 95 %), a second seed (twice the time; 10000 test images
-put one accuracy within about 0.5 points, the subset's 1017 within 1.5), 90 %. --plan
-lists the runs and their epochs without training; cifar10's --quick is cifar10_5k's.
+narrow VGG-19 of cifar10_5k in 8 epochs (2 dense, 5 pruning, 1 regrowth; 8 to 12 minutes
+a run on 2 CPU cores). Its default grid, what fits in about 100 minutes there (94 epochs
+at 840 images/s; about 135 with the cores shared): Hyperflows and the three strongest
+baselines of the cifar10_5k sweep (magnitude, random ERK, RigL) at 95, 98 and 99 %, one
+seed (one shared dense start), and the dense row: 14 runs, 94 epochs of training. Left
+out: SNIP and GraSP (both one class at 99 % on cifar10_5k; at 95 % GraSP level with
+random ERK, SNIP 7 points below), a second seed (twice the time; 10000 test images put
+one accuracy within about 0.5 points, the subset's 1017 within 1.5), 90 %. --plan lists
+the runs and their epochs without training; cifar10's --quick is cifar10_5k's.
 """
 
 from __future__ import annotations
