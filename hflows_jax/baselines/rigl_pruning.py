@@ -7,7 +7,7 @@ largest dense-gradient magnitude. The gradient this transformation receives is t
 with respect to ``W * M``, so it is already dense: pruned positions carry the gradient
 they would have if present. Layer densities never change.
 
-A connection grown back starts at 0, with no momentum, as in the official RigL code
+A grown connection starts at 0, with no momentum, as in the official RigL code
 (``grow_init='zeros'`` and ``reset_momentum`` in google-research/rigl's
 ``sparse_optimizers.py``). A transformation placed before the weight optimizer cannot set
 params or its state, so that is :func:`grow_at_zero`'s job, which wraps the whole chain;

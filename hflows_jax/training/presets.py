@@ -64,14 +64,15 @@ _COMPARE_CIFAR = Config(
     run=RunConfig(workdir="workdir/compare_cifar10_5k"),
 )
 # The whole CIFAR-10 (JPEG) as the measure (issue 20): cifar10_5k's narrow VGG-19 and
-# model choices at batch 64 (781 steps an epoch), 2 dense epochs shared by the dense-first
-# methods, 5 pruning epochs (3905 steps: presence lr 3.5e-3 and a controller decision
-# every 39 steps from recipe.presence_regime, as on cifar10_5k) and 1 regrowth epoch: 8
-# epochs, 8 to 12 minutes a run on 2 CPU cores (an epoch trains in 60 s at about 840
-# images/s, in 85 s with another developer's runs on the cores; an evaluation on the
-# 10000 test images takes 5 s; docs/RESULTS.md). The test accuracy is
+# model choices at batch 64 (781 steps an epoch), 2 dense epochs shared by the
+# dense-first methods, 5 pruning epochs (3905 steps; from recipe.presence_regime,
+# presence lr 3.5e-3, as on cifar10_5k, and a controller decision every 39 steps) and 1
+# regrowth epoch: 8 epochs, 8 to 12 minutes a run on 2 CPU cores (an epoch trains in 60
+# s at about 840 images/s, in 85 s with another developer's runs on the cores; an
+# evaluation on the 10000 test images takes 5 s; docs/RESULTS.md). The test accuracy is
 # measured at the end of each phase only (eval_every), not after every epoch. The
-# regrowth allowance is cifar10_5k's: its 395 regrowth steps and these 781 are both short.
+# regrowth allowance is cifar10_5k's: its 395 regrowth steps and these 781 are both
+# short.
 _COMPARE_CIFAR_FULL = _COMPARE_CIFAR.replace(
     dataset=f"npz:{SHARED_DATA}/cifar10_jpeg.npz", dense_epochs=2, pruning_epochs=5,
     regrowth_epochs=1, eval_every=100, workdir="workdir/compare_cifar10")
