@@ -192,8 +192,15 @@ register(Method(
     "random", lambda b: hf.baselines.random(
         b.target_sparsity, distribution=b.distribution, seed=b.seed),
     distributions=("erk", "uniform"), prunes_at_init=True))
-register(Method(
-    "rigl", lambda b: hf.baselines.rigl(
-        b.target_sparsity, end_step=b.pruning_steps, update_every=b.steps_per_epoch,
-        distribution=b.distribution, seed=b.seed),
-    distributions=("erk", "uniform"), prunes_at_init=True))
+
+
+def _rigl(b: Budget):
+    return hf.baselines.rigl(b.target_sparsity, end_step=b.pruning_steps,
+                             update_every=b.steps_per_epoch, distribution=b.distribution,
+                             seed=b.seed)
+
+
+# Grown connections start at 0 with no momentum, as in RigL's official code (before issue
+# 20 they came back with the weight they kept while dropped: optax.chain instead).
+register(Method("rigl", _rigl, distributions=("erk", "uniform"), prunes_at_init=True,
+                combine=hf.baselines.grow_at_zero))

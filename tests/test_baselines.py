@@ -185,6 +185,32 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     assert state.masks["w"].tolist() == [[False, True, False, True]]
 
 
+def test_rigl_grows_connections_at_zero_with_no_momentum():
+    # By hand, sgd(0.1, momentum=0.9), one swap a step (k = 1 of 2 active). Step 1: trace
+    # [1, 1, 0, 0]; drop entry 0 (|W| = 1), grow entry 3 (|g| = 9) at 0. Step 2: trace
+    # [0.9, 1.9, 0, 1]; drop entry 3 (|W| = 0), grow entry 0 (|g| = 5) at 0, trace reset;
+    # dropped, it had kept 0.9 - 0.09 = 0.81 and a trace of 0.9. The plain chain grows
+    # entry 3 back at 4, so step 2 drops entry 1 instead and grows entry 0 at 0.81.
+    params = {"w": jnp.array([[1.0, 2.0, 3.0, 4.0]])}
+    grads = [{"w": jnp.array([[1.0, 1.0, 0.0, 9.0]])}, {"w": jnp.array([[5.0, 1.0, 0.0, 1.0]])}]
+    rigl = hf.baselines.rigl(0.5, end_step=100, update_every=1, alpha=1.0, distribution="uniform")
+    cases = ((hf.baselines.grow_at_zero, [True, True, False, False], [0.0, 1.71, 3.0, -0.1], 0.0),
+             (optax.chain, [True, False, False, True], [0.81, 1.71, 3.0, 3.9], 0.9))
+    for combine, masks, weights, trace in cases:
+        tx = combine(rigl, optax.sgd(0.1, momentum=0.9))
+        state = tx.init(params)
+        state = (state[0]._replace(masks={"w": jnp.array([[True, True, False, False]])}),
+                 *state[1:])
+        p = params
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        assert hf.masks(state)["w"].tolist() == [masks]
+        np.testing.assert_allclose(p["w"][0], weights, rtol=1e-6)
+        assert combine is optax.chain or float(p["w"][0, 0]) == 0.0  # exactly
+        assert float(state[1][0].trace["w"][0, 0]) == pytest.approx(trace)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sparsity must lie in"):
         hf.baselines.magnitude(1.2, end_step=10)

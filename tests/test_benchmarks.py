@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import compare, graph_speed, overhead, pressure_law, structured
+from hflows_jax import recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
 
@@ -111,6 +112,19 @@ def test_graph_speed_times_every_stage_and_counts_macs(tmp_path):
     assert row["dense_macs"] == 784 * 300 + 300 * 100 + 100 * 10 > row["compact_macs"] > 0
     assert all(row["seconds"][s]["first"] > 0 for s in graph_speed.STAGES)
     assert (tmp_path / "graph_speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cifar10_setting_is_the_grid_its_docstring_gives():
+    args = compare.parse_args(["--setting=cifar10"])
+    cfg = compare.setting_config(args)
+    assert cfg.data.dataset.endswith("cifar10_jpeg.npz") and cfg.data.batch_size == 64
+    s = cfg.schedule
+    assert (s.dense_epochs, s.pruning_epochs, s.regrowth_epochs) == (2, 5, 1)
+    assert recipe.presence_regime(s.pruning_epochs * (50000 // 64)) == (pytest.approx(3.5e-3), 39)
+    runs = compare.plan(args)
+    # By hand: a dense start of 2 epochs; Hyperflows and magnitude 6 each, random and RigL
+    # 8 each, at 3 targets; the dense row 8: 2 + 3 * (6 + 6 + 8 + 8) + 8 = 94.
+    assert len(runs) == 14 and sum(runs.values()) == 94
 
 
 def test_compare_without_dense_epochs_starts_every_method_from_initialization():

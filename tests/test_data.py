@@ -56,6 +56,11 @@ def test_channel_stats_and_normalize():
     x = data.normalize(images, mean, std)
     np.testing.assert_allclose(x.reshape(-1, 3).mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(x.reshape(-1, 3).std(0), 1, atol=1e-4)
+    # By hand: half 0, half 255 -> mean 0.5, std 0.5; 51 everywhere -> 0.2 and 0.
+    halves = np.stack([np.repeat([0, 255], 8).reshape(4, 2, 2), np.full((4, 2, 2), 51)], -1)
+    mean, std = data.channel_stats(halves.astype(np.uint8))
+    np.testing.assert_allclose(mean, [0.5, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(std, [0.5, 0.0], atol=1e-7)
 
 
 def test_load_npz_real_files(mnist_npz, cifar_npz):

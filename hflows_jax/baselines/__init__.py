@@ -17,8 +17,8 @@ from hflows_jax.baselines.oneshot import (
     snip,
     snip_scores,
 )
-from hflows_jax.baselines.rigl_pruning import RigLState, rigl
+from hflows_jax.baselines.rigl_pruning import RigLState, grow_at_zero, rigl
 
 __all__ = ["MagnitudeState", "OneShotState", "RigLState", "grasp", "grasp_scores",
-           "hessian_gradient_product", "layer_densities", "magnitude", "masks_from_scores",
-           "random", "rigl", "snip", "snip_scores"]
+           "grow_at_zero", "hessian_gradient_product", "layer_densities", "magnitude",
+           "masks_from_scores", "random", "rigl", "snip", "snip_scores"]

@@ -2,9 +2,10 @@
 
 The masks are computed in ``init`` from the params it is given (and, for SNIP and
 GraSP, a loss and a few batches captured at construction), then never change. Scores
-follow the three importance families of Lubana and Dick (2021): loss preservation
-``|W * g|`` (SNIP) and gradient-norm preservation ``W * (H g)`` (GraSP), with magnitude
-pruning in ``magnitude_pruning.py``.
+follow the importance families of Lubana and Dick (2021): loss preservation ``|W * g|``
+(SNIP) and the gradient-norm increasing ``W * (H g)`` (GraSP, Wang et al. 2020), with
+magnitude pruning in ``magnitude_pruning.py``. (Lubana and Dick's gradient-norm
+*preservation* is the absolute value ``|W * (H g)|``; it is not implemented here.)
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def hessian_gradient_product(loss_fn: LossFn, params: Any, batches: Sequence[Any
 
 
 def grasp_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
-    """``W * (H g)``: GraSP removes the weights with the largest ``-W * (H g)``, so the
-    keep-score is its negation; keeping high ``W * (H g)`` preserves gradient flow."""
+    """``W * (H g)``: GraSP removes the weights with the largest ``-W * (H g)``, those
+    whose removal raises the gradient norm most, so the keep-score is its negation:
+    pruning by it increases the gradient norm (Wang et al. 2020), it does not preserve it."""
     hg = hessian_gradient_product(loss_fn, params, batches)
     return jax.tree.map(lambda w, h: w * h, params, hg)
 

@@ -5,9 +5,13 @@ steps before ``end_step``, each layer drops the fraction ``alpha/2 * (1 + cos(pi
 of its active weights with the smallest ``|W|`` and grows as many inactive ones with the
 largest dense-gradient magnitude. The gradient this transformation receives is taken
 with respect to ``W * M``, so it is already dense: pruned positions carry the gradient
-they would have if present. A regrown weight returns with its stored value (in the
-reference RigL it restarts at zero; an optax transformation placed before the weight
-optimizer cannot set params). Layer densities never change.
+they would have if present. Layer densities never change.
+
+A grown connection starts at 0, with no momentum, as in the official RigL code
+(``grow_init='zeros'`` and ``reset_momentum`` in google-research/rigl's
+``sparse_optimizers.py``). A transformation placed before the weight optimizer cannot set
+params or its state, so that is :func:`grow_at_zero`'s job, which wraps the whole chain;
+``optax.chain(rigl(...), ...)`` alone regrows a weight with the value it kept while dropped.
 """
 
 from __future__ import annotations
@@ -86,3 +90,31 @@ def rigl(sparsity: float | jax.Array, end_step: int | jax.Array,
         return updates, RigLState(step, masks)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def grow_at_zero(pruner: optax.GradientTransformation,
+                 *weight_links: optax.GradientTransformation,
+                 ) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(pruner, *weight_links)`` where every connection the masks grow restarts
+    at 0 with zero optimizer state (momentum, Adam's moments), as RigL's official code does.
+
+    The state is the chain's, so checkpoints and ``hf.masks`` see no difference. A
+    connection dropped and grown back in the same update keeps its weight (it never left).
+    """
+    chain, weights = optax.chain(pruner, *weight_links), optax.chain(*weight_links)
+
+    def update(updates, state, params=None, **extra_args):
+        updates, (pruner_state, *weights_state) = chain.update(updates, state, params,
+                                                                **extra_args)
+        grown = masking.map_prunable(lambda old, new: new & ~old,
+                                     masking.masks(state[0]), masking.masks(pruner_state))
+        grown = jax.tree.map(lambda g, p: jnp.zeros(p.shape, bool) if g is None else g,
+                             grown, params, is_leaf=lambda x: x is None)
+        updates = jax.tree.map(lambda g, u, p: jnp.where(g, -p, u).astype(u.dtype),
+                               grown, updates, params)  # params + updates == 0 exactly
+        weights_state = optax.tree_utils.tree_map_params(
+            weights, lambda v, g: jnp.where(g, jnp.zeros_like(v), v), tuple(weights_state),
+            grown)
+        return updates, (pruner_state, *weights_state)
+
+    return optax.GradientTransformationExtraArgs(chain.init, update)
