@@ -99,6 +99,15 @@ def test_files_that_are_not_npz_archives_are_named(tmp_path):
         assert "numpy.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)" in str(
             error.value)
     assert data.load_dataset(f"npz:{tmp_path / 'whole.npz'}").x_train.shape == (2, 4, 4, 1)
+    # Arrays of the wrong kind: the file and the array are named.
+    np.savez(tmp_path / "floats.npz", x_train=np.zeros((2, 4, 4), np.float32),
+             y_train=np.zeros(2), x_test=arrays["x_test"], y_test=np.zeros(2))
+    np.savez(tmp_path / "labels.npz", y_train=np.zeros(3), y_test=np.zeros(2), **arrays)
+    for name, message in [("floats", "x_train: expected uint8 images"),
+                          ("labels", ": x_train holds 2 images and y_train 3 labels")]:
+        with pytest.raises(ValueError, match=message) as error:
+            data.load_dataset(f"npz:{tmp_path / name}.npz")
+        assert str(error.value).startswith(f"--dataset=npz:{tmp_path / name}.npz")
 
 
 @pytest.mark.parametrize("name, shape, classes", [("cifar10", (32, 32, 3), 10),

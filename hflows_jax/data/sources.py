@@ -38,12 +38,13 @@ class ArrayDataset:
         return self.x_train.shape[1:]
 
 
-def _as_images(x: np.ndarray) -> np.ndarray:
+def _as_images(x: np.ndarray, where: str = "images") -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:  # grayscale without a channel axis (MNIST)
         x = x[..., None]
     if x.ndim != 4 or x.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images shaped (N, H, W[, C]), got {x.dtype} {x.shape}")
+        raise ValueError(f"{where}: expected uint8 images shaped (N, H, W[, C]), got "
+                         f"{x.dtype} {x.shape}")
     return x
 
 
@@ -83,12 +84,18 @@ def load_npz(path: str, name: str | None = None) -> ArrayDataset:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dataset=npz:{path}: no such file.")
     arrays = _read_npz(path)
-    y_train = arrays["y_train"].astype(np.int32).reshape(-1)
-    y_test = arrays["y_test"].astype(np.int32).reshape(-1)
+    split = {}
+    for part in ("train", "test"):
+        images = _as_images(arrays[f"x_{part}"], f"--dataset=npz:{path} x_{part}")
+        labels = arrays[f"y_{part}"].astype(np.int32).reshape(-1)
+        if len(labels) != len(images):
+            raise ValueError(f"--dataset=npz:{path}: x_{part} holds {len(images)} images "
+                             f"and y_{part} {len(labels)} labels.")
+        split[part] = images, labels
+    (x_train, y_train), (x_test, y_test) = split["train"], split["test"]
     return ArrayDataset(
         name=name or os.path.splitext(os.path.basename(path))[0],
-        x_train=_as_images(arrays["x_train"]), y_train=y_train,
-        x_test=_as_images(arrays["x_test"]), y_test=y_test,
+        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
     )
 
