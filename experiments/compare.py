@@ -111,8 +111,8 @@ def run_config(args, method: str, sparsity: float, seed: int) -> Config:
     cfg = setting_config(args)
     s = cfg.schedule
     if starts_dense(args, method):
-        phases = dict(init_checkpoint=os.path.join(dense_config(args, seed).run.workdir,
-                                                   "checkpoints", "dense"))
+        phases = dict(init_checkpoint=checkpoint_dir(dense_config(args, seed).run.workdir,
+                                                     "dense"))
     else:  # at-initialization methods train sparse for the same total number of epochs
         phases = dict(dense_epochs=0, pruning_epochs=s.dense_epochs + s.pruning_epochs)
     return cfg.replace(method=method, target_sparsity=sparsity, seed=seed, **phases,

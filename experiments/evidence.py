@@ -22,12 +22,14 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import hflows_jax as hf
 from experiments import scaffold
 from hflows_jax import methods
-from hflows_jax.training import Config, outputs, train
+from hflows_jax.training import Config, open_run, outputs
+from hflows_jax.training.runs import scoring
 
 
 def parse_args(argv=None):
@@ -41,9 +43,10 @@ def parse_args(argv=None):
 
 def pruning_states(cfg: Config):
     """The run's data and ``[(epoch, state)]`` for every pruning checkpoint."""
-    inputs, _, ckpt, abstract = scaffold.open_pruning_run(cfg)
+    run = open_run(cfg, axis_name=None, dtype=jnp.float32)
+    ckpt, template = run.checkpoints("pruning"), run.template("pruning")
     try:
-        return inputs, [(e, ckpt.restore(e, abstract)[0]) for e in ckpt.epochs()]
+        return run.inputs, [(e, ckpt.restore(e, template)[0]) for e in ckpt.epochs()]
     finally:
         ckpt.close()
 
@@ -52,8 +55,8 @@ def filter_balance(state, cfg: Config, inputs, num_batches: int) -> dict[str, fl
     """Per layer: the median over output units of |sum of flows| / sum |flows|."""
     weights = hf.apply_masks(state.params, state.opt_state)
     # The training loss on the first training batches, BatchNorm on batch statistics.
-    score = train.scoring(cfg, inputs, methods.get(cfg.method.name), state.batch_stats,
-                          num_batches)
+    score = scoring(cfg, inputs, methods.get(cfg.method.name), state.batch_stats,
+                    num_batches)
     grad = jax.jit(jax.grad(score.loss_fn))
     grads = [grad(weights, batch) for batch in score.batches]
     mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)

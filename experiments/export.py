@@ -46,15 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import scaffold
-from hflows_jax import methods
 from hflows_jax.compact import BCSR_CUSTOM_CALL, BORDERS, export
 from hflows_jax.data import normalize
-from hflows_jax.training import Config, outputs, train
+from hflows_jax.training import Config, open_run, outputs, train
+from hflows_jax.training.checkpoint import checkpoint_dir
+from hflows_jax.training.train import EVAL_BATCH
 
 BATCHES = (1, 32, 256)
 BCSR_CHOICES = {"auto": None, "on": True, "off": False}  # hf.export's bcsr=
 LOAD = {False: "import jax", True: "import jax, jax.experimental.sparse"}  # by BCSR layers
-EVAL_BATCH = 1000
 
 
 def parse_args(argv=None):
@@ -73,36 +73,36 @@ def parse_args(argv=None):
 
 
 def restore_last(cfg: Config):
-    """The run's inputs, its linen model (float32, no device axis) and its last pruning
-    state (``(epoch, TrainState)``)."""
+    """The run opened for analysis (float32, no device axis: ``open_run``) and its last
+    pruning state, ``(run, epoch, TrainState)``."""
     if cfg.schedule.dense_only:
         raise ValueError(f"{cfg.run.workdir} is a dense-only run (dense_only: true): it has "
                          "no masks, so there is no compact model to export.")
-    directory = os.path.join(cfg.run.workdir, "checkpoints", "pruning")
+    directory = checkpoint_dir(cfg.run.workdir, "pruning")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no pruning checkpoints in this run.")
-    inputs, model, ckpt, abstract = scaffold.open_pruning_run(cfg)
+    run = open_run(cfg, axis_name=None, dtype=jnp.float32)
+    ckpt = run.checkpoints("pruning")
     try:
         epoch = ckpt.latest()
         if epoch is None:
             raise FileNotFoundError(f"{directory} holds no checkpoint.")
-        state, _ = ckpt.restore(epoch, abstract)
+        state, _ = ckpt.restore(epoch, run.template("pruning"))
     finally:
         ckpt.close()
-    return inputs, model, epoch, state
+    return run, epoch, state
 
 
-def predict_functions(cfg: Config, inputs, model, method, state, epoch: int,
-                      border: str = "keep", bcsr=False):
+def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False):
     """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
     (the masked linen model, the compact one with ``bcsr``), normalization inside, on the
     BatchNorm statistics the run evaluated its epoch ``epoch`` on (``--bn_batches``). A
     wrapped model (DHP) is timed as the plain model it stands for."""
-    if not method.static_masks:
-        raise ValueError(f"--method={method.name} switches channels per input: it has no "
+    if not run.method.masked:
+        raise ValueError(f"--method={run.method.name} switches channels per input: it has no "
                          "fixed compact model to export.")
-    model, variables, masks, _ = train.evaluated_network(cfg, inputs, model, method, state,
-                                                         epoch)
+    model, variables, masks, _ = train.evaluated_network(run, state, epoch)
+    inputs = run.inputs
 
     def logits(params, x):
         return model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
@@ -211,10 +211,10 @@ def main(argv=None) -> dict:
     if args.dataset:
         flags["dataset"] = args.dataset
     cfg = Config().replace(**flags)
-    inputs, model, epoch, state = restore_last(cfg)
-    shape, method = inputs.data.image_shape, methods.get(cfg.method.name)
-    dense, compact, compact_model = predict_functions(cfg, inputs, model, method, state, epoch,
-                                                      args.border, BCSR_CHOICES[args.bcsr])
+    run, epoch, state = restore_last(cfg)
+    inputs, shape = run.inputs, run.inputs.data.image_shape
+    dense, compact, compact_model = predict_functions(run, state, epoch, args.border,
+                                                      BCSR_CHOICES[args.bcsr])
     bcsr_layers = [r.name for r in compact_model.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
@@ -231,8 +231,7 @@ def main(argv=None) -> dict:
     # Counts of the compact model with dense kernels (a BCSR layer counts its nonzeros).
     counts = compact_model
     if bcsr_layers:
-        counts = predict_functions(cfg, inputs, model, method, state, epoch, args.border,
-                                   False)[2]
+        counts = predict_functions(run, state, epoch, args.border, False)[2]
     result = {
         "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "sparsity": report["sparsity"],

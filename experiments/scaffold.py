@@ -4,10 +4,10 @@
   explicit flags always win over them.
 - ``write_results`` writes NAME.json, NAME.md and NAME.png to ``--out`` (atomically) and
   prints the markdown.
-- ``command_line`` runs a ``main`` with one-line errors instead of tracebacks
-  (``cli.exit_on_user_errors``, as the training experiments do).
-- ``read_report`` and ``open_pruning_run`` open a finished run for the tools that read
-  one (evidence, export).
+- ``command_line`` runs a ``main`` with the JAX setup of the command line and one-line
+  errors instead of tracebacks, as the training experiments do (``cli``).
+- ``read_report`` reads a finished run's report; ``hflows_jax.training.open_run`` opens
+  the run itself.
 """
 
 from __future__ import annotations
@@ -17,12 +17,7 @@ import json
 import os
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-
-from hflows_jax import methods
-from hflows_jax.training import Config, cli, outputs, train
-from hflows_jax.training.checkpoint import Checkpoints
+from hflows_jax.training import Config, cli, outputs
 
 
 def parser(prog: str, doc: str, out: str, quick_help: str) -> argparse.ArgumentParser:
@@ -58,7 +53,11 @@ def write_results(out: str, name: str, result: dict, markdown: str,
     print(markdown)
 
 
-command_line = cli.exit_on_user_errors
+def command_line(main: Callable[[], Any]) -> None:
+    """``main()`` for ``python -m``, with the JAX setup of a default run (the compilation
+    cache: ``cli.configure``) and one-line errors (``cli.exit_on_user_errors``)."""
+    cli.configure(Config())
+    cli.exit_on_user_errors(main)
 
 
 def read_report(workdir: str) -> dict:
@@ -67,22 +66,3 @@ def read_report(workdir: str) -> dict:
         raise FileNotFoundError(f"{path}: not a finished run.")
     with open(path) as f:
         return json.load(f)
-
-
-def open_pruning_run(cfg: Config):
-    """A finished run's inputs, its linen model (float32, no device axis), its pruning
-    checkpoints (close them when done) and the template to restore them onto."""
-    inputs = train.load_inputs(cfg)
-    method = methods.get(cfg.method.name)
-    model = train.build_model(cfg, inputs.data.num_classes, method, axis_name=None,
-                              dtype=jnp.float32)
-    variables = model.init(jax.random.key(0), jnp.zeros((1,) + inputs.data.image_shape))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    # At-initialization methods (SNIP, GraSP) trace their scores in tx.init.
-    score = train.scoring(cfg, inputs, method, batch_stats)
-    phase = train.pruning_phase(
-        cfg, inputs.steps_per_epoch, method, score, first_epoch=1,
-        channel_groups=train.channel_groups_of(model, method, params, batch_stats,
-                                               inputs.data.image_shape))
-    ckpt = Checkpoints(os.path.join(cfg.run.workdir, "checkpoints", "pruning"), None)
-    return inputs, model, ckpt, train.abstract_state(phase.tx, params, batch_stats)

@@ -40,10 +40,12 @@ from tqdm import tqdm
 from experiments import compare, scaffold
 from experiments import export as export_tools
 from hflows_jax import methods
-from hflows_jax.structured import ftwt
 from hflows_jax.training import Config, outputs
+from hflows_jax.training.checkpoint import checkpoint_dir
 
-METHODS = ("hyperflows_channel", "dhp", "ftwt", "hyperflows")
+# Every channel method, and unstructured Hyperflows for contrast.
+METHODS = tuple(m.name for m in methods.REGISTRY.values() if m.target == "flops") + (
+    "hyperflows",)
 REPEATS = 50  # timed calls per model and batch size
 QUICK_WIDTH = 0.0625  # the VGG-19 of --quick
 # Below this fraction of the multiply-adds a run has lost every channel of some layer: its
@@ -90,31 +92,27 @@ def run_config(args, method: str, target: float, seed: int) -> Config:
     """compare's run (same preset and layout), from that dense start."""
     cfg = structured(compare.run_config(args, method, target, seed), args)
     if cfg.schedule.init_checkpoint:
-        cfg = cfg.replace(init_checkpoint=os.path.join(dense_config(args, seed).run.workdir,
-                                                       "checkpoints", "dense"))
+        cfg = cfg.replace(init_checkpoint=checkpoint_dir(dense_config(args, seed).run.workdir,
+                                                         "dense"))
     return cfg
 
 
 def measure(cfg: Config, report: dict, repeats: int) -> dict:
-    """The exported model's fractions and its speed-up over the masked dense model; for a
-    method that gates per input (FTWT), the mean executed FLOPs and no speed-ups."""
-    method = methods.get(cfg.method.name)
-    inputs, model, epoch, state = export_tools.restore_last(cfg)
-    if not method.static_masks:
-        backbone = sum(x.size for k, v in state.params.items() if not ftwt.is_gate(k)
-                       for x in jax.tree.leaves(v))
-        return {"flops_fraction": 1 - report["target_removed"],
-                "params_fraction": report["params_total"] / backbone,
-                "speedup_b1": None, "speedup_b256": None}
-    dense, compact, compact_model = export_tools.predict_functions(cfg, inputs, model, method,
-                                                                  state, epoch)
-    fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
-    ms = {b: export_tools.latency(fns, inputs.data.x_test, b, repeats, warmup=3)
-          for b in (1, 256)}
-    return {"flops_fraction": compact_model.macs / compact_model.dense_macs,
-            "params_fraction": compact_model.params_compact / compact_model.params_dense,
-            "speedup_b1": ms[1]["dense"] / ms[1]["compact"],
-            "speedup_b256": ms[256]["dense"] / ms[256]["compact"]}
+    """The run's row (``Method.structured_row``): by default, the exported model's
+    fractions and its speed-up over the masked dense model."""
+    run, epoch, state = export_tools.restore_last(cfg)
+
+    def exported() -> dict:
+        dense, compact, compact_model = export_tools.predict_functions(run, state, epoch)
+        fns = {"dense": jax.jit(dense), "compact": jax.jit(compact)}
+        ms = {b: export_tools.latency(fns, run.inputs.data.x_test, b, repeats, warmup=3)
+              for b in (1, 256)}
+        return {"flops_fraction": compact_model.macs / compact_model.dense_macs,
+                "params_fraction": compact_model.params_compact / compact_model.params_dense,
+                "speedup_b1": ms[1]["dense"] / ms[1]["compact"],
+                "speedup_b256": ms[256]["dense"] / ms[256]["compact"]}
+
+    return run.method.structured_row(report, state, exported)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

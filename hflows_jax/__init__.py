@@ -2,10 +2,14 @@
 
 from hflows_jax import nnx, pressure, recipe
 from hflows_jax.checks import check
-from hflows_jax.hyperflows import HyperflowsState, flows, hyperflows, pressure_value
+from hflows_jax.hyperflows import HyperflowsState, flows, hyperflows
 from hflows_jax.masking import (
+    ChannelPrunerState,
+    PressureState,
     PrunerState,
+    SkippingState,
     apply_masks,
+    channel_masks,
     default_is_prunable,
     finalize,
     find_pruner_state,
@@ -15,7 +19,9 @@ from hflows_jax.masking import (
     masks,
     multiply_masks,
     path_name,
+    pressure_value,
     prunable_like,
+    skipped_steps,
     sparsity,
 )
 
@@ -27,11 +33,15 @@ from hflows_jax import structured  # noqa: E402  (channel pruning)
 
 __all__ = [
     "baselines",
+    "channel_masks",
     "compact",
     "export",
     "graph",
+    "ChannelPrunerState",
     "HyperflowsState",
+    "PressureState",
     "PrunerState",
+    "SkippingState",
     "apply_masks",
     "check",
     "default_is_prunable",
@@ -50,6 +60,7 @@ __all__ = [
     "pressure",
     "pressure_value",
     "recipe",
+    "skipped_steps",
     "sparsity",
     "structured",
 ]

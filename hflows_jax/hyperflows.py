@@ -44,6 +44,12 @@ class HyperflowsState(NamedTuple):
     def pruning_masks(self) -> PyTree:
         return masking.map_prunable(lambda t: t >= 0, self.presence)
 
+    def pressure_value(self) -> jax.Array:
+        return self.pressure.gamma
+
+    def skipped_steps(self) -> jax.Array:
+        return self.skipped
+
 
 def weight_flows(ste_scale: Any, like: PyTree, params: PyTree, grads: PyTree) -> PyTree:
     """``ste_scale * W * grad`` on the prunable leaves of ``like`` (non-None), float32."""
@@ -222,11 +228,3 @@ def flows(params: PyTree, grads: PyTree, opt_state: PyTree) -> PyTree:
     params, grads = masking.unwrap_nnx(params), masking.unwrap_nnx(grads)
     masking.check_update_args(grads, params, state.presence)
     return weight_flows(state.ste_scale, state.presence, params, grads)
-
-
-def pressure_value(opt_state: PyTree) -> jax.Array:
-    """The pressure gamma the next step applies (Hyperflows, weights or channels)."""
-    state = masking.find_pruner_state(opt_state)
-    if not hasattr(getattr(state, "pressure", None), "gamma"):
-        raise ValueError(f"pressure_value needs a Hyperflows state, got {type(state).__name__}.")
-    return state.pressure.gamma

@@ -39,6 +39,30 @@ class PrunerState(Protocol):
     def pruning_masks(self) -> PyTree: ...
 
 
+@runtime_checkable
+class ChannelPrunerState(PrunerState, Protocol):
+    """A pruner that removes whole channels (channel Hyperflows, DHP): ``channel_masks()``
+    maps each channel group's name to a boolean per channel, kept or not."""
+
+    def channel_masks(self) -> dict: ...
+
+
+@runtime_checkable
+class PressureState(PrunerState, Protocol):
+    """A pruner driven by a pressure (Hyperflows, weights or channels): ``pressure_value()``
+    is the pressure the next step applies."""
+
+    def pressure_value(self) -> jax.Array: ...
+
+
+@runtime_checkable
+class SkippingState(PrunerState, Protocol):
+    """A pruner that skips steps whose gradients hold NaN or Inf: ``skipped_steps()``
+    counts them."""
+
+    def skipped_steps(self) -> jax.Array: ...
+
+
 def default_is_prunable(path: tuple, leaf: Any) -> bool:
     """Conv and dense kernels: every leaf of rank >= 2. Biases and norm scales are rank 1."""
     del path
@@ -195,6 +219,31 @@ def find_pruner_state(opt_state: PyTree) -> PrunerState:
 def masks(opt_state: PyTree) -> PyTree:
     """Boolean masks shaped like params (``None`` for non-prunable leaves)."""
     return find_pruner_state(opt_state).pruning_masks()
+
+
+def channel_masks(opt_state: PyTree) -> dict:
+    """Channel group name -> boolean per channel, kept or not (a channel pruner's state)."""
+    state = find_pruner_state(opt_state)
+    if not isinstance(state, ChannelPrunerState):
+        raise ValueError(f"channel_masks needs a channel pruner's state (channel Hyperflows, "
+                         f"DHP), got {type(state).__name__}.")
+    return state.channel_masks()
+
+
+def pressure_value(opt_state: PyTree) -> jax.Array:
+    """The pressure gamma the next step applies (Hyperflows, weights or channels)."""
+    state = find_pruner_state(opt_state)
+    if not isinstance(state, PressureState):
+        raise ValueError(f"pressure_value needs a Hyperflows state, got {type(state).__name__}.")
+    return state.pressure_value()
+
+
+def skipped_steps(opt_state: PyTree) -> jax.Array:
+    """Steps the pruner skipped for NaN or Inf gradients; 0 for a pruner that never skips."""
+    state = find_pruner_state(opt_state)
+    if isinstance(state, SkippingState):
+        return state.skipped_steps()
+    return jnp.zeros((), jnp.int32)
 
 
 def apply_masks(params: PyTree, opt_state: PyTree, missing: str = "raise") -> PyTree:

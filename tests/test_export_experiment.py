@@ -13,7 +13,6 @@ import pytest
 
 import hflows_jax as hf
 from experiments import export as export_experiment
-from hflows_jax import methods
 from hflows_jax.training import Config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,9 +89,8 @@ def test_compact_accuracy_equals_dense_and_the_run(exported):
 
 def test_serialized_models_match_the_in_process_ones(exported):
     cfg, _, out, _ = exported
-    inputs, model, epoch, state = export_experiment.restore_last(cfg)
-    dense, compact, _ = export_experiment.predict_functions(
-        cfg, inputs, model, methods.get(cfg.method.name), state, epoch, bcsr=True)
+    opened, epoch, state = export_experiment.restore_last(cfg)
+    dense, compact, _ = export_experiment.predict_functions(opened, state, epoch, bcsr=True)
     images = np.random.default_rng(1).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
     for name, fn in (("model.jax", compact), ("dense.jax", dense)):
         loaded = jax.export.deserialize(bytearray((out / name).read_bytes()))

@@ -31,27 +31,39 @@ def temperature_penalty(params, intermediates):
     return PENALTY * intermediates["temperature"][0] ** 2
 
 
+class TemperedRandom(methods.Method):
+    """A method that overrides the model and the loss: random masks on a tempered model."""
+
+    name = "tempered_random"
+    distributions = ("uniform",)
+    prunes_at_init = True
+    loss_term = staticmethod(temperature_penalty)
+
+    def pruner(self, b):
+        return hf.baselines.random(b.target_sparsity, "uniform")
+
+    def model(self, plain, target_sparsity):
+        return Temperature(plain)
+
+
 @pytest.fixture
 def tempered_method():
-    method = methods.register(methods.Method(
-        "tempered_random", lambda b: hf.baselines.random(b.target_sparsity, "uniform"),
-        distributions=("uniform",), prunes_at_init=True,
-        wrap_model=lambda model, _: Temperature(model),
-        loss_term=temperature_penalty))
+    method = methods.register(TemperedRandom())
     yield method
     methods.REGISTRY.pop(method.name)
 
 
 def test_registry_describes_every_method():
     assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "dhp", "ftwt",
-                                      "magnitude", "snip", "grasp", "random", "rigl"]
-    assert [m.name for m in methods.REGISTRY.values() if m.has_pressure] == [
-        "hyperflows", "hyperflows_channel"]
+                                      "magnitude", "snip", "grasp", "random", "rigl",
+                                      "ste_magnitude"]
+    assert [m.name for m in methods.REGISTRY.values()
+            if isinstance(m, methods.PressureMethod)] == ["hyperflows", "hyperflows_channel"]
     assert [m.name for m in methods.REGISTRY.values() if m.target == "flops"] == [
         "hyperflows_channel", "dhp", "ftwt"]
     assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
         "dhp", "snip", "grasp", "random", "rigl"}
-    assert [m.name for m in methods.REGISTRY.values() if not m.static_masks] == ["ftwt"]
+    assert [m.name for m in methods.REGISTRY.values() if not m.masked] == ["ftwt"]
     assert methods.get("random").distribution(None) == "erk"
     assert methods.get("magnitude").distribution("uniform") == "uniform"
     with pytest.raises(ValueError, match="does not apply to magnitude"):
@@ -61,7 +73,7 @@ def test_registry_describes_every_method():
 
 
 def test_model_and_loss_hooks_reach_the_train_step(tempered_method):
-    model = tempered_method.wrap_model(models.create("lenet300", 3, width=0.05), 0.9)
+    model = tempered_method.model(models.create("lenet300", 3, width=0.05), 0.9)
     x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
     y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
     params = model.init(jax.random.key(2), x)["params"]

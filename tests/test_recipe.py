@@ -41,16 +41,16 @@ def test_start_warning_fires_for_a_too_short_run_and_not_for_the_defaults():
     # pruning epochs at the recipe's presence lr 1e-3: scores move at most 0.078.
     short = presets.CIFAR.replace(model="resnet20", dense_epochs=1, pruning_epochs=2,
                                   regrowth_epochs=1, target_sparsity=0.9, presence_lr=1e-3)
-    assert train.start_warnings(short, 39, hyperflows)
+    assert hyperflows.start_warnings(short, 39)
     # With its presence lr from the regime it still cannot prune in 78 steps.
-    assert train.start_warnings(short.replace(presence_lr=None), 39, hyperflows)
+    assert hyperflows.start_warnings(short.replace(presence_lr=None), 39)
     # Three pruning epochs of the narrow-VGG probe (79 steps an epoch): reachable, but
     # short; that run ended at 99.87 % for a 90 % target.
     probe = presets.CIFAR.replace(pruning_epochs=3, target_sparsity=0.9)
-    assert "overshoot" in " ".join(train.start_warnings(probe, 79, hyperflows))
-    assert train.start_warnings(presets.MNIST, 468, hyperflows) == []
-    assert train.start_warnings(presets.CIFAR, 390, hyperflows) == []
-    assert train.start_warnings(short, 39, methods.get("magnitude")) == []
+    assert "overshoot" in " ".join(hyperflows.start_warnings(probe, 79))
+    assert hyperflows.start_warnings(presets.MNIST, 468) == []
+    assert hyperflows.start_warnings(presets.CIFAR, 390) == []
+    assert methods.get("magnitude").start_warnings(short, 39) == []
 
 
 def test_start_warning_names_the_presence_lr_flag_only_where_dropping_it_helps():
@@ -58,14 +58,14 @@ def test_start_warning_names_the_presence_lr_flag_only_where_dropping_it_helps()
     # 20 pruning epochs of 39 steps at presence lr 1e-4: unreachable; the default fits.
     slow = presets.CIFAR.replace(model="resnet20", pruning_epochs=20, target_sparsity=0.9,
                                  presence_lr=1e-4)
-    (message,) = train.start_warnings(slow, 39, hyperflows)
+    (message,) = hyperflows.start_warnings(slow, 39)
     fitting = recipe.fitting_presence_lr(
         recipe.pruning_phase_sparsity(0.9, slow.method.regrowth_allowance), 780)
     assert fitting is not None and "drop --presence_lr: its default" in message
     assert f"{fitting:.3g}" in message
     # At the default, the remedy is more epochs only.
     short = presets.CIFAR.replace(model="resnet20", pruning_epochs=2, target_sparsity=0.9)
-    for message in train.start_warnings(short, 39, hyperflows):
+    for message in hyperflows.start_warnings(short, 39):
         assert "--presence_lr" not in message and message.endswith("more pruning epochs.")
 
 

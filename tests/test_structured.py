@@ -12,7 +12,7 @@ import hflows_jax as hf
 from hflows_jax import methods, models
 from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction
 from hflows_jax.structured.channels import path_of
-from hflows_jax.training import presets, train
+from hflows_jax.training import presets
 
 
 def _init(name, shape, **kwargs):
@@ -222,11 +222,11 @@ def test_a_fixed_batchnorm_scale_is_warned_at_start():
     cfg = presets.get("compare_cifar10_5k").replace(method="hyperflows_channel",
                                                       target_sparsity=0.5)
     assert not cfg.model.train_bn_scale  # the reference's choice, the preset's
-    fixed = train.start_warnings(cfg, 79, channel)
+    fixed = channel.start_warnings(cfg, 79)
     assert any("--train_bn_scale=true" in w for w in fixed)
-    trained = train.start_warnings(cfg.replace(train_bn_scale=True), 79, channel)
+    trained = channel.start_warnings(cfg.replace(train_bn_scale=True), 79)
     assert not any("--train_bn_scale" in w for w in trained)
-    lenet = train.start_warnings(cfg.replace(model="lenet5"), 79, channel)  # no BatchNorm
+    lenet = channel.start_warnings(cfg.replace(model="lenet5"), 79)  # no BatchNorm
     assert not any("--train_bn_scale" in w for w in lenet)
 
 

@@ -54,6 +54,12 @@ class ChannelHyperflowsState(NamedTuple):
     def channel_masks(self) -> dict:
         return self.kept
 
+    def pressure_value(self) -> jax.Array:
+        return self.pressure.gamma
+
+    def skipped_steps(self) -> jax.Array:
+        return self.skipped
+
 
 def kept_channels(presence: dict, min_channels: int) -> dict:
     """``T >= 0``, and in every layer at least its ``min_channels`` highest scores.
@@ -143,8 +149,4 @@ def channel_hyperflows(
 def flops_fraction(groups: ChannelGroups, opt_state: PyTree) -> jax.Array:
     """The fraction of multiply-adds the channels kept in ``opt_state`` cost (a channel
     pruner's: channel Hyperflows, DHP)."""
-    state = masking.find_pruner_state(opt_state)
-    if not hasattr(state, "channel_masks"):
-        raise ValueError(f"flops_fraction needs a channel pruner's state (channel Hyperflows, "
-                         f"DHP), got {type(state).__name__}.")
-    return groups.flops_fraction(state.channel_masks())
+    return groups.flops_fraction(masking.channel_masks(opt_state))

@@ -54,3 +54,9 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def checkpoint_dir(workdir: str, phase: str) -> str:
+    """Where a run keeps the checkpoints of one phase ("dense" or "pruning"); a dense run's
+    ``checkpoint_dir(workdir, "dense")`` is what ``--init_checkpoint`` takes."""
+    return os.path.join(workdir, "checkpoints", phase)

@@ -9,11 +9,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
+import jax
+
 from hflows_jax import methods, models
-from hflows_jax.training import presets
+from hflows_jax.training import parallel, presets
 from hflows_jax.training.config import DTYPES, FLAGS, Config
 from hflows_jax.training.train import run
 
@@ -34,7 +37,7 @@ HELP = {
     "train_bn_scale": "train BatchNorm scales; false keeps them at 1, as the reference does",
     "zero_init_residual": "ResNets: start each block's last BatchNorm scale at 0",
     # method
-    "method": f"pruner: {', '.join(methods.REGISTRY)}",
+    "method": "pruner: {methods}",  # the registry as --help is built
     "target_sparsity": "fraction of prunable weights removed at the end (channel methods: "
                        "fraction of multiply-adds removed)",
     "distribution": "baselines: global, uniform or erk; unset: the method's own",
@@ -103,7 +106,8 @@ def parser(defaults: Config, prog: str, doc: str, add_help: bool = True
         "unset: this experiment's defaults, shown here", None))
     for flag, default in defaults.flags().items():
         kind = FLAGS[flag][2]
-        kwargs = {"default": default, "help": _help(HELP[flag], default)}
+        text = HELP[flag].format(methods=", ".join(methods.REGISTRY))
+        kwargs = {"default": default, "help": _help(text, default)}
         if kind is bool:
             kwargs.update(type=_bool, nargs="?", const=True)
         else:
@@ -122,8 +126,23 @@ def parse(defaults: Config, prog: str, doc: str, argv=None) -> Config:
     return defaults.replace(**flags).validate()
 
 
+def configure(cfg: Config) -> None:
+    """The process's JAX setup for ``cfg``, before anything touches a device, as Flax's
+    ``main.py`` does: join a multi-process run (``parallel.initialize_distributed``), and
+    JAX's persistent compilation cache in a user directory unless one is already set
+    (e.g. by ``JAX_COMPILATION_CACHE_DIR``) or ``--compilation_cache=false``."""
+    r = cfg.run
+    parallel.initialize_distributed(r.coordinator_address, r.num_processes, r.process_id)
+    jax.config.update("jax_enable_compilation_cache", r.compilation_cache)
+    if r.compilation_cache and not jax.config.jax_compilation_cache_dir:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "hflows_jax", "jax"))
+
+
 def main(defaults: Config, prog: str, doc: str, argv=None) -> dict:
-    return run(parse(defaults, prog, doc, argv))
+    cfg = parse(defaults, prog, doc, argv)
+    configure(cfg)
+    return run(cfg)
 
 
 def exit_on_user_errors(fn: Callable[[], Any]) -> None:

@@ -17,263 +17,56 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
-import hflows_jax as hf
-from hflows_jax import methods, models, recipe
-from hflows_jax.data import (ArrayDataset, channel_stats, load_dataset, normalize,
-                             steps_per_epoch, train_batches)
+from hflows_jax.data import normalize, train_batches
+from hflows_jax.flops import forward_macs
 from hflows_jax.training import outputs, parallel, plots
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
-from hflows_jax.flops import forward_macs
+from hflows_jax.training.runs import Inputs, OpenRun, Phase, open_run, starting_variables
 from hflows_jax.training.state import TrainState
 from hflows_jax.training.step import (batch_statistics, make_eval_step, make_statistics_step,
-                                      make_train_step, mean_statistics,
-                                      smoothed_cross_entropy)
+                                      make_train_step, mean_statistics)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # test images per evaluation batch
 TARGET_TOLERANCE = 0.005  # a final sparsity further than this from the target is a miss
 
 
 @dataclasses.dataclass(frozen=True)
-class Inputs:
-    """A run's data: the dataset and its normalization."""
+class Setup(OpenRun):
+    """The opened run, with what training it needs: fixed for the whole run."""
 
-    data: ArrayDataset
-    mean: np.ndarray
-    std: np.ndarray
-    steps_per_epoch: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One stretch of training with one optimizer, checkpointed in its own directory."""
-
-    name: str  # "dense" or "pruning": the checkpoint directory
-    epochs: range  # global epoch numbers (1-based)
-    tx: optax.GradientTransformation
-    masked: bool  # the network runs on W * M
-    learning_rates: Callable[[int], dict[str, float]]  # phase step -> {"lr": ..., ...}
-    regrowth_from: int | None = None  # epochs from here on are logged as "regrowth"
-
-    def label(self, epoch: int) -> str:
-        return "regrowth" if self.regrowth_from and epoch >= self.regrowth_from else self.name
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything fixed for the whole run."""
-
-    cfg: Config
-    inputs: Inputs
-    model: nn.Module
-    method: methods.Method
     # time.time() at the start of this process's run, less the seconds the run's earlier
     # processes took up to their last checkpoint: a resumed run's clock goes on.
-    started: float
-    parallel: parallel.Pmap | parallel.ShardMap  # how steps run over devices and processes
-    test_set: Any  # the test set on the devices (device_test_set)
+    started: float = 0.0
+    parallel: parallel.Pmap | parallel.ShardMap | None = None  # how steps run over devices
+    test_set: Any = None  # the test set on the devices (device_test_set)
     warnings: tuple[str, ...] = ()  # what keeps the run from its target, known at start
 
 
-# --- config -> data -> model and method -> phases ------------------------------------------
-
-def load_inputs(cfg: Config) -> Inputs:
-    data = parallel.primary_first(lambda: load_dataset(cfg.data.dataset, cfg.data.data_dir))
-    if len(data.x_train) < cfg.data.batch_size:
-        raise ValueError(f"--batch_size={cfg.data.batch_size} exceeds the "
-                         f"{len(data.x_train)} training images.")
-    mean, std = channel_stats(data.x_train)
-    return Inputs(data, mean, std, steps_per_epoch(len(data.x_train), cfg.data.batch_size))
+def pruned_network(run: OpenRun, state: TrainState) -> tuple:
+    """``(model, variables, masks, groups)`` of a pruning state (``Method.pruned_network``):
+    what ``hf.export`` takes."""
+    return run.method.pruned_network(run.model, state.params, state.batch_stats,
+                                     state.opt_state, run.inputs.data.image_shape)
 
 
-def build_model(cfg: Config, num_classes: int, method: methods.Method | None,
-                axis_name: str | None = "batch", dtype=None) -> nn.Module:
-    """The ``--model``, wrapped by ``method`` where it has a ``wrap_model`` hook."""
-    m = cfg.model
-    model = models.create(m.name, num_classes, m.width, dtype or DTYPES[m.dtype],
-                          axis_name=axis_name, kernel_init=m.kernel_init,
-                          train_bn_scale=m.train_bn_scale,
-                          zero_init_residual=m.zero_init_residual)
-    if method is None or method.wrap_model is None:
-        return model
-    return method.wrap_model(model, cfg.method.target_sparsity)
-
-
-def init_variables(model: nn.Module, seed: int, image_shape: tuple) -> tuple[Any, Any]:
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32), train=False)
-    return variables["params"], variables.get("batch_stats", {})
-
-
-def initial_variables(cfg: Config, model: nn.Module, inputs: Inputs,
-                      dense_tx: optax.GradientTransformation) -> tuple[Any, Any]:
-    """Fresh params and batch stats, or those of ``--init_checkpoint``: a dense run of the
-    plain ``--model``, whose layers a wrapped model (FTWT) takes over by name."""
-    params, batch_stats = init_variables(model, cfg.run.seed, inputs.data.image_shape)
-    if not cfg.schedule.init_checkpoint:
-        return params, batch_stats
-    ckpt = Checkpoints(cfg.schedule.init_checkpoint)
-    epoch = ckpt.latest()
-    if epoch is None:
-        raise FileNotFoundError(f"--init_checkpoint={cfg.schedule.init_checkpoint} holds no "
-                                "checkpoint (pass a run's checkpoints/dense directory).")
-    plain = build_model(cfg, inputs.data.num_classes, None)
-    template = init_variables(plain, cfg.run.seed, inputs.data.image_shape)
-    state, _ = ckpt.restore(epoch, abstract_state(dense_tx, *template))
-    ckpt.close()
-    if type(plain) is type(model):
-        return state.params, state.batch_stats
-    missing = sorted(set(state.params) - set(params))
-    if missing:
-        raise ValueError(f"--init_checkpoint holds a plain {cfg.model.name}, and "
-                         f"--method={cfg.method.name} has no layers {missing} to take it "
-                         "over: train it from initialization (--dense_epochs).")
-    return {**params, **state.params}, {**batch_stats, **state.batch_stats}
-
-
-def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
-            num_batches: int = 4) -> methods.Scoring:
-    """A loss and a few training batches for the scores of at-initialization methods.
-
-    BatchNorm runs in training mode (batch statistics), so no running averages and no
-    device axis are needed.
-    """
-    model = build_model(cfg, inputs.data.num_classes, method, axis_name=None,
-                        dtype=jnp.float32)
-
-    def loss_fn(params, batch):
-        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch[0],
-                                train=True, mutable=["batch_stats"])
-        return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
-
-    batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
-                            cfg.run.seed, 0, inputs.mean, inputs.std, augment=False)
-    return methods.Scoring(loss_fn, [b for _, b in zip(range(num_batches), batches)])
-
-
-def dense_phase(cfg: Config, spe: int) -> Phase:
-    s = cfg.schedule
-    epochs = 0 if s.init_checkpoint else s.dense_epochs
-    lr = optax.cosine_decay_schedule(s.lr, max(epochs * spe, 1))
-    tx = optax.chain(optax.add_decayed_weights(s.weight_decay), optax.sgd(lr, momentum=0.9))
-    return Phase("dense", range(1, epochs + 1), tx, masked=False,
-                 learning_rates=lambda step: {"lr": float(lr(step))})
-
-
-def presence_settings(cfg: Config, spe: int) -> tuple[float, int]:
-    """(presence lr, controller period in steps): the flags where given, else the
-    reference regime for this run's length (``recipe.presence_regime``)."""
-    p = cfg.method
-    lr, period = recipe.presence_regime(cfg.schedule.pruning_epochs * spe)
-    if p.pressure_updates_per_epoch:
-        period = max(1, spe // p.pressure_updates_per_epoch)
-    return p.presence_lr or lr, period
-
-
-def start_warnings(cfg: Config, spe: int, method: methods.Method) -> list[str]:
-    """What can be told before the run that keeps it from its target."""
-    if not cfg.pruned or not method.has_pressure:
-        return []
-    p = cfg.method
-    target = recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance)
-    steps = cfg.schedule.pruning_epochs * spe
-    args = (target, presence_settings(cfg, spe)[0], steps)
-    remedy = " Give it more pruning epochs."
-    fitting = recipe.fitting_presence_lr(target, steps)
-    if p.presence_lr is not None and fitting is not None:
-        remedy = (" Give it more pruning epochs, or drop --presence_lr: its default "
-                  f"(recipe.presence_regime) is {fitting:.3g} here, which fits.")
-    warnings = [w and w + remedy for w in (recipe.unreachable_warning(*args),
-                                           recipe.overshoot_warning(*args))]
-    if (method.target == "flops" and cfg.model.name in models.BATCHNORM_MODELS
-            and not cfg.model.train_bn_scale):
-        warnings.append(f"{method.name} on {cfg.model.name} with the BatchNorm scale fixed "
-                        "(--train_bn_scale=false) sees only the BatchNorm shift's flow, not "
-                        "the channel's: such runs collapsed (docs/RESULTS.md). Pass "
-                        "--train_bn_scale=true.")
-    return [w for w in warnings if w]
-
-
-def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
-                  first_epoch: int, channel_groups: Callable[[], Any]) -> Phase:
-    s, p = cfg.schedule, cfg.method
-    pruning_steps, regrowth_steps = s.pruning_epochs * spe, s.regrowth_epochs * spe
-    weight_lr = recipe.weight_learning_rate(s.lr, pruning_steps, regrowth_steps)
-    lr, period = presence_settings(cfg, spe)
-    presence_lr = recipe.presence_learning_rate(lr, pruning_steps, spe)
-    budget = methods.Budget(
-        target_sparsity=p.target_sparsity, pruning_steps=pruning_steps,
-        regrowth_steps=regrowth_steps, steps_per_epoch=spe,
-        controller_period=period, controller=p.controller or method.controller,
-        presence_lr=presence_lr, weight_lr=weight_lr,
-        regrowth_allowance=p.regrowth_allowance,
-        distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
-        channel_groups=channel_groups)
-    weight_links = (optax.add_decayed_weights(s.weight_decay),
-                    optax.sgd(weight_lr, momentum=0.9))
-    tx = method.combine(method.build(budget), *weight_links)
-
-    def learning_rates(step):
-        rates = {"lr": float(weight_lr(step))}
-        if method.has_pressure:
-            rates["presence_lr"] = float(presence_lr(step))
-        return rates
-
-    last = first_epoch + s.pruning_epochs + s.regrowth_epochs - 1
-    return Phase("pruning", range(first_epoch, last + 1), tx, masked=method.static_masks,
-                 learning_rates=learning_rates, regrowth_from=first_epoch + s.pruning_epochs)
-
-
-def plain_network(model: nn.Module, method: methods.Method, params, batch_stats) -> tuple:
-    """``(model, params, batch_stats)`` as a model of ``hflows_jax.models`` (DHP: the plain
-    VGG its hypernetworks generate), which channel groups, counts and export read."""
-    return method.plain(model, params, batch_stats) if method.plain else (
-        model, params, batch_stats)
-
-
-def channel_groups_of(model: nn.Module, method: methods.Method, params, batch_stats,
-                      image_shape: tuple) -> Callable[[], Any]:
-    """The channel groups of the plain network, built on call (channel methods only)."""
-    return lambda: hf.structured.channel_groups(
-        *plain_network(model, method, params, batch_stats)[:2], image_shape)
-
-
-def pruned_network(model: nn.Module, method: methods.Method, state: TrainState,
-                   image_shape: tuple) -> tuple:
-    """``(model, variables, masks, groups)``: what a pruning state stands for, ready for
-    ``hf.export``. Pruned entries are exactly 0; channel methods' pruned channels get a
-    settled running mean, and ``groups`` are their channel groups (else None)."""
-    params = hf.finalize(state.params, state.opt_state)
-    model, params, batch_stats = plain_network(model, method, params, state.batch_stats)
-    masks, groups = hf.masks(state.opt_state), None
-    if method.target == "flops":
-        groups = hf.structured.channel_groups(model, params, image_shape)
-        kept = hf.find_pruner_state(state.opt_state).channel_masks()
-        masks = groups.expand(kept, params)
-        batch_stats = groups.settle_statistics(batch_stats, kept)
-    return model, {"params": params, "batch_stats": batch_stats}, masks, groups
-
-
-def evaluated_network(cfg: Config, inputs: Inputs, model: nn.Module,
-                      method: methods.Method, state: TrainState, epoch: int) -> tuple:
+def evaluated_network(run: OpenRun, state: TrainState, epoch: int) -> tuple:
     """``pruned_network`` with the BatchNorm statistics the loop evaluated epoch ``epoch``
-    on (re-estimated over ``--bn_batches`` of its training batches; ``model`` without a
+    on (re-estimated over ``--bn_batches`` of its training batches; open ``run`` without a
     device axis): what ``experiments.export`` serves."""
-    model, variables, masks, groups = pruned_network(model, method, state,
-                                                     inputs.data.image_shape)
-    if cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
+    model, variables, masks, groups = pruned_network(run, state)
+    if run.cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
         step = jax.jit(lambda v, x: batch_statistics(model, v, x))
-        stats = [step(variables, images) for images in statistics_batches(cfg, inputs, epoch)]
+        stats = [step(variables, images)
+                 for images in statistics_batches(run.cfg, run.inputs, epoch)]
         variables = {**variables,
                      "batch_stats": mean_statistics(stats, variables["batch_stats"])}
     return model, variables, masks, groups
@@ -284,12 +77,6 @@ def evaluated_network(cfg: Config, inputs: Inputs, model: nn.Module,
 def new_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:
     # One compiled program, not dozens of op-by-op dispatches (each compiles).
     return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, jax.jit(tx.init)(params))
-
-
-def abstract_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:
-    """The state's shapes and dtypes, for a restore: ``tx.init`` is traced, never run."""
-    return jax.eval_shape(lambda p, b: TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
-                          params, batch_stats)
 
 
 def record(cfg: Config, epochs_done: int, history: list[dict]) -> dict:
@@ -421,13 +208,6 @@ def train_epoch(setup: Setup, train_step, placed: TrainState, epoch: int, label:
     return placed, means, time.time() - started
 
 
-def skipped_steps(state: TrainState, masked: bool) -> int:
-    """Steps the pruner skipped for non-finite gradients (Hyperflows counts them)."""
-    if not masked:
-        return 0
-    return int(getattr(hf.find_pruner_state(state.opt_state), "skipped", 0))
-
-
 def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, history: list,
                 ckpt: Checkpoints) -> tuple[TrainState, list]:
     """Epochs ``first..`` of a phase; returns the state and the history. The first epoch
@@ -437,13 +217,13 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
     fresh = refreshes_statistics(setup, phase, state)
     train_step, eval_step, statistics_step, compile_s = compile_steps(setup, phase, placed,
                                                                       fresh)
-    skipped = skipped_steps(state, phase.masked)
+    skipped = phase.readings(state.opt_state)["skipped_steps"]
     for epoch in range(first, phase.epochs[-1] + 1):
         placed, means, seconds = train_epoch(setup, train_step, placed, epoch,
                                              phase.label(epoch))
         state = par.get_state(placed)
         evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
-        now_skipped = skipped_steps(state, phase.masked)
+        readings = phase.readings(state.opt_state)
         started = time.time()
         test_accuracy = running = None
         if evaluate:
@@ -455,17 +235,15 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
         row = {"phase": phase.label(epoch), "epoch": epoch, **means,
                "test_accuracy": test_accuracy,
                "test_accuracy_running_stats": running,
-               "sparsity": float(hf.sparsity(state.opt_state)) if phase.masked else 0.0,
-               "pressure": (float(hf.pressure_value(state.opt_state))
-                            if phase.masked and setup.method.has_pressure else 0.0),
+               "sparsity": readings["sparsity"], "pressure": readings["pressure"],
                **phase.learning_rates(int(state.step)),
-               "skipped_steps": now_skipped - skipped,
+               "skipped_steps": readings["skipped_steps"] - skipped,
                "compile_s": compile_s if epoch == first else 0.0,
                "train_s": seconds,
                "eval_s": time.time() - started,
                "images_per_s": setup.inputs.steps_per_epoch * cfg.data.batch_size / seconds,
                "time_s": time.time() - setup.started}
-        skipped = now_skipped
+        skipped = readings["skipped_steps"]
         history = history + [row]
         ckpt.save(epoch, state, record(cfg, epoch, history))  # every process takes part
         if parallel.is_primary():
@@ -509,31 +287,31 @@ def missed_target_message(cfg: Config, removed: float, what: str) -> str:
             f"points {side} the {target:.2%} target.")
 
 
+def final_network(setup: Setup, state: TrainState) -> tuple:
+    """``(model, variables, masks, groups)`` the run ended with: the pruned network, or
+    the dense one of a ``--dense_only`` run."""
+    if setup.cfg.pruned:
+        return pruned_network(setup, state)
+    return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, None, None
+
+
 def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
-    cfg, data = setup.cfg, setup.inputs.data
-    model, groups = setup.model, None
-    variables, masks = {"params": state.params, "batch_stats": state.batch_stats}, None
-    layer_sparsity = {}
-    if phase.masked:
-        model, variables, masks, groups = pruned_network(setup.model, setup.method, state,
-                                                         data.image_shape)
-        layer_sparsity = {k: float(v) for k, v in hf.layer_sparsity(state.opt_state).items()}
+    cfg, data, method = setup.cfg, setup.inputs.data, setup.method
+    network = final_network(setup, state)
+    model, variables, masks, _ = network
     macs_dense, macs_sparse = forward_macs(model, variables["params"], data.image_shape,
                                            masks)
     params_total = sum(int(p.size) for p in jax.tree.leaves(variables["params"]))
     pruned = sum(int(m.size - m.sum()) for m in jax.tree.leaves(masks))
     train_s = sum(r["train_s"] for r in history)
     images = len(history) * setup.inputs.steps_per_epoch * cfg.data.batch_size
-    sparsity = float(hf.sparsity(state.opt_state)) if phase.masked else 0.0
+    sparsity = phase.readings(state.opt_state)["sparsity"]
+    layer_sparsity = method.layer_sparsity(state.opt_state) if cfg.pruned else {}
     removed, what = sparsity, "sparsity"  # what --target_sparsity counts
-    if setup.method.executed_flops is not None and cfg.pruned:
-        test_images = normalize(data.x_test, setup.inputs.mean, setup.inputs.std)
-        removed = 1.0 - setup.method.executed_flops(model, variables, test_images)
-        what = "of the multiply-adds removed (mean over the test set)"
-    elif groups is not None:
-        removed = 1.0 - float(hf.structured.flops_fraction(groups, state.opt_state))
-        what = "of the multiply-adds removed"
+    if cfg.pruned:
+        removed, what = method.removed(network, state.opt_state, lambda: normalize(
+            data.x_test, setup.inputs.mean, setup.inputs.std))
     missed_by = missed_target(cfg, removed) if cfg.pruned else None
     warnings = list(setup.warnings)
     if missed_by is not None:
@@ -544,7 +322,7 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         # with --bn_batches: the last phase's final accuracy on the running statistics
         "test_accuracy_running_stats": history[-1].get("test_accuracy_running_stats"),
         "sparsity": sparsity,
-        "target": setup.method.target,  # what target_sparsity counts: weights or flops
+        "target": method.target,  # what target_sparsity counts: weights or flops
         "target_removed": removed,  # the fraction of it removed (weights: the sparsity)
         "target_missed_by": missed_by,  # final - target when over 0.5 points apart, else None
         "warnings": warnings,
@@ -570,7 +348,7 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     print(f"test_accuracy {result['test_accuracy']:.4f}  sparsity {result['sparsity']:.4f}  "
           f"params {result['params_remaining']}/{params_total}  "
           f"MACs {macs_sparse}/{macs_dense}"
-          + (f"  {what} {removed:.4f}" if setup.method.target != "weights" else "")
+          + (f"  {what} {removed:.4f}" if method.target != "weights" else "")
           + f"  -> {cfg.run.workdir}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", flush=True)
@@ -613,15 +391,6 @@ def interrupted(cfg: Config, ckpts: dict) -> Interrupted:
                        f"{directory}). Rerun the same command to resume from there.")
 
 
-def use_compilation_cache(cfg: Config) -> None:
-    """JAX's persistent compilation cache in a user directory, unless one is already set
-    (e.g. by ``JAX_COMPILATION_CACHE_DIR``) or ``--compilation_cache=false``."""
-    jax.config.update("jax_enable_compilation_cache", cfg.run.compilation_cache)
-    if cfg.run.compilation_cache and not jax.config.jax_compilation_cache_dir:
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "hflows_jax", "jax"))
-
-
 def check_devices(cfg: Config) -> None:
     devices = jax.device_count()
     if cfg.data.batch_size % devices:
@@ -638,9 +407,14 @@ def describe_devices(cfg: Config) -> str:
 
 
 def run(cfg: Config) -> dict:
+    """Train the run of ``cfg`` (or resume it) and write its outputs. The process's JAX
+    setup (a multi-process run, the compilation cache) is the caller's: ``cli.configure``."""
     cfg.validate()
     r = cfg.run
-    parallel.initialize_distributed(r.coordinator_address, r.num_processes, r.process_id)
+    if r.num_processes and not jax.distributed.is_initialized():
+        raise ValueError("--num_processes needs jax.distributed initialized first: call "
+                         "hflows_jax.training.cli.configure(cfg) before run(cfg), as the "
+                         "command line does.")
     check_devices(cfg)
     primary = parallel.is_primary()
     report = finished_report(cfg)
@@ -649,36 +423,33 @@ def run(cfg: Config) -> dict:
             print(f"The run in {r.workdir} is finished (epoch {last_epoch(cfg)}); its outputs "
                   "stay as they are. Use a new --workdir to run it again.", flush=True)
         return report
-    use_compilation_cache(cfg)
     started = time.time()
     if primary:
         print(describe_devices(cfg), flush=True)
         os.makedirs(r.workdir, exist_ok=True)
-    inputs = load_inputs(cfg)
-    method = methods.get(cfg.method.name)
-    par = parallel.backend(r.parallel)
-    setup = Setup(cfg, inputs, build_model(cfg, inputs.data.num_classes, method), method,
-                  started, par, device_test_set(inputs, par),
-                  tuple(start_warnings(cfg, inputs.steps_per_epoch, method)))
+    setup = training_setup(open_run(cfg), started)
     for warning in setup.warnings if primary else ():
         print(f"WARNING: {warning}", flush=True)
-    dense = dense_phase(cfg, inputs.steps_per_epoch)
-    params, batch_stats = initial_variables(cfg, setup.model, inputs, dense.tx)
-    phases = (dense,) if cfg.schedule.dense_only else (dense, pruning_phase(
-        cfg, inputs.steps_per_epoch, method, scoring(cfg, inputs, method, batch_stats),
-        first_epoch=len(dense.epochs) + 1, channel_groups=channel_groups_of(
-            setup.model, method, params, batch_stats, inputs.data.image_shape)))
-    ckpts = {p.name: Checkpoints(os.path.join(r.workdir, "checkpoints", p.name),
-                                 max_to_keep=r.keep_checkpoints or None)
-             for p in phases}
+    params, batch_stats = starting_variables(setup)
+    ckpts = {p.name: setup.checkpoints(p.name) for p in setup.phases}
     try:
-        setup, state, history = run_phases(setup, phases, ckpts, params, batch_stats)
+        setup, state, history = run_phases(setup, setup.phases, ckpts, params, batch_stats)
     except KeyboardInterrupt as e:
         raise interrupted(cfg, ckpts) from e
     finally:
         for ckpt in ckpts.values():
             ckpt.close()
-    return finish(setup, phases[-1], state, history)
+    return finish(setup, setup.phases[-1], state, history)
+
+
+def training_setup(opened: OpenRun, started: float) -> Setup:
+    """``opened`` with its devices, its test set on them, and its start warnings."""
+    cfg, par = opened.cfg, parallel.backend(opened.cfg.run.parallel)
+    warnings = (opened.method.start_warnings(cfg, opened.inputs.steps_per_epoch)
+                if cfg.pruned else [])
+    fields = {f.name: getattr(opened, f.name) for f in dataclasses.fields(OpenRun)}
+    return Setup(**fields, started=started, parallel=par,
+                 test_set=device_test_set(opened.inputs, par), warnings=tuple(warnings))
 
 
 def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
@@ -695,7 +466,7 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
         first = phase.epochs[0]
         if i == start and restored is not None:
             state, saved = ckpts[phase.name].restore(
-                restored, abstract_state(phase.tx, params, batch_stats))
+                restored, setup.template(phase.name, params, batch_stats))
             check_same_run(setup.cfg, saved)
             history, first = saved["history"], restored + 1
             setup = dataclasses.replace(setup, started=setup.started - history[-1]["time_s"])
