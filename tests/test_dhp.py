@@ -106,7 +106,7 @@ def _perturbed(tree, seed, scale):
 
 
 def test_finalized_plain_vgg_gives_the_hypernetwork_models_logits_and_exports_compact():
-    model = DHPVGG(VGG(**SMALL_VGG))
+    model = DHPVGG(**SMALL_VGG)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     variables = model.init(jax.random.key(1), x)
     params = _perturbed(variables["params"], 2, 0.1)
@@ -184,7 +184,7 @@ def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
 def test_dhp_errors():
     with np.testing.assert_raises_regex(ValueError, "vgg19 only"):
         to_dhp(hf.models.create("resnet20", 10))
-    model = DHPVGG(VGG(**SMALL_VGG))
+    model = DHPVGG(**SMALL_VGG)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     plain, plain_params, _ = plain_variables(model, variables["params"],
                                              variables["batch_stats"])

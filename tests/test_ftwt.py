@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from hflows_jax.models import VGG
 from hflows_jax.structured.ftwt import (THRESHOLD_RATE, FTWTVGG, gating_loss, is_gate,
                                         mass_target, to_ftwt, with_heads)
 
@@ -35,7 +34,7 @@ def test_mass_target_by_hand():
 
 
 def _model_and_variables(seed=0):
-    model = FTWTVGG(VGG(**SMALL_VGG), flops_target=0.5)
+    model = FTWTVGG(**SMALL_VGG, flops_target=0.5)
     x = jax.random.normal(jax.random.key(seed), (6, 8, 8, 3))
     variables = model.init(jax.random.key(1), x)
     # Gate biases spread around 0, so masks differ from input to input.

@@ -10,7 +10,7 @@ import pytest
 
 import hflows_jax as hf
 from hflows_jax import methods, models
-from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction
+from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction, ftwt
 from hflows_jax.structured.channels import path_of
 from hflows_jax.training import presets
 
@@ -241,7 +241,7 @@ def _channel_pruner(name):
         x = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
         apply = lambda p: model.apply({"params": p}, x)  # noqa: E731
     else:
-        model = dhp.DHPVGG(models.VGG(layers=(8, "M", 16), num_classes=10))
+        model = dhp.DHPVGG(layers=(8, "M", 16), num_classes=10)
         x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
         variables = model.init(jax.random.key(0), x)
         params = variables["params"]
@@ -334,3 +334,27 @@ def test_channel_hyperflows_on_a_mobilenet_v2_block():
     compact = hf.export(fn, final, hf.masks(state), x)
     assert compact.macs == float(groups.macs(kept)) < compact.dense_macs
     np.testing.assert_allclose(compact(x), fn(final, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap, own, replaced", [
+    (dhp.to_dhp, ("HyperConv_",), ("Conv_",)),
+    (lambda m: ftwt.to_ftwt(m, 0.5), ("Gate_", "mass_threshold"), ()),
+], ids=["dhp", "ftwt"])
+def test_dhp_and_ftwt_networks_are_the_vgg_with_its_conv_layer_replaced(wrap, own, replaced):
+    """They run the VGG's own layer loop and classifier, so that a change to the VGG is
+    theirs too: beside their own layers, they have its variables, by name and shape."""
+    vgg = models.VGG(layers=(8, "M", 16, "M", 16), num_classes=3, width=0.5)
+    model = wrap(vgg)
+    assert isinstance(model, models.VGG)
+    assert type(model).backbone is models.VGG.backbone
+    assert type(model).classifier is models.VGG.classifier
+    x = jnp.zeros((2, 16, 16, 3))
+    plain = jax.eval_shape(vgg.init, jax.random.key(0), x)
+    wrapped = jax.eval_shape(model.init, jax.random.key(0), x)
+    for collection in ("params", "batch_stats"):
+        rest = {k: jax.tree.map(lambda a: a.shape, v)
+                for k, v in wrapped[collection].items() if not k.startswith(own)}
+        kept = {k: jax.tree.map(lambda a: a.shape, v)
+                for k, v in plain[collection].items() if not k.startswith(replaced)}
+        assert rest == kept, collection
+    assert {"BatchNorm_2", "Dense_0"} <= set(wrapped["params"])

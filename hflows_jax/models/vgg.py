@@ -1,8 +1,16 @@
-"""VGG-19 for CIFAR: 16 conv 3x3 layers with BatchNorm and ReLU, then one dense layer."""
+"""VGG-19 for CIFAR: 16 conv 3x3 layers with BatchNorm and ReLU, then one dense layer.
+
+Each conv layer goes through the method ``conv_layer``, so that a pruning method's network
+(DHP's hypernetwork convs, FTWT's gated convs) is a subclass that replaces that one method
+and shares the layer loop, the classifier and their parameter names. ``backbone`` and
+``classifier`` are plain methods called from the compact ``__call__``: the layers they
+create are ``__call__``'s, named as if written there (``Conv_0``, ``BatchNorm_0``, ...).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -27,16 +35,36 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        x, _ = self.backbone(x, train, None)
+        return self.classifier(x)
+
+    def backbone(self, x, train: bool, carry: Any) -> tuple[Any, Any]:
+        """``(pooled features, carry)``: the layer loop, every conv through ``conv_layer``
+        with ``carry`` passed from layer to layer, then the global average pool."""
         norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
-        init = kernel_initializer(self.kernel_init)
         x = x.astype(self.dtype)
         for layer in self.layers:
             if layer == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             else:
-                x = nn.Conv(max(1, int(layer * self.width)), (3, 3), use_bias=False,
-                            dtype=self.dtype, kernel_init=init)(x)
-                x = nn.relu(norm()(x))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init)(x).astype(
-            jnp.float32)
+                x, carry = self.conv_layer(x, max(1, int(layer * self.width)), norm, carry)
+        return jnp.mean(x, axis=(1, 2)), carry
+
+    def conv_layer(self, x, features: int, norm, carry: Any) -> tuple[Any, Any]:
+        """Conv 3x3 without bias, BatchNorm (``norm()``), ReLU; ``carry`` passes through.
+
+        The one method a subclass replaces; ``carry`` is whatever its layers hand on.
+        """
+        conv = nn.Conv(features, (3, 3), use_bias=False, dtype=self.dtype,
+                       kernel_init=kernel_initializer(self.kernel_init))
+        return nn.relu(norm()(conv(x))), carry
+
+    def classifier(self, x):
+        return nn.Dense(self.num_classes, dtype=self.dtype,
+                        kernel_init=kernel_initializer(self.kernel_init))(x).astype(jnp.float32)
+
+
+def vgg_fields(model: VGG) -> dict:
+    """The fields that define ``model``'s network, to build another VGG (or subclass) of it."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(VGG)
+            if f.name not in ("parent", "name")}

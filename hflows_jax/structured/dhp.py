@@ -12,10 +12,10 @@ turns the pair into the kernel::
 so a latent entry near zero switches its whole channel off, in this conv's outputs and the
 next conv's inputs. A proximal L1 step after every weight step drives latents to exactly
 zero; a channel is kept while ``|z| >= min(threshold, k-th largest |z|)`` (k = min_channels).
-``DHPVGG`` is a VGG of these convs; ``dhp`` is the search as an optax transformation (the
-proximal step, the masks, and the stop at a FLOP target); ``plain_variables`` turns the
-result into the plain VGG's weights, for ``hf.export``. The registry's ``--method=dhp``
-puts them together.
+``DHPVGG`` is the VGG with these convs (a subclass replacing its ``conv_layer``); ``dhp``
+is the search as an optax transformation (the proximal step, the masks, and the stop at a
+FLOP target); ``plain_variables`` turns the result into the plain VGG's weights, for
+``hf.export``. The registry's ``--method=dhp`` puts them together.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from jax import lax
 
 from hflows_jax import masking
 from hflows_jax.models import VGG
-from hflows_jax.models.initializers import kernel_initializer
-from hflows_jax.models.norm import batch_norm
+from hflows_jax.models.vgg import vgg_fields
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least, path_of
 
 PyTree = Any
@@ -145,33 +144,28 @@ def latent_masks(params: PyTree, threshold: float = THRESHOLD,
     return jax.tree.map_with_path(mask, params)
 
 
-class DHPVGG(nn.Module):
-    """``base`` (a ``hflows_jax.models.VGG``) with every conv a ``HyperConv``, the latents
-    chained from conv to conv.
+class DHPVGG(VGG):
+    """The VGG with every conv a ``HyperConv``: its ``conv_layer`` replaced, its layer loop
+    carrying the latent from conv to conv (ones for the image's channels).
 
     A channel whose latent entry is exactly 0 outputs exactly 0 after its BatchNorm and
     ReLU, so the network computes what the plain VGG of ``plain_variables`` computes; the
-    ``dhp`` transformation's masks zero the latents of pruned channels. The image's
-    channels have a fixed latent of ones.
+    ``dhp`` transformation's masks zero the latents of pruned channels.
     """
-
-    base: VGG
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        b = self.base
-        norm = batch_norm(train, b.dtype, b.axis_name, b.train_bn_scale)
-        x = x.astype(b.dtype)
-        z = jnp.ones(x.shape[-1], jnp.float32)
-        for layer in b.layers:
-            if layer == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            else:
-                y, z = HyperConv(max(1, int(layer * b.width)))(x, z)
-                x = nn.relu(norm()(y)) * (z != 0).astype(b.dtype)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(b.num_classes, dtype=b.dtype,
-                        kernel_init=kernel_initializer(b.kernel_init))(x).astype(jnp.float32)
+        x, _ = self.backbone(x, train, jnp.ones(x.shape[-1], jnp.float32))
+        return self.classifier(x)
+
+    def conv_layer(self, x, features: int, norm, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y, z = HyperConv(features)(x, z)
+        return nn.relu(norm()(y)) * (z != 0).astype(self.dtype), z
+
+    @property
+    def base(self) -> VGG:
+        """The plain VGG of the same layers: the network ``plain_variables`` gives weights."""
+        return VGG(**vgg_fields(self))
 
 
 def to_dhp(model: nn.Module) -> DHPVGG:
@@ -179,7 +173,7 @@ def to_dhp(model: nn.Module) -> DHPVGG:
     if not isinstance(model, VGG):
         raise ValueError(f"dhp builds on vgg19 only, got {type(model).__name__}: its "
                          "hypernetwork model chains one latent from conv to conv.")
-    return DHPVGG(model)
+    return DHPVGG(**vgg_fields(model))
 
 
 def plain_name(latent_path: str) -> str:

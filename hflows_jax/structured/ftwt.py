@@ -15,13 +15,16 @@ target while training, like a BatchNorm statistic: every training batch moves it
 ``THRESHOLD_RATE`` times the gap between the multiply-adds the heads' masks execute and
 the target's (``"batch_stats"/"mass_threshold"``). Steered on the target masks' FLOPs
 instead, one run removed 76.9 % for a 70 % target: the heads keep fewer channels than
-their targets. The mask changes with the input, so
-the FLOPs to report are the mean executed over the test set (``executed_flops``).
+their targets. The mask changes with the input, so the FLOPs to report are the mean
+executed over the test set (``executed_flops``).
+
+``FTWTVGG`` is the VGG with these heads: a subclass replacing its ``conv_layer``, whose
+layer loop carries the multiply-add counts (``Counts``) from conv to conv.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,8 +33,7 @@ import numpy as np
 import optax
 
 from hflows_jax.models import VGG
-from hflows_jax.models.initializers import kernel_initializer
-from hflows_jax.models.norm import batch_norm
+from hflows_jax.models.vgg import vgg_fields
 
 PyTree = Any
 GATE = "Gate_"  # the params of the gating heads are named Gate_0, Gate_1, ...
@@ -56,64 +58,71 @@ def mass_target(activations: jax.Array, threshold: jax.Array) -> jax.Array:
     return jnp.take_along_axis(keep_sorted, ranks, axis=-1)
 
 
-class FTWTVGG(nn.Module):
-    """``base`` (a ``hflows_jax.models.VGG``) with a gating head on every conv.
+class Gate(nn.Dense):
+    """A gating head: a dense layer of its own class, so that its params are auto-named
+    ``Gate_0``, ``Gate_1``, ... (``GATE``), apart from the classifier's ``Dense_0``."""
 
-    Its params are the base VGG's, under the same names, plus ``Gate_i``; its batch stats
-    add ``mass_threshold``. Sown in "intermediates": ``gate_logits`` and ``gate_targets``
-    per conv, and ``executed_fraction``: per input, the multiply-adds of the convs and the
+
+class Counts(NamedTuple):
+    """What FTWT's conv layers hand on (the carry of the VGG's layer loop)."""
+
+    active: jax.Array  # (batch,): the channels the last layer's masks keep, per input
+    executed: jax.Array  # (batch,): the multiply-adds the masks execute so far, per input
+    dense: int  # the multiply-adds of the dense model so far
+    threshold: jax.Array  # the mass threshold of the target masks
+
+
+class FTWTVGG(VGG):
+    """The VGG with a gating head on every conv: its ``conv_layer`` replaced, its layer
+    loop carrying the ``Counts``.
+
+    Its params are the VGG's, under the same names, plus ``Gate_i``; its batch stats add
+    ``mass_threshold``. Sown in "intermediates": ``gate_logits`` and ``gate_targets`` per
+    conv, and ``executed_fraction``: per input, the multiply-adds of the convs and the
     classifier that its masks execute over the dense model's (heads not counted, as in
     FTWT's own count).
     """
 
-    base: VGG
     flops_target: float = 0.5  # the fraction of multiply-adds to remove
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        b = self.base
-        norm = batch_norm(train, b.dtype, b.axis_name, b.train_bn_scale)
-        init = kernel_initializer(b.kernel_init)
         threshold = self.variable("batch_stats", "mass_threshold",
                                   lambda: jnp.asarray(1.0 - self.flops_target / 2, jnp.float32))
-        x = x.astype(b.dtype)
-        active = jnp.full(x.shape[:1], x.shape[-1], jnp.float32)
-        executed = jnp.zeros(x.shape[:1], jnp.float32)
-        dense, gate = 0, 0
-        for layer in b.layers:
-            if layer == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-                continue
-            features = max(1, int(layer * b.width))
-            pooled = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
-            logits = nn.Dense(features, name=f"{GATE}{gate}")(jax.nn.softmax(pooled, axis=-1))
-            out = nn.relu(norm()(nn.Conv(features, (3, 3), use_bias=False, dtype=b.dtype,
-                                         kernel_init=init)(x)))
-            on = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))  # sigmoid > 0.5
-            target = mass_target(jax.lax.stop_gradient(out), threshold.value)
-            self.sow("intermediates", "gate_logits", logits)
-            self.sow("intermediates", "gate_targets", target)
-            unit = out.shape[1] * out.shape[2] * 9  # per (input, output) channel pair
-            dense += unit * x.shape[-1] * features
-            executed += unit * active * jnp.sum(on, axis=-1)
-            active = jnp.sum(on, axis=-1)
-            x = out * on[:, None, None, :].astype(out.dtype)
-            gate += 1
-        x = jnp.mean(x, axis=(1, 2))
-        dense += x.shape[-1] * b.num_classes
-        executed += active * b.num_classes
+        batch = x.shape[:1]
+        counts = Counts(jnp.full(batch, x.shape[-1], jnp.float32), jnp.zeros(batch, jnp.float32),
+                        0, threshold.value)
+        x, counts = self.backbone(x, train, counts)
+        # The classifier: every active channel of the last layer feeds every class.
+        dense = counts.dense + x.shape[-1] * self.num_classes
+        executed = counts.executed + counts.active * self.num_classes
         self.sow("intermediates", "executed_fraction", executed / dense)
         if train and not self.is_initializing():
             gap = (1.0 - self.flops_target) - jnp.mean(executed / dense)
             threshold.value = jnp.clip(threshold.value + THRESHOLD_RATE * gap, 0.0, 1.0)
-        return nn.Dense(b.num_classes, dtype=b.dtype, kernel_init=init)(x).astype(jnp.float32)
+        return self.classifier(x)
+
+    def conv_layer(self, x, features: int, norm, counts: Counts) -> tuple[jax.Array, Counts]:
+        """The VGG's conv layer, its output channels multiplied by the head's mask."""
+        pooled = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
+        logits = Gate(features)(jax.nn.softmax(pooled, axis=-1))
+        out, _ = super().conv_layer(x, features, norm, None)
+        on = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))  # sigmoid > 0.5
+        self.sow("intermediates", "gate_logits", logits)
+        self.sow("intermediates", "gate_targets",
+                 mass_target(jax.lax.stop_gradient(out), counts.threshold))
+        unit = out.shape[1] * out.shape[2] * 9  # per (input, output) channel pair
+        active = jnp.sum(on, axis=-1)
+        counts = Counts(active, counts.executed + unit * counts.active * active,
+                        counts.dense + unit * x.shape[-1] * features, counts.threshold)
+        return out * on[:, None, None, :].astype(out.dtype), counts
 
 
 def to_ftwt(model: nn.Module, flops_target: float) -> FTWTVGG:
     """The FTWT network of a ``hflows_jax.models`` model (VGG only, so far)."""
     if not isinstance(model, VGG):
         raise ValueError(f"ftwt builds on vgg19 only, got {type(model).__name__}.")
-    return FTWTVGG(model, flops_target)
+    return FTWTVGG(**vgg_fields(model), flops_target=flops_target)
 
 
 def gating_loss(params: PyTree, intermediates: PyTree) -> jax.Array:
