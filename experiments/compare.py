@@ -43,6 +43,7 @@ from tqdm import tqdm
 from experiments import scaffold
 from hflows_jax import methods
 from hflows_jax.training import Config, outputs, presets, run
+from hflows_jax.training.checkpoint import checkpoint_dir
 
 DENSE = "dense"  # the dense row: no pruning, the same total epochs, target_sparsity 0
 # Each setting (presets compare_SETTING[_quick]) with its default grid: target

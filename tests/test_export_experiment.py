@@ -101,8 +101,8 @@ def test_serialized_models_match_the_in_process_ones(exported):
         np.testing.assert_allclose(got, np.asarray(jax.jit(fn)(images)), rtol=1e-5, atol=1e-5)
     # ... and compact == masked dense, with the run's normalization inside.
     weights = hf.finalize(state.params, state.opt_state)
-    normalized = (images.astype(np.float32) / 255.0 - inputs.mean) / inputs.std
-    reference = model.apply({"params": weights, "batch_stats": state.batch_stats}, normalized)
+    normalized = (images.astype(np.float32) / 255.0 - opened.inputs.mean) / opened.inputs.std
+    reference = opened.model.apply({"params": weights, "batch_stats": state.batch_stats}, normalized)
     served = jax.export.deserialize(bytearray((out / "model.jax").read_bytes())).call(images)
     np.testing.assert_allclose(np.asarray(served), np.asarray(reference), rtol=1e-4, atol=1e-4)
     # Another batch size through the same file.
