@@ -2,8 +2,8 @@
 
 Data flows one way, as in the Flax examples' ``train.py``:
 
-    config -> data -> model and method -> phases -> state (init, or restore onto a
-    template from ``jax.eval_shape``) -> epochs -> outputs
+    config -> open_run (data, method and model, phases; ``runs.py``) -> state (init,
+    or restore onto a template from ``jax.eval_shape``) -> epochs -> outputs
 
 ``run(cfg)`` is what ``python -m experiments.cifar`` calls. Every epoch ends with an
 orbax checkpoint, so rerunning the same command continues the same run: batch order and
