@@ -206,15 +206,12 @@ class ChannelMethod(Method):
     target = "flops"
 
     def pruned_network(self, model, params, batch_stats, opt_state, image_shape) -> tuple:
-        """Masks expanded from the kept channels, and pruned channels' running means settled
-        (``ChannelGroups.settle_statistics``)."""
+        """Masks expanded from the kept channels onto the rows that read them."""
         params = hf.finalize(params, opt_state)
         model, params, batch_stats = self.plain(model, params, batch_stats)
         groups = hf.structured.channel_groups(model, params, image_shape)
-        kept = hf.channel_masks(opt_state)
-        variables = {"params": params,
-                     "batch_stats": groups.settle_statistics(batch_stats, kept)}
-        return model, variables, groups.expand(kept, params), groups
+        masks = groups.expand(hf.channel_masks(opt_state), params)
+        return model, {"params": params, "batch_stats": batch_stats}, masks, groups
 
     def removed(self, network, opt_state, test_images) -> tuple[float, str]:
         groups = network[3]

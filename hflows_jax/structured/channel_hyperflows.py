@@ -1,21 +1,27 @@
-"""Channel Hyperflows: one presence score per output channel, as one optax transformation.
+"""Channel Hyperflows: one presence score per channel, as one optax transformation.
 
 Everything is Hyperflows (``hf.hyperflows``) with the weight replaced by a channel group
-(``ChannelGroups``: a filter, its bias, its BatchNorm scale and shift):
+(``ChannelGroups``): the mask ``M = [T >= 0]`` of channel c zeroes the kernel rows that
+read c (every conv or dense layer's input rows for c), and
 
-- the channel's flow is the sum of its members' flows ``ste_scale * w * grad``;
+- the channel's flow is the sum of its rows' flows ``ste_scale * w * grad``;
 - the pressure ``gamma / C`` (C channels in all) is the gradient of ``gamma * mean(T)``;
 - the controller steers gamma on the fraction of multiply-adds kept (``target="flops"``)
   or of channels kept (``target="channels"``), so its target sparsity is the fraction
   removed;
-- ``grads * M`` goes down the chain, with ``M`` the per-weight masks of the groups.
+- ``grads * M`` goes down the chain.
 
-Behind BatchNorm a filter's own flows sum to zero: the loss does not change when a filter
-is scaled, so ``sum_i w_i dL/dw_i = 0`` (``experiments.evidence`` measured ratios of
-0.0000 to 0.0001 on every BatchNorm conv). The channel's signal is in its BatchNorm scale
-and shift, which is why they belong to its group: their flows sum to the derivative of the
-loss by a scale on the channel's output. With a fixed BatchNorm scale (no scale param) only
-the shift's flow is left, which is not that derivative: train the scale.
+Why the reading side. Put a scale ``s_c`` on channel c where every layer reads it: a
+reader computes ``sum_c s_c a_c W[c, :]``, so ``s_c`` and the rows ``W[c, :]`` enter only
+as their product, and ``dL/ds_c = sum_rows W[c, o] dL/dW_eff[c, o]`` with ``W_eff`` the
+rows the network runs on (``s_c W``). At ``s = M`` that is the channel's flow. A kept
+channel's flow is the loss's first-order change when the channel is scaled; a pruned one's
+(``s_c = 0``, rows zeroed, the activation ``a_c`` still made by its own filter, BatchNorm
+and ReLU) is the change from bringing it back, the flow METHOD.md section 2 asks for. With
+the writing side masked instead (filter, BatchNorm scale and shift), a pruned channel is
+exactly 0 after its ReLU, whose gradient at 0 is 0: its flow was exactly 0 and a score
+below zero never came back. Pruned rows get no gradient (``grads * M``), so a pruned
+channel's filter stays what it was, as a pruned weight does in Hyperflows.
 """
 
 from __future__ import annotations
