@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, graph_speed, overhead, pressure_law, structured
+from experiments import compare, graph_speed, overhead, pressure_law, scaffold, structured
 from hflows_jax import recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
@@ -34,7 +34,9 @@ def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path, use
             "--sparsities=0.9", "--seeds=1", f"--out={tmp_path}"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        result = compare.main(argv)
+        results = []  # through the entry point, which sets the process's JAX config
+        scaffold.command_line(lambda: results.append(compare.main(argv)))
+        result = results[0]
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # files closed
     # The runs use the user's cache directory; the benchmark does not repoint it at --out.
