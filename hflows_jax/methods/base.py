@@ -117,6 +117,14 @@ class Method:
                              "plain dense model: train it from initialization (--dense_epochs).")
         return {**fresh[0], **dense[0]}, {**fresh[1], **dense[1]}
 
+    def calibrate(self, model: nn.Module, variables: tuple, batches: Sequence[Any]) -> tuple:
+        """``(params, batch_stats)`` to train from, given the ``variables`` a run starts
+        from (fresh, or taken over) and a few of its training batches (``Scoring``'s):
+        where a method sets what depends on those weights (FTWT its mass threshold).
+        Default: as given."""
+        del model, batches
+        return variables
+
     def distribution(self, requested: str | None) -> str | None:
         """The distribution to build with: the requested one, checked, or the default."""
         if requested is None:

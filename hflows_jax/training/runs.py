@@ -128,9 +128,17 @@ def init_variables(model: nn.Module, seed: int, image_shape: tuple) -> tuple[Any
 
 
 def starting_variables(run: OpenRun) -> tuple[Any, Any]:
-    """The params and batch stats training starts from: the fresh ones, or those of
-    ``--init_checkpoint`` (a dense run of the plain ``--model``), which the method's model
-    takes over by layer name (``Method.take_over``)."""
+    """The params and batch stats training starts from: ``initial_variables``, as the
+    method calibrates them (``Method.calibrate``) on the first training batches, those
+    its scores see (``sample_batches``)."""
+    return run.method.calibrate(run.model, initial_variables(run),
+                                sample_batches(run.cfg, run.inputs))
+
+
+def initial_variables(run: OpenRun) -> tuple[Any, Any]:
+    """The fresh params and batch stats, or those of ``--init_checkpoint`` (a dense run of
+    the plain ``--model``), which the method's model takes over by layer name
+    (``Method.take_over``)."""
     cfg, image_shape = run.cfg, run.inputs.data.image_shape
     if not cfg.schedule.init_checkpoint:
         return run.params, run.batch_stats
@@ -162,9 +170,14 @@ def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
                                 train=True, mutable=["batch_stats"])
         return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
 
+    return methods.Scoring(loss_fn, sample_batches(cfg, inputs, num_batches))
+
+
+def sample_batches(cfg: Config, inputs: Inputs, num_batches: int = 4) -> list:
+    """The first ``num_batches`` (normalized images, labels) of epoch 0, unaugmented."""
     batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
                             cfg.run.seed, 0, inputs.mean, inputs.std, augment=False)
-    return methods.Scoring(loss_fn, [b for _, b in zip(range(num_batches), batches)])
+    return [b for _, b in zip(range(num_batches), batches)]
 
 
 def dense_phase(cfg: Config, spe: int) -> Phase:
