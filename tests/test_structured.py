@@ -10,10 +10,8 @@ import optax
 import pytest
 
 import hflows_jax as hf
-from hflows_jax import methods, models
+from hflows_jax import models
 from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction, ftwt
-from hflows_jax.structured.channels import path_of
-from hflows_jax.training import presets
 
 
 def _init(name, shape, **kwargs):
@@ -216,20 +214,6 @@ def test_pruned_channels_are_unread_so_stale_statistics_do_not_matter():
     images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
     want = model.apply({"params": pruned, "batch_stats": stats}, images, train=False)
     np.testing.assert_allclose(compact(images), want, rtol=1e-4, atol=1e-5)
-
-
-def test_a_fixed_batchnorm_scale_is_warned_at_start():
-    channel = methods.get("hyperflows_channel")
-    assert channel.controller == "pi" and channel.target == "flops"
-    cfg = presets.get("compare_cifar10_5k").replace(method="hyperflows_channel",
-                                                      target_sparsity=0.5)
-    assert not cfg.model.train_bn_scale  # the reference's choice, the preset's
-    fixed = channel.start_warnings(cfg, 79)
-    assert any("--train_bn_scale=true" in w for w in fixed)
-    trained = channel.start_warnings(cfg.replace(train_bn_scale=True), 79)
-    assert not any("--train_bn_scale" in w for w in trained)
-    lenet = channel.start_warnings(cfg.replace(model="lenet5"), 79)  # no BatchNorm
-    assert not any("--train_bn_scale" in w for w in lenet)
 
 
 def _channel_pruner(name):
