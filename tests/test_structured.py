@@ -344,3 +344,27 @@ def test_dhp_and_ftwt_networks_are_the_vgg_with_its_conv_layer_replaced(wrap, ow
                 for k, v in plain[collection].items() if not k.startswith(replaced)}
         assert rest == kept, collection
     assert {"BatchNorm_2", "Dense_0"} <= set(wrapped["params"])
+
+
+def test_pressure_by_macs_pushes_each_channel_by_what_it_costs():
+    """A VGG (8, pool, 16) on 8x8 images: Conv_0 costs 64*9*3 per channel and Conv_1
+    16*9 per pair of channels, the classifier 3 per Conv_1 channel. One more Conv_0
+    channel adds 1728 + 144*16 = 4032, one more Conv_1 channel 144*8 + 3 = 1155."""
+    model = models.VGG(layers=(8, "M", 16), num_classes=3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    groups = channel_groups(model, params, (8, 8, 3))
+    everything = {g: np.ones(n, bool) for g, n in groups.sizes.items()}
+    cost = groups.marginal_macs(everything)
+    assert {g: float(c) for g, c in cost.items()} == {"Conv_0": 4032.0, "Conv_1": 1155.0}
+    gamma = 3.0
+    tx = channel_hyperflows(groups, hf.pressure.constant(gamma), optax.sgd(1.0),
+                            pressure_by="macs", min_channels=0)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    _, new = tx.update(zeros, state, params)  # no flow: the scores move by the push alone
+    total = 8 * 4032 + 16 * 1155
+    for g, c in (("Conv_0", 4032), ("Conv_1", 1155)):
+        np.testing.assert_allclose(state.presence[g] - new.presence[g], gamma * c / total,
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="pressure_by"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0), pressure_by="flops")

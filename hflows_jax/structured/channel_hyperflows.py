@@ -40,6 +40,7 @@ from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
 PyTree = Any
 TARGETS = ("flops", "channels")
+PRESSURE_BY = ("channel", "macs")
 
 
 class ChannelHyperflowsState(NamedTuple):
@@ -76,11 +77,21 @@ def kept_channels(presence: dict, min_channels: int) -> dict:
     return {g: keep_at_least(t, 0.0, min_channels) for g, t in presence.items()}
 
 
+def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str) -> dict:
+    """Per group, the pressure on each of its channels; they sum to ``gamma``."""
+    if by == "channel":
+        return {g: gamma / groups.total for g in groups.sizes}
+    cost = groups.marginal_macs(kept)
+    total = sum(n * cost[g] for g, n in groups.sizes.items())
+    return {g: gamma * cost[g] / total for g in groups.sizes}
+
+
 def channel_hyperflows(
     groups: ChannelGroups,
     pressure: PressureController,
     presence_optimizer: optax.GradientTransformation | None = None,
     target: str = "flops",
+    pressure_by: str = "channel",
     presence_init: tuple[float, float] = (0.2, 0.5),
     ste_scale: float = 0.25,
     min_channels: int = 4,
@@ -94,6 +105,11 @@ def channel_hyperflows(
         multiply-adds (``target="flops"``) or channels (``"channels"``) removed.
       presence_optimizer: optimizer of the channel scores (default ``optax.adam(1e-3)``).
       target: what the controller measures, ``"flops"`` or ``"channels"``.
+      pressure_by: how gamma is shared out: ``"channel"``, ``gamma / C`` on every channel;
+        ``"macs"``, on each channel in proportion to the multiply-adds one more channel of
+        its group costs with the channels kept now (``ChannelGroups.marginal_macs``), so a
+        channel of a layer that costs little is pushed little. Either way the pushes sum
+        to gamma.
       presence_init: T starts uniform in this range (every channel present).
       ste_scale: derivative of the step function in the straight-through estimator.
       min_channels: every layer keeps at least this many channels (its highest scores),
@@ -108,6 +124,8 @@ def channel_hyperflows(
                          f"{type(pressure).__name__}.")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+    if pressure_by not in PRESSURE_BY:
+        raise ValueError(f"pressure_by must be one of {PRESSURE_BY}, got {pressure_by!r}.")
     if not (math.isfinite(ste_scale) and ste_scale > 0):
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
     low, high = presence_init
@@ -136,8 +154,8 @@ def channel_hyperflows(
         del extra_args
         masking.check_update_args(grads, params, state.masks)
         flows = weight_flows(ste_scale, state.masks, params, grads)
-        push = state.pressure.gamma / groups.total
-        presence_grads = {g: f + push for g, f in groups.reduce(flows).items()}
+        push = pushes(groups, state.kept, state.pressure.gamma, pressure_by)
+        presence_grads = {g: f + push[g] for g, f in groups.reduce(flows).items()}
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = jax.tree.map(lambda t, s: t + s.astype(jnp.float32), state.presence, steps)

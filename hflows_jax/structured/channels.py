@@ -120,6 +120,16 @@ class ChannelGroups:
                                      start=jnp.ones((), jnp.float32))
                     for unit, read, written in self.layers), jnp.zeros((), jnp.float32))
 
+    def marginal_macs(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per group, the multiply-adds one more kept channel of it would add (every layer
+        counted, live or not): the derivative of ``sum unit * prod(counts)`` by its count."""
+        def total(counts):
+            return sum(unit * math.prod((counts[g] for g in read + written),
+                                        start=jnp.ones((), jnp.float32))
+                       for unit, read, written in self.layers)
+        counts = {g: jnp.sum(jnp.asarray(k, jnp.float32)) for g, k in kept.items()}
+        return jax.grad(total)(counts)
+
     def flops_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds kept over the dense model's."""
         return self.macs(kept) / self.dense_macs
