@@ -21,10 +21,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.tree_util import keystr
 
 from hflows_jax import graph as graph_lib
-from hflows_jax.masking import unwrap_nnx
+from hflows_jax.masking import check_update_args, multiply_masks, unwrap_nnx
 
 PyTree = Any
 
@@ -168,6 +169,39 @@ class ChannelGroups:
                         f"{'is missing' if path not in shapes else shapes[path]} (group "
                         f"{m.group} has {self.sizes[m.group]} channels). Build the groups "
                         "from the same model (channel_groups).")
+
+
+class FixedChannelsState(NamedTuple):
+    """The channels of a network that are chosen: ``kept`` per group, ``masks`` per weight."""
+
+    kept: dict  # group name -> bool per channel
+    masks: PyTree  # ``ChannelGroups.expand(kept, params)``
+
+    def pruning_masks(self) -> PyTree:
+        return self.masks
+
+    def channel_masks(self) -> dict:
+        return self.kept
+
+
+def fixed_channels(groups: ChannelGroups, kept: dict | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+    """The pruner of a network whose channels are chosen (DHP's fine-tune of its search's
+    pruned network): the masks of ``kept`` (every channel when None) in its state, never
+    changing, and the gradients of the masked rows zeroed. ``hf.masks``,
+    ``hf.channel_masks`` and ``hf.export`` read it as any channel pruner's."""
+
+    def init(params):
+        chosen = kept or {g: jnp.ones(n, bool) for g, n in groups.sizes.items()}
+        chosen = {g: jnp.asarray(k, bool) for g, k in chosen.items()}
+        return FixedChannelsState(chosen, groups.expand(chosen, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        check_update_args(updates, params, state.masks)
+        return multiply_masks(updates, state.masks), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
