@@ -96,8 +96,8 @@ class DHP(ChannelMethod):
             _, params, batch_stats = plain_variables(
                 model, hf.finalize(state.params, state.opt_state), state.batch_stats)
             kept = hf.channel_masks(state.opt_state)
-            opt_state = optax.tree_utils.tree_set(tx.init(params), kept=kept,
-                                                  masks=groups.expand(kept, params))
+            opt_state = optax.tree.set(tx.init(params), kept=kept,
+                                       masks=groups.expand(kept, params))
             return state._replace(step=jnp.zeros_like(state.step), params=params,
                                   batch_stats=batch_stats, opt_state=opt_state)
 
