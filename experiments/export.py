@@ -2,8 +2,8 @@
 
     python -m experiments.export --workdir=RUN --out=DIR
 
-RUN is a finished pruning run (its report.json and its pruning checkpoints; the last one
-is exported). Writes to --out:
+RUN is a finished pruning run (its report.json and its checkpoints; the last one, of its
+last phase, is exported). Writes to --out:
 
 - ``model.jax``: the compact model (``hf.export``: dead units and channels removed, the
   run's own network re-run on the smaller arrays) as one function, uint8 NHWC images ->
@@ -73,8 +73,9 @@ def parse_args(argv=None):
 
 
 def restore_last(cfg: Config):
-    """The run opened for analysis (float32, no device axis: ``open_run``) and its last
-    pruning state, ``(run, epoch, TrainState)``."""
+    """The run opened for analysis (float32, no device axis: ``open_run``) and the last
+    state of its last phase after the dense one (pruning, or the method's fine-tune),
+    ``(run, epoch, TrainState)``."""
     if cfg.schedule.dense_only:
         raise ValueError(f"{cfg.run.workdir} is a dense-only run (dense_only: true): it has "
                          "no masks, so there is no compact model to export.")
@@ -82,26 +83,28 @@ def restore_last(cfg: Config):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no pruning checkpoints in this run.")
     run = open_run(cfg, axis_name=None, dtype=jnp.float32)
-    ckpt = run.checkpoints("pruning")
-    try:
-        epoch = ckpt.latest()
-        if epoch is None:
-            raise FileNotFoundError(f"{directory} holds no checkpoint.")
-        state, _ = ckpt.restore(epoch, run.template("pruning"))
-    finally:
-        ckpt.close()
-    return run, epoch, state
+    for phase in reversed(run.phases[1:]):
+        if not os.path.isdir(checkpoint_dir(cfg.run.workdir, phase.name)):
+            continue
+        ckpt = run.checkpoints(phase.name)
+        try:
+            epoch = ckpt.latest()
+            if epoch is not None:
+                return run, epoch, ckpt.restore(epoch, run.template(phase.name))[0]
+        finally:
+            ckpt.close()
+    raise FileNotFoundError(f"{directory} holds no checkpoint.")
 
 
 def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False):
     """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
     (the masked linen model, the compact one with ``bcsr``), normalization inside, on the
     BatchNorm statistics the run evaluated its epoch ``epoch`` on (``--bn_batches``). A
-    wrapped model (DHP) is timed as the plain model it stands for."""
-    if not run.method.masked:
+    wrapped model (DHP's search) is timed as the plain model it stands for."""
+    model, variables, masks, _ = train.evaluated_network(run, state, epoch)
+    if masks is None:
         raise ValueError(f"--method={run.method.name} switches channels per input: it has no "
                          "fixed compact model to export.")
-    model, variables, masks, _ = train.evaluated_network(run, state, epoch)
     inputs = run.inputs
 
     def logits(params, x):

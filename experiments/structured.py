@@ -6,8 +6,8 @@ speed-up of the exported model.
 
 Methods x FLOP-reduction targets x seeds on a setting of ``experiments.compare`` (its
 preset, its shared dense runs, its resumable run directories under OUT/runs), every model
-with a trained BatchNorm scale (``--train_bn_scale=true``: channel Hyperflows needs it,
-and all methods get the same model). For each finished run the last checkpoint is
+with a trained BatchNorm scale (``--train_bn_scale=true``, the same model for every
+method; channel Hyperflows needed it while its flows came from the BatchNorm side). For each finished run the last checkpoint is
 exported (``hf.export``) and timed against the masked dense model at batch 1 and 256
 (median of interleaved calls, ``experiments.export``). Row fields::
 

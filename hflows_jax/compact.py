@@ -5,7 +5,8 @@
 the traced program on smaller arrays:
 
 - a channel is *unread* when every conv or dense kernel that reads it has only zero
-  (pruned) weights from it to the channels that stay;
+  (pruned) weights from it to the channels that stay (a depthwise conv passes its
+  channels on: the readers of its output decide);
 - a channel is *constant* when it does not depend on ``x`` where it is read (every weight
   that fed it is pruned). Its contribution to each reader is computed once, from its
   value on ``example``, and added to the reader's output. Behind a padded conv that
@@ -241,6 +242,8 @@ class _Analysis:
         removable = {s: ~self.forced[s] for s in self.groups}
         const_read = []
         for r in self.readers:
+            if r.depthwise:  # channel c in is channel c out, in the same group: its fate
+                continue  # is the readers' of the output
             eqn = self.graph.eqns[r.eqn]
             v = eqn.ins[r.data]
             nz = self.kernel_nonzero(r)
@@ -249,11 +252,7 @@ class _Analysis:
                 for _, s in factors:
                     if s not in self.groups:
                         continue
-                    if r.depthwise:  # channel c in is channel c out
-                        reads = np.moveaxis(nz, k_axis, -1).reshape(-1, nz.shape[k_axis]).any(0)
-                    else:
-                        reads = _per_channel(nz, k_axis, self.factors(
-                            eqn.ins[r.kernel], k_axis), s)
+                    reads = _per_channel(nz, k_axis, self.factors(eqn.ins[r.kernel], k_axis), s)
                     depends = _per_channel(dep[v], d_axis, factors, s)
                     removable[s] &= ~reads | ~depends
                     const_read.append((r, d_axis, s, reads & ~depends))

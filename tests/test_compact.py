@@ -308,13 +308,13 @@ def test_a_grouped_conv_and_bfloat16_kernels_keep_their_layers():
     dense, masked = forward_macs(bf16, params, x, masks)
     assert dense - masked == 36 * 9 * 3 * 2  # Conv_0's two dead filters, 6x6 positions
     assert hf.structured.channel_groups(bf16, params, x).sizes == {}  # a grouped conv
-    # reads Conv_0: its channels stay whole. A bfloat16 VGG names its groups by layer and
-    # keeps the kernels' input axes (the reading side) out of its members.
+    # reads Conv_0: its channels stay whole. A bfloat16 VGG names its groups by layer, and
+    # a kernel's members are its input axes: the reading side.
     vgg = models.VGG(layers=(8, "M", 16), num_classes=3, dtype=jnp.bfloat16)
     v = vgg.init(jax.random.key(0), x)
     groups = hf.structured.channel_groups(vgg, v["params"], x)
     assert groups.sizes == {"Conv_0": 8, "Conv_1": 16}
-    assert groups.members["Conv_1/kernel"] == (("Conv_1", 3),)
+    assert groups.members["Conv_1/kernel"] == (("Conv_0", 2, (8,), 0),)
 
 
 def test_a_per_token_mlp_counts_its_multiply_adds_per_example():

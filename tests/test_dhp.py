@@ -1,6 +1,8 @@
 """DHP against hand computations and the plain model: the hypernetwork kernel, the conv
 built on it, the proximal L1 step on latents, the latent channel masks, finalization to a
-plain VGG (same logits, and through export a compact model), and the search's FLOP stop."""
+plain VGG (same logits, and through export a compact model), the search's FLOP stop and
+its unmasked forward pass, DHP's reg and schedules, and a run that searches, then
+fine-tunes the pruned plain VGG, and resumes."""
 
 import math
 
@@ -8,13 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax import lax
 
 import hflows_jax as hf
+from experiments import export as export_experiment
+from hflows_jax import methods
+from hflows_jax.methods import dhp as dhp_method
 from hflows_jax.models import VGG
 from hflows_jax.structured import channel_groups
 from hflows_jax.structured.dhp import (DHPVGG, HyperConv, dhp, hyper_kernel, latent_masks,
                                        plain_variables, proximal_l1, to_dhp)
+from hflows_jax.training import Config, TrainState, make_train_step, run
+from hflows_jax.training.checkpoint import Checkpoints
+from tests.helpers import subset_npz
 
 SMALL_VGG = dict(layers=(8, "M", 16, 16), num_classes=3)
 
@@ -55,8 +64,8 @@ def test_hyper_conv_is_a_conv_with_the_generated_kernel_and_official_init():
     assert float(jnp.max(jnp.abs(params["w1"]))) <= math.sqrt(3)
     assert float(jnp.max(jnp.abs(params["w2"]))) <= math.sqrt(3 / (8 * 4 * 9))
     assert float(jnp.max(jnp.abs(params["w2"]))) > 0.5 * math.sqrt(3 / (8 * 4 * 9))
-    # A zero latent entry switches its channel off (biases are 0 at init): in the outputs,
-    # and in the next layer's inputs through z_in.
+    # With the biases at 0 (init), a zero latent entry zeroes its channel's kernel: in the
+    # outputs, and in the next layer's inputs through z_in.
     params["latent"] = params["latent"].at[2].set(0.0)
     y, _ = conv.apply({"params": params}, x, z_in.at[1].set(0.0))
     assert float(jnp.max(jnp.abs(y[..., 2]))) == 0.0
@@ -105,30 +114,40 @@ def _perturbed(tree, seed, scale):
                                         for k, x in zip(keys, leaves)])
 
 
-def test_finalized_plain_vgg_gives_the_hypernetwork_models_logits_and_exports_compact():
+def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_exports():
     model = DHPVGG(**SMALL_VGG)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     variables = model.init(jax.random.key(1), x)
     params = _perturbed(variables["params"], 2, 0.1)
     stats = _perturbed(variables["batch_stats"], 3, 0.5)
-    # Prune channels 1 and 5 of the first conv and 0 of the last: their latents are 0.
+    # No latent at 0: the plain VGG computes what the hypernetwork model does.
+    plain, full_params, full_stats = plain_variables(model, params, stats)
+    assert isinstance(plain, VGG) and set(full_params) == {
+        "Conv_0", "Conv_1", "Conv_2", "BatchNorm_0", "BatchNorm_1", "BatchNorm_2", "Dense_0"}
+    assert full_params["Conv_1"]["kernel"].shape == (3, 3, 8, 16)
+    np.testing.assert_allclose(
+        plain.apply({"params": full_params, "batch_stats": full_stats}, x),
+        model.apply({"params": params, "batch_stats": stats}, x), rtol=1e-4, atol=1e-5)
+
+    # Channels 1 and 5 of the first conv and 0 of the last zeroed (hf.finalize's pruned
+    # latents): the hypernetwork model still runs them on its biases; the plain VGG cuts
+    # them, as DHP slices them away: the full plain VGG with no layer reading them.
     params["HyperConv_0"]["latent"] = params["HyperConv_0"]["latent"].at[1].set(0).at[5].set(0)
     params["HyperConv_2"]["latent"] = params["HyperConv_2"]["latent"].at[0].set(0)
-    want = model.apply({"params": params, "batch_stats": stats}, x)
-
-    plain, plain_params, plain_stats = plain_variables(model, params, stats)
-    assert isinstance(plain, VGG) and set(plain_params) == {
-        "Conv_0", "Conv_1", "Conv_2", "BatchNorm_0", "BatchNorm_1", "BatchNorm_2", "Dense_0"}
-    assert plain_params["Conv_1"]["kernel"].shape == (3, 3, 8, 16)
-    got = plain.apply({"params": plain_params, "batch_stats": plain_stats}, x)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-    groups = channel_groups(plain, plain_params, (16, 16, 3))
     kept = {"Conv_0": np.arange(8) % 4 != 1, "Conv_1": np.ones(16, bool),
             "Conv_2": np.arange(16) != 0}
-    masks = groups.expand(kept, plain_params)
+    groups = channel_groups(plain, full_params, (16, 16, 3))
+    masks = groups.expand(kept, full_params)
+    want = plain.apply({"params": hf.multiply_masks(full_params, masks),
+                        "batch_stats": full_stats}, x)
+    _, plain_params, plain_stats = plain_variables(model, params, stats)
+    got = plain.apply({"params": plain_params, "batch_stats": plain_stats}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    hyper = model.apply({"params": params, "batch_stats": stats}, x)
+    assert float(jnp.max(jnp.abs(hyper - want))) > 1e-3  # the cut channels mattered
+
     compact = hf.export(lambda p, x: plain.apply({"params": p, "batch_stats": plain_stats}, x),
-                        plain_params, masks, x)
+                        plain_params, groups.expand(kept, plain_params), x)
     assert compact.macs == float(groups.macs(kept)) < groups.dense_macs
     np.testing.assert_allclose(compact(x), want, rtol=1e-4, atol=1e-5)
 
@@ -151,8 +170,8 @@ def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
     @jax.jit
-    def step(p, s, stats):
-        grads, new = jax.grad(loss, has_aux=True)(hf.apply_masks(p, s), stats)
+    def step(p, s, stats):  # unmasked, as DHP searches
+        grads, new = jax.grad(loss, has_aux=True)(p, stats)
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, new["batch_stats"]
 
@@ -174,11 +193,131 @@ def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), frozen.kept,
                                      state[1].kept))
     assert float(hf.structured.flops_fraction(groups, state)) == kept_fraction
-    # The masked latents are exactly the pruned channels.
-    effective = hf.apply_masks(params, state)
+    # The finalized latents are exactly the pruned channels: what plain_variables cuts.
+    final = hf.finalize(params, state)
     for i in range(3):
-        on = np.asarray(effective[f"HyperConv_{i}"]["latent"]) != 0
+        on = np.asarray(final[f"HyperConv_{i}"]["latent"]) != 0
         np.testing.assert_array_equal(on, state[1].kept[f"Conv_{i}"])
+
+
+def test_the_search_runs_unmasked_so_a_latent_at_zero_comes_back():
+    """DHP's search trains on the latents as they are (``DHP.masked`` is False): a latent
+    entry the proximal step drove to 0, below the threshold, so masked as pruned, still
+    gets its gradient and leaves 0 when that outweighs the shrink, as in the official
+    code, where the masked variant was dropped."""
+    model = DHPVGG(**SMALL_VGG)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    variables = model.init(jax.random.key(0), x[:1])
+    params = _perturbed(variables["params"], 2, 0.1)
+    params["HyperConv_0"]["latent"] = params["HyperConv_0"]["latent"].at[1].set(0.0)
+    plain, plain_params, _ = plain_variables(model, params, variables["batch_stats"])
+    lr, reg = 0.1, 1e-4
+    tx = optax.chain(optax.sgd(lr), dhp(channel_groups(plain, plain_params, (8, 8, 3)), 0.9,
+                                        lr, reg=reg))
+    state = TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"],
+                       tx.init(params))
+    assert not bool(hf.channel_masks(state.opt_state)["Conv_0"][1])  # at 0: pruned
+    step = jax.jit(make_train_step(model, tx, masked=methods.get("dhp").masked,
+                                   axis_name=None))
+    new, _ = step(state, x, y)
+
+    def loss(p):
+        logits, _ = model.apply({"params": p, "batch_stats": state.batch_stats}, x,
+                                train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy(logits, optax.smooth_labels(
+            jax.nn.one_hot(y, 3), 0.0)).mean()
+
+    g = float(jax.grad(loss)(params)["HyperConv_0"]["latent"][1])  # at the unmasked params
+    assert abs(g) > reg
+    came_back = float(new.params["HyperConv_0"]["latent"][1])
+    assert came_back == pytest.approx(-np.sign(g) * lr * (abs(g) - reg), rel=1e-4)
+
+
+def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
+    # 1e-4 a step at 782 steps an epoch (CIFAR-10, batch 64): the same shrink an epoch.
+    assert dhp_method.epoch_reg(782) == pytest.approx(1e-4)
+    assert dhp_method.epoch_reg(79) == pytest.approx(1e-4 * 782 / 79)
+    assert methods.get("dhp").reg(79, 30 * 79) == dhp_method.epoch_reg(79)
+    # One epoch of proximal steps without gradient: 0.1 * 1e-4 * 782 off every latent.
+    latent = {"latent": jnp.linspace(0.5, 2.0, 8)}
+    prox = proximal_l1(dhp_method.search_lr(79), reg=dhp_method.epoch_reg(79))
+    state = prox.init(latent)
+    for _ in range(79):
+        updates, state = prox.update(jax.tree.map(jnp.zeros_like, latent), state, latent)
+        latent = optax.apply_updates(latent, updates)
+    np.testing.assert_allclose(latent["latent"], jnp.linspace(0.5, 2.0, 8) - 0.1 * 1e-4 * 782,
+                               rtol=1e-5)
+    # The search: lr 0.1, times 0.1 after 50 epochs; the fine-tune: 0.1, times 0.1 at half
+    # and at three quarters of its steps (DHP's 150 and 225 of 300 epochs).
+    search = dhp_method.search_lr(79)
+    assert [float(search(s)) for s in (0, 50 * 79 - 1, 50 * 79)] == pytest.approx(
+        [0.1, 0.1, 0.01])
+    fine_tune = dhp_method.fine_tune_lr(20)
+    assert [float(fine_tune(s)) for s in (0, 9, 10, 14, 15, 19)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # The earlier rule, as an option: the reg that shrinks a latent by 1 over the search.
+    assert dhp_method.reaching_reg(79, 3 * 79, 1.0) == pytest.approx(1 / (0.1 * 3 * 79))
+    # At DHP's strength, 30 epochs shrink a latent by 30 * 0.0078 = 0.23: about 19 % of
+    # N(0, 1) latents, short of the 29 % of every layer that halves its FLOPs.
+    cfg = Config().replace(method="dhp", target_sparsity=0.5, pruning_epochs=30)
+    short = [w for w in methods.get("dhp").start_warnings(cfg, 79) if "short of it" in w]
+    assert len(short) == 1 and "about 0.235 in 30 pruning epochs" in short[0]
+    assert "cuts about 19% of the channels, where the target needs about 29%" in short[0]
+    assert not any("short of it" in w for w in methods.get("dhp").start_warnings(
+        cfg.replace(pruning_epochs=60), 79))  # 0.47: 36 %
+
+
+def test_a_dhp_run_searches_then_fine_tunes_the_plain_pruned_vgg_and_resumes(
+        cifar_npz, tmp_path, monkeypatch):
+    """One search epoch (the reg at its reaching option, so that it stops at the target),
+    then two fine-tune epochs of the plain VGG with the search's channels fixed; a run
+    interrupted in the fine-tune resumes from it to the same end."""
+    monkeypatch.setattr(methods.get("dhp"), "shrink", 1.0)
+    small = subset_npz(cifar_npz, tmp_path / "small.npz", train=64, test=32)
+    cfg = Config().replace(model="vgg19", width=0.0625, dataset=small, method="dhp",
+                           target_sparsity=0.5, batch_size=16, dense_epochs=0,
+                           pruning_epochs=1, regrowth_epochs=2, augment=False, bn_batches=2)
+    whole = run(cfg.replace(workdir=str(tmp_path / "whole")))
+    assert [r["phase"] for r in whole["history"]] == ["pruning", "finetune", "finetune"]
+    assert [r["lr"] for r in whole["history"]] == pytest.approx([0.1, 0.01, 0.001])
+
+    opened, epoch, state = export_experiment.restore_last(cfg.replace(
+        workdir=str(tmp_path / "whole")))
+    plain = hf.models.create("vgg19", 10, width=0.0625)
+    plain_params = plain.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    assert epoch == 3 and set(state.params) == set(plain_params)
+    # The fine-tune's channels are the search's, and what the report counts.
+    search = Checkpoints(str(tmp_path / "whole" / "checkpoints" / "pruning"))
+    searched, _ = search.restore(1, opened.template("pruning"))
+    search.close()
+    kept = hf.channel_masks(state.opt_state)
+    jax.tree.map(np.testing.assert_array_equal, kept, hf.channel_masks(searched.opt_state))
+    groups = channel_groups(plain, state.params, (32, 32, 3))
+    assert whole["target_removed"] == pytest.approx(1 - float(groups.flops_fraction(kept)),
+                                                    abs=1e-6)
+    assert whole["target_removed"] >= 0.5  # the stop
+    # Its masked rows never moved from the zeros plain_variables gave them.
+    jax.tree.map(np.testing.assert_array_equal, hf.finalize(state.params, state.opt_state),
+                 state.params)
+
+    original_save = Checkpoints.save
+
+    def crash_after_epoch_2(self, epoch, state, record):
+        original_save(self, epoch, state, record)
+        if epoch == 2:
+            self._manager.wait_until_finished()
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Checkpoints, "save", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt, match=r"after epoch 2 of 3 .*checkpoints/finetune"):
+        run(cfg.replace(workdir=str(tmp_path / "resumed")))
+    monkeypatch.setattr(Checkpoints, "save", original_save)
+    resumed = run(cfg.replace(workdir=str(tmp_path / "resumed")))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    assert resumed["target_removed"] == whole["target_removed"]
+    assert resumed["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
 
 
 def test_dhp_errors():

@@ -63,7 +63,7 @@ def test_registry_describes_every_method():
         "hyperflows_channel", "dhp", "ftwt"]
     assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
         "dhp", "snip", "grasp", "random", "rigl"}
-    assert [m.name for m in methods.REGISTRY.values() if not m.masked] == ["ftwt"]
+    assert [m.name for m in methods.REGISTRY.values() if not m.masked] == ["dhp", "ftwt"]
     assert methods.get("random").distribution(None) == "erk"
     assert methods.get("magnitude").distribution("uniform") == "uniform"
     with pytest.raises(ValueError, match="does not apply to magnitude"):

@@ -2,6 +2,7 @@
 compact models, and a run that lands on its FLOP target and exports smaller."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +10,8 @@ import optax
 import pytest
 
 import hflows_jax as hf
-from hflows_jax import methods, models
+from hflows_jax import models
 from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction, ftwt
-from hflows_jax.structured.channels import path_of
-from hflows_jax.training import presets
 
 
 def _init(name, shape, **kwargs):
@@ -38,42 +37,44 @@ def _random_kept(groups, seed, p=0.6):
 
 
 def test_channel_flows_are_the_derivative_of_the_loss_by_a_channel_scale():
-    """The flow the transformation applies to channel c is ste_scale * dL/ds_c, where s_c
-    scales every member of c's group (filter, bias, BatchNorm scale and shift) at s = 1."""
+    """The flow of channel c is ste_scale * dL/ds_c, where s_c scales c at the input of
+    every layer that reads it, with s at the masks: for kept channels and for pruned
+    ones, whose flow is what bringing them back would change (not 0)."""
     shape = (32, 32, 3)
     model, params, stats = _init("vgg19", shape, width=0.0625)
     groups = channel_groups(model, params, shape)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8,) + shape).astype(np.float32), rng.integers(0, 10, 8)
+    convs = [f"Conv_{i}" for i in range(16)]
+    read = dict(zip(convs[1:] + ["Dense_0"], convs))  # layer -> the group it reads
 
-    def loss(p):
-        logits, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                mutable=["batch_stats"])
+    def loss(p, scales=None):
+        def gate(next_fun, args, kwargs, context):  # the oracle's scale at each reader
+            group = read.get(context.module.name)
+            if scales is not None and context.method_name == "__call__" and group:
+                args = (args[0] * scales[group],) + args[1:]
+            return next_fun(*args, **kwargs)
+        with nn.intercept_methods(gate):
+            logits, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                    mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def scaled(s):
-        def leaf(path, w):
-            for group, axis in groups.members.get(path_of(path), ()):
-                w = w * jnp.moveaxis(jnp.broadcast_to(s[group], w.shape[:axis] + w.shape[
-                    axis + 1:] + (w.shape[axis],)), -1, axis)
-            return w
-        return jax.tree.map_with_path(leaf, params)
-
-    ones = {g: jnp.ones(n) for g, n in groups.sizes.items()}
-    want = jax.grad(lambda s: loss(scaled(s)))(ones)
+    kept = _random_kept(groups, seed=3)
+    want = jax.grad(lambda s: loss(params, s))(
+        {g: jnp.asarray(k, jnp.float32) for g, k in kept.items()})
 
     ste = 0.25
     tx = channel_hyperflows(groups, hf.pressure.constant(0.0), optax.sgd(1.0), ste_scale=ste)
     state = tx.init(params)
-    _, new = tx.update(jax.grad(loss)(params), state, params)
+    state = state._replace(kept=kept, masks=groups.expand(kept, params))
+    grads = jax.grad(loss)(hf.apply_masks(params, state))  # at W * M, as a train step
+    _, new = tx.update(grads, state, params)
+    pruned = 0
     for g in groups.sizes:
         got = state.presence[g] - new.presence[g]
         np.testing.assert_allclose(got, ste * want[g], rtol=1e-4, atol=1e-7)
-    # Behind BatchNorm a filter's own flows sum to zero: the signal is in scale and shift.
-    grads = jax.grad(loss)(params)
-    conv = "Conv_1"
-    kernel_sums = jnp.sum(params[conv]["kernel"] * grads[conv]["kernel"], axis=(0, 1, 2))
-    assert float(jnp.max(jnp.abs(kernel_sums))) < 1e-3 * float(jnp.max(jnp.abs(want[conv])))
+        pruned += int(np.sum(np.abs(np.asarray(want[g]))[~kept[g]] > 0))
+    assert pruned == sum(int((~k).sum()) for k in kept.values()) > 0
 
 
 @pytest.mark.parametrize("name, shape, kwargs", [
@@ -100,12 +101,14 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     assert float(groups.macs(dead)) == compact.macs < float(groups.macs(kept))
 
 
-def test_a_resnet_stream_is_one_group_with_every_layer_that_writes_it():
+def test_a_resnet_stream_is_one_group_with_every_layer_that_reads_it():
     shape = (16, 16, 3)
     model, params, stats = _init("resnet20", shape, width=0.25)
     groups = channel_groups(model, params, shape)
-    stream = {m for m, axes in groups.members.items() if axes == (("conv_init", 3),)}
-    assert stream == {"conv_init/kernel"} | {f"ResNetBlock_{i}/Conv_1/kernel" for i in range(3)}
+    stream = {path for path, members in groups.members.items()
+              if [m.group for m in members] == ["conv_init"]}
+    assert stream == {f"ResNetBlock_{i}/Conv_0/kernel" for i in range(4)} | {
+        "ResNetBlock_3/conv_proj/kernel"}
     everything = {g: np.ones(n, bool) for g, n in groups.sizes.items()}
     one_off = dict(everything)
     one_off["conv_init"] = np.arange(4) != 0  # stage 0's stream channel 0, everywhere
@@ -194,40 +197,23 @@ def test_errors():
         channel_hyperflows(groups, hf.pressure.constant(0.0)).init(other)
 
 
-def test_settled_statistics_let_export_drop_pruned_channels_behind_a_fixed_scale():
-    """With the BatchNorm scale fixed (no scale to mask), a stale running mean leaves a
-    pruned channel a small constant that export must keep behind a padded conv; with the
-    pruned channels' mean settled to 0 they go, and the logits stay the masked model's."""
+def test_pruned_channels_are_unread_so_stale_statistics_do_not_matter():
+    """With the BatchNorm scale fixed and stale running means, a pruned channel's
+    activation is a nonzero constant; its readers' rows are zero, so export drops it (and
+    what computes it), and the logits stay the masked model's."""
     shape = (32, 32, 3)
     model, params, stats = _init("vgg19", shape, width=0.0625, train_bn_scale=False)
-    # Stale running means below 0: a pruned channel outputs relu(0.1 / sqrt(var + eps)).
     stats = jax.tree.map_with_path(
         lambda path, x: x - 0.1 if path[-1].key == "mean" else x, stats)
     groups = channel_groups(model, params, shape)
     kept = _random_kept(groups, seed=2)
     masks = groups.expand(kept, params)
     pruned = hf.multiply_masks(params, masks)
-    stale = _export(model, pruned, masks, stats, shape)
-    settled_stats = groups.settle_statistics(stats, kept)
-    settled = _export(model, pruned, masks, settled_stats, shape)
-    assert stale.macs > settled.macs == float(groups.macs(kept))
+    compact = _export(model, pruned, masks, stats, shape)
+    assert compact.macs == float(groups.macs(kept)) < compact.dense_macs
     images = np.random.default_rng(0).normal(size=(4,) + shape).astype(np.float32)
-    want = model.apply({"params": pruned, "batch_stats": settled_stats}, images, train=False)
-    np.testing.assert_allclose(settled(images), want, rtol=1e-4, atol=1e-5)
-
-
-def test_a_fixed_batchnorm_scale_is_warned_at_start():
-    channel = methods.get("hyperflows_channel")
-    assert channel.controller == "pi" and channel.target == "flops"
-    cfg = presets.get("compare_cifar10_5k").replace(method="hyperflows_channel",
-                                                      target_sparsity=0.5)
-    assert not cfg.model.train_bn_scale  # the reference's choice, the preset's
-    fixed = channel.start_warnings(cfg, 79)
-    assert any("--train_bn_scale=true" in w for w in fixed)
-    trained = channel.start_warnings(cfg.replace(train_bn_scale=True), 79)
-    assert not any("--train_bn_scale" in w for w in trained)
-    lenet = channel.start_warnings(cfg.replace(model="lenet5"), 79)  # no BatchNorm
-    assert not any("--train_bn_scale" in w for w in lenet)
+    want = model.apply({"params": pruned, "batch_stats": stats}, images, train=False)
+    np.testing.assert_allclose(compact(images), want, rtol=1e-4, atol=1e-5)
 
 
 def _channel_pruner(name):
@@ -358,3 +344,27 @@ def test_dhp_and_ftwt_networks_are_the_vgg_with_its_conv_layer_replaced(wrap, ow
                 for k, v in plain[collection].items() if not k.startswith(replaced)}
         assert rest == kept, collection
     assert {"BatchNorm_2", "Dense_0"} <= set(wrapped["params"])
+
+
+def test_pressure_by_macs_pushes_each_channel_by_what_it_costs():
+    """A VGG (8, pool, 16) on 8x8 images: Conv_0 costs 64*9*3 per channel and Conv_1
+    16*9 per pair of channels, the classifier 3 per Conv_1 channel. One more Conv_0
+    channel adds 1728 + 144*16 = 4032, one more Conv_1 channel 144*8 + 3 = 1155."""
+    model = models.VGG(layers=(8, "M", 16), num_classes=3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    groups = channel_groups(model, params, (8, 8, 3))
+    everything = {g: np.ones(n, bool) for g, n in groups.sizes.items()}
+    cost = groups.marginal_macs(everything)
+    assert {g: float(c) for g, c in cost.items()} == {"Conv_0": 4032.0, "Conv_1": 1155.0}
+    gamma = 3.0
+    tx = channel_hyperflows(groups, hf.pressure.constant(gamma), optax.sgd(1.0),
+                            pressure_by="macs", min_channels=0)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    _, new = tx.update(zeros, state, params)  # no flow: the scores move by the push alone
+    total = 8 * 4032 + 16 * 1155
+    for g, c in (("Conv_0", 4032), ("Conv_1", 1155)):
+        np.testing.assert_allclose(state.presence[g] - new.presence[g], gamma * c / total,
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="pressure_by"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0), pressure_by="flops")

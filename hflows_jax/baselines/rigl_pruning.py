@@ -112,7 +112,7 @@ def grow_at_zero(pruner: optax.GradientTransformation,
                              grown, params, is_leaf=lambda x: x is None)
         updates = jax.tree.map(lambda g, u, p: jnp.where(g, -p, u).astype(u.dtype),
                                grown, updates, params)  # params + updates == 0 exactly
-        weights_state = optax.tree_utils.tree_map_params(
+        weights_state = optax.tree.map_params(
             weights, lambda v, g: jnp.where(g, jnp.zeros_like(v), v), tuple(weights_state),
             grown)
         return updates, (pruner_state, *weights_state)

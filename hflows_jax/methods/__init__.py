@@ -7,7 +7,7 @@ defaults; adding one is a new file here, its test, and one line below.
 from __future__ import annotations
 
 from hflows_jax.methods.base import (CONTROLLERS, Budget, ChannelMethod, Method,
-                                     PressureMethod, Scoring, presence_settings,
+                                     PressureMethod, Retraining, Scoring, presence_settings,
                                      pressure_controller)
 from hflows_jax.methods.dhp import DHP
 from hflows_jax.methods.ftwt import FTWT
@@ -40,4 +40,5 @@ for _method in (Hyperflows, HyperflowsChannel, DHP, FTWT, Magnitude, SNIP, GraSP
     register(_method())
 
 __all__ = ["CONTROLLERS", "REGISTRY", "Budget", "ChannelMethod", "Method", "PressureMethod",
-           "Scoring", "get", "presence_settings", "pressure_controller", "register"]
+           "Retraining", "Scoring", "get", "presence_settings", "pressure_controller",
+           "register"]

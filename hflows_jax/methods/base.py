@@ -38,7 +38,7 @@ class Budget:
 
     target_sparsity: float
     pruning_steps: int
-    regrowth_steps: int  # after the pruning steps, in the same phase
+    regrowth_steps: int  # after the pruning steps: in the same phase, or the retraining one
     steps_per_epoch: int
     controller_period: int  # steps between pressure-controller decisions
     controller: str  # a name in CONTROLLERS
@@ -49,6 +49,19 @@ class Budget:
     seed: int
     scoring: Scoring
     channel_groups: Callable[[], Any]  # the model's hf.structured.ChannelGroups, built on call
+
+
+@dataclasses.dataclass(frozen=True)
+class Retraining:
+    """A phase over the run's regrowth epochs that trains another network than the pruning
+    phase's, from where that one ended (``Method.retraining``)."""
+
+    model: nn.Module  # the network it trains
+    tx: optax.GradientTransformation  # its optimizer, masks in its state
+    # The pruning phase's last TrainState -> this phase's first (step 0, ``tx``'s state):
+    # traceable, as ``jax.eval_shape`` of it is the template a checkpoint restores onto.
+    start: Callable[[Any], Any]
+    learning_rates: Callable[[int], dict[str, float]]  # phase step -> {"lr": ...}
 
 
 # Pressure controllers that track the expected-density trajectory, by --controller name.
@@ -84,8 +97,8 @@ class Method:
     # initialization, not from a dense model.
     prunes_at_init: bool = False
     target: str = "weights"  # what --target_sparsity removes: "weights" or "flops"
-    # The network runs on W * M with M in the optimizer state; False: the model gates its
-    # channels per input (FTWT).
+    # The pruning phase's network runs on W * M with M in the optimizer state; False: on W
+    # as it is (FTWT's model gates its channels per input; DHP's search is unmasked).
     masked: bool = True
     # (params, intermediates) -> scalar added to the task loss; ``intermediates`` is the
     # model's "intermediates" collection from the same forward pass. None: none.
@@ -108,6 +121,13 @@ class Method:
         del target_sparsity
         return plain
 
+    def retraining(self, budget: Budget, model: nn.Module) -> Retraining | None:
+        """What trains in the run's regrowth epochs in place of the pruning phase's own
+        network (DHP: its pruned plain VGG, fine-tuned with its own schedule). ``model``:
+        the pruning phase's. None: the pruning phase runs on through them."""
+        del budget, model
+        return None
+
     def take_over(self, fresh: tuple, dense: tuple) -> tuple:
         """``(params, batch_stats)`` starting from a plain dense model's (``--init_checkpoint``):
         its layers, by name, over the ``fresh`` initialization of ``model``'s."""
@@ -116,6 +136,14 @@ class Method:
             raise ValueError(f"--method={self.name} has no layers {missing} to take over a "
                              "plain dense model: train it from initialization (--dense_epochs).")
         return {**fresh[0], **dense[0]}, {**fresh[1], **dense[1]}
+
+    def calibrate(self, model: nn.Module, variables: tuple, batches: Sequence[Any]) -> tuple:
+        """``(params, batch_stats)`` to train from, given the ``variables`` a run starts
+        from (fresh, or taken over) and a few of its training batches (``Scoring``'s):
+        where a method sets what depends on those weights (FTWT its mass threshold).
+        Default: as given."""
+        del model, batches
+        return variables
 
     def distribution(self, requested: str | None) -> str | None:
         """The distribution to build with: the requested one, checked, or the default."""
@@ -206,15 +234,12 @@ class ChannelMethod(Method):
     target = "flops"
 
     def pruned_network(self, model, params, batch_stats, opt_state, image_shape) -> tuple:
-        """Masks expanded from the kept channels, and pruned channels' running means settled
-        (``ChannelGroups.settle_statistics``)."""
+        """Masks expanded from the kept channels onto the rows that read them."""
         params = hf.finalize(params, opt_state)
         model, params, batch_stats = self.plain(model, params, batch_stats)
         groups = hf.structured.channel_groups(model, params, image_shape)
-        kept = hf.channel_masks(opt_state)
-        variables = {"params": params,
-                     "batch_stats": groups.settle_statistics(batch_stats, kept)}
-        return model, variables, groups.expand(kept, params), groups
+        masks = groups.expand(hf.channel_masks(opt_state), params)
+        return model, {"params": params, "batch_stats": batch_stats}, masks, groups
 
     def removed(self, network, opt_state, test_images) -> tuple[float, str]:
         groups = network[3]

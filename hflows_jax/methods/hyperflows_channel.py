@@ -5,7 +5,6 @@ from __future__ import annotations
 import optax
 
 import hflows_jax as hf
-from hflows_jax import models
 from hflows_jax.methods.base import Budget, ChannelMethod, PressureMethod, pressure_controller
 
 
@@ -17,20 +16,11 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
     controller = "pi"
 
     def pruner(self, b: Budget) -> optax.GradientTransformation:
-        # No regrowth allowance: channels do not come back after pruning (the pressure is
-        # 0, and they keep dying); with it, a 50 % target ended at 56 % (docs/RESULTS.md).
-        # Since they keep dying at zero pressure, the PI controller may pull back (signed):
-        # 54 % and 70 % removed for 50 % and 70 % targets, against 56 % and 77 % floored
-        # at zero (docs/RESULTS.md).
+        # No regrowth allowance, and the PI controller may pull back (signed): chosen when
+        # a pruned channel's flow was 0 and channels kept dying at zero pressure (54 % and
+        # 70 % removed for 50 % and 70 % targets, against 56 % and 77 % floored at zero;
+        # docs/RESULTS.md). Channels regrow now (docs/METHOD.md section 10): both choices
+        # are to be measured again.
         return hf.structured.channel_hyperflows(
             b.channel_groups(), pressure=pressure_controller(b, b.target_sparsity, signed=True),
             presence_optimizer=optax.adam(b.presence_lr), seed=b.seed)
-
-    def start_warnings(self, cfg, steps_per_epoch: int) -> list[str]:
-        warnings = super().start_warnings(cfg, steps_per_epoch)
-        if cfg.model.name in models.BATCHNORM_MODELS and not cfg.model.train_bn_scale:
-            warnings.append(f"{self.name} on {cfg.model.name} with the BatchNorm scale fixed "
-                            "(--train_bn_scale=false) sees only the BatchNorm shift's flow, "
-                            "not the channel's: such runs collapsed (docs/RESULTS.md). Pass "
-                            "--train_bn_scale=true.")
-        return warnings

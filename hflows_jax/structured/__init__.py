@@ -6,8 +6,9 @@ from hflows_jax.structured.channel_hyperflows import (
     channel_hyperflows,
     flops_fraction,
 )
-from hflows_jax.structured.channels import ChannelGroups, channel_groups
+from hflows_jax.structured.channels import (ChannelGroups, FixedChannelsState, channel_groups,
+                                           fixed_channels)
 from hflows_jax.structured import dhp, ftwt  # noqa: E402  (DHP's and FTWT's pieces)
 
-__all__ = ["ChannelGroups", "ChannelHyperflowsState", "channel_groups", "channel_hyperflows",
-           "dhp", "flops_fraction", "ftwt"]
+__all__ = ["ChannelGroups", "ChannelHyperflowsState", "FixedChannelsState", "channel_groups",
+           "channel_hyperflows", "dhp", "fixed_channels", "flops_fraction", "ftwt"]

@@ -1,21 +1,27 @@
-"""Channel Hyperflows: one presence score per output channel, as one optax transformation.
+"""Channel Hyperflows: one presence score per channel, as one optax transformation.
 
 Everything is Hyperflows (``hf.hyperflows``) with the weight replaced by a channel group
-(``ChannelGroups``: a filter, its bias, its BatchNorm scale and shift):
+(``ChannelGroups``): the mask ``M = [T >= 0]`` of channel c zeroes the kernel rows that
+read c (every conv or dense layer's input rows for c), and
 
-- the channel's flow is the sum of its members' flows ``ste_scale * w * grad``;
+- the channel's flow is the sum of its rows' flows ``ste_scale * w * grad``;
 - the pressure ``gamma / C`` (C channels in all) is the gradient of ``gamma * mean(T)``;
 - the controller steers gamma on the fraction of multiply-adds kept (``target="flops"``)
   or of channels kept (``target="channels"``), so its target sparsity is the fraction
   removed;
-- ``grads * M`` goes down the chain, with ``M`` the per-weight masks of the groups.
+- ``grads * M`` goes down the chain.
 
-Behind BatchNorm a filter's own flows sum to zero: the loss does not change when a filter
-is scaled, so ``sum_i w_i dL/dw_i = 0`` (``experiments.evidence`` measured ratios of
-0.0000 to 0.0001 on every BatchNorm conv). The channel's signal is in its BatchNorm scale
-and shift, which is why they belong to its group: their flows sum to the derivative of the
-loss by a scale on the channel's output. With a fixed BatchNorm scale (no scale param) only
-the shift's flow is left, which is not that derivative: train the scale.
+Why the reading side. Put a scale ``s_c`` on channel c where every layer reads it: a
+reader computes ``sum_c s_c a_c W[c, :]``, so ``s_c`` and the rows ``W[c, :]`` enter only
+as their product, and ``dL/ds_c = sum_rows W[c, o] dL/dW_eff[c, o]`` with ``W_eff`` the
+rows the network runs on (``s_c W``). At ``s = M`` that is the channel's flow. A kept
+channel's flow is the loss's first-order change when the channel is scaled; a pruned one's
+(``s_c = 0``, rows zeroed, the activation ``a_c`` still made by its own filter, BatchNorm
+and ReLU) is the change from bringing it back, the flow METHOD.md section 2 asks for. With
+the writing side masked instead (filter, BatchNorm scale and shift), a pruned channel is
+exactly 0 after its ReLU, whose gradient at 0 is 0: its flow was exactly 0 and a score
+below zero never came back. Pruned rows get no gradient (``grads * M``), so a pruned
+channel's filter stays what it was, as a pruned weight does in Hyperflows.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
 PyTree = Any
 TARGETS = ("flops", "channels")
+PRESSURE_BY = ("channel", "macs")
 
 
 class ChannelHyperflowsState(NamedTuple):
@@ -70,11 +77,21 @@ def kept_channels(presence: dict, min_channels: int) -> dict:
     return {g: keep_at_least(t, 0.0, min_channels) for g, t in presence.items()}
 
 
+def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str) -> dict:
+    """Per group, the pressure on each of its channels; they sum to ``gamma``."""
+    if by == "channel":
+        return {g: gamma / groups.total for g in groups.sizes}
+    cost = groups.marginal_macs(kept)
+    total = sum(n * cost[g] for g, n in groups.sizes.items())
+    return {g: gamma * cost[g] / total for g in groups.sizes}
+
+
 def channel_hyperflows(
     groups: ChannelGroups,
     pressure: PressureController,
     presence_optimizer: optax.GradientTransformation | None = None,
     target: str = "flops",
+    pressure_by: str = "channel",
     presence_init: tuple[float, float] = (0.2, 0.5),
     ste_scale: float = 0.25,
     min_channels: int = 4,
@@ -88,6 +105,11 @@ def channel_hyperflows(
         multiply-adds (``target="flops"``) or channels (``"channels"``) removed.
       presence_optimizer: optimizer of the channel scores (default ``optax.adam(1e-3)``).
       target: what the controller measures, ``"flops"`` or ``"channels"``.
+      pressure_by: how gamma is shared out: ``"channel"``, ``gamma / C`` on every channel;
+        ``"macs"``, on each channel in proportion to the multiply-adds one more channel of
+        its group costs with the channels kept now (``ChannelGroups.marginal_macs``), so a
+        channel of a layer that costs little is pushed little. Either way the pushes sum
+        to gamma.
       presence_init: T starts uniform in this range (every channel present).
       ste_scale: derivative of the step function in the straight-through estimator.
       min_channels: every layer keeps at least this many channels (its highest scores),
@@ -102,6 +124,8 @@ def channel_hyperflows(
                          f"{type(pressure).__name__}.")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+    if pressure_by not in PRESSURE_BY:
+        raise ValueError(f"pressure_by must be one of {PRESSURE_BY}, got {pressure_by!r}.")
     if not (math.isfinite(ste_scale) and ste_scale > 0):
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
     low, high = presence_init
@@ -130,8 +154,8 @@ def channel_hyperflows(
         del extra_args
         masking.check_update_args(grads, params, state.masks)
         flows = weight_flows(ste_scale, state.masks, params, grads)
-        push = state.pressure.gamma / groups.total
-        presence_grads = {g: f + push for g, f in groups.reduce(flows).items()}
+        push = pushes(groups, state.kept, state.pressure.gamma, pressure_by)
+        presence_grads = {g: f + push[g] for g, f in groups.reduce(flows).items()}
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = jax.tree.map(lambda t, s: t + s.astype(jnp.float32), state.presence, steps)

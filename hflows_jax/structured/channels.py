@@ -3,25 +3,29 @@
 A group is one coupling group of the traced graph (``hflows_jax.graph``): channels that
 must go together, across layers (a residual stream's channels are one group with every
 branch that writes them; a depthwise conv's channels with the conv feeding it). Its
-*members* are the params that only compute it: the filters that write it (their output
-axis), their biases, the BatchNorm scales and shifts applied to it. With all of them
-zeroed the channel is exactly zero, so ``hf.export`` removes it, and the kernel rows that
-read it. Channels that reach the output (the logits) or that an op needs whole (a
-LayerNorm's, a softmax's) are in no group.
+*members* are the kernel rows that read it: the input axis of every conv or dense layer
+that contracts it (through a flatten, the rows of each channel). With all of them zeroed
+the channel is computed but read by nothing, so it is removed, and the layers that wrote
+it only for it, by ``hf.export``. Masking the reading side, not the writing one, keeps a
+pruned channel's activation what its own weights make it, so the gradient reaching its
+rows still says what bringing it back would gain (``channel_hyperflows``). Channels that
+reach the output (the logits) or that an op needs whole (a LayerNorm's, a softmax's) are
+in no group.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.tree_util import keystr
 
 from hflows_jax import graph as graph_lib
-from hflows_jax.masking import unwrap_nnx
+from hflows_jax.masking import check_update_args, multiply_masks, unwrap_nnx
 
 PyTree = Any
 
@@ -39,22 +43,48 @@ def keep_at_least(scores: jax.Array, cutoff, min_channels: int) -> jax.Array:
     return scores >= jnp.minimum(cutoff, jnp.sort(scores)[-k])
 
 
+class Member(NamedTuple):
+    """One axis of a param that reads a group's channels. ``layout``: the axis as the
+    factors it flattens (major first; ``(n,)`` unflattened), the group's at ``position``."""
+
+    group: str
+    axis: int
+    layout: tuple[int, ...]
+    position: int
+
+    def broadcast(self, per_channel: jax.Array, ndim: int) -> jax.Array:
+        """``per_channel`` (one entry per channel) along this axis of a rank-``ndim`` param."""
+        shape = [1] * len(self.layout)
+        shape[self.position] = self.layout[self.position]
+        along = jnp.broadcast_to(jnp.reshape(per_channel, shape), self.layout).reshape(-1)
+        full = [1] * ndim
+        full[self.axis] = along.size
+        return jnp.reshape(along, full)
+
+    def sum(self, x: jax.Array) -> jax.Array:
+        """``x`` (param-shaped) summed over everything but this member's channels."""
+        x = jnp.moveaxis(x.astype(jnp.float32), self.axis, -1)
+        x = jnp.reshape(x, x.shape[:-1] + self.layout)
+        others = tuple(d for d in range(x.ndim) if d != x.ndim - len(self.layout)
+                       + self.position)
+        return jnp.sum(x, axis=others)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelGroups:
     """The prunable channels of one model, for channel pruners and their FLOP counts.
 
     ``sizes``: channels per group, named after the first layer that writes it (its
-    kernel's path without ``/kernel``). ``members``: param path -> ``((group, axis), ...)``,
-    the axes of that param that index a group's channels. ``layers``: per conv or dense
+    kernel's path without ``/kernel``). ``members``: kernel path -> ``(Member, ...)``, the
+    input axes of that kernel that read a group's channels. ``layers``: per conv or dense
     layer, its multiply-adds as ``(unit, read, written)``: ``unit`` times the kept channels
     of each group in ``read`` (its input) and ``written`` (its output).
     """
 
     sizes: dict[str, int]
-    members: dict[str, tuple]
+    members: dict[str, tuple[Member, ...]]
     layers: tuple
     dense_macs: int
-    norms: dict[str, str]  # group -> the path of a BatchNorm on it (for batch_stats)
 
     @property
     def total(self) -> int:
@@ -91,6 +121,16 @@ class ChannelGroups:
                                      start=jnp.ones((), jnp.float32))
                     for unit, read, written in self.layers), jnp.zeros((), jnp.float32))
 
+    def marginal_macs(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per group, the multiply-adds one more kept channel of it would add (every layer
+        counted, live or not): the derivative of ``sum unit * prod(counts)`` by its count."""
+        def total(counts):
+            return sum(unit * math.prod((counts[g] for g in read + written),
+                                        start=jnp.ones((), jnp.float32))
+                       for unit, read, written in self.layers)
+        counts = {g: jnp.sum(jnp.asarray(k, jnp.float32)) for g, k in kept.items()}
+        return jax.grad(total)(counts)
+
     def flops_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds kept over the dense model's."""
         return self.macs(kept) / self.dense_macs
@@ -100,16 +140,14 @@ class ChannelGroups:
 
     def expand(self, kept: dict[str, jax.Array], params: PyTree) -> PyTree:
         """Per-weight masks shaped like ``params``: each group's channel mask broadcast
-        along its members' axes; ``None`` off the groups."""
+        along its members' axes (the rows that read it); ``None`` off the groups."""
         def leaf(path, p):
-            axes = self.members.get(path_of(path))
-            if axes is None:
+            members = self.members.get(path_of(path))
+            if members is None:
                 return None
             mask = jnp.ones(p.shape, bool)
-            for group, axis in axes:
-                shape = [1] * p.ndim
-                shape[axis] = p.shape[axis]
-                mask = mask & jnp.reshape(jnp.asarray(kept[group], bool), shape)
+            for m in members:
+                mask = mask & m.broadcast(jnp.asarray(kept[m.group], bool), p.ndim)
             return mask
         return jax.tree.map_with_path(leaf, unwrap_nnx(params))
 
@@ -117,37 +155,53 @@ class ChannelGroups:
         """Per-group sums over channels of a params-shaped tree (e.g. flows)."""
         sums = {g: jnp.zeros(n, jnp.float32) for g, n in self.sizes.items()}
         for path, x in jax.tree.leaves_with_path(unwrap_nnx(tree)):
-            for group, axis in self.members.get(path_of(path), ()):
-                others = tuple(d for d in range(x.ndim) if d != axis)
-                sums[group] = sums[group] + jnp.sum(x.astype(jnp.float32), axis=others)
+            for m in self.members.get(path_of(path), ()):
+                sums[m.group] = sums[m.group] + m.sum(x)
         return sums
-
-    def settle_statistics(self, batch_stats: PyTree, kept: dict[str, Any]) -> PyTree:
-        """``batch_stats`` with a zero running mean on pruned channels.
-
-        A pruned channel's BatchNorm input is exactly 0, so its true mean is 0; the running
-        average only decays towards it. With a fixed BatchNorm scale (no scale to mask)
-        the stale mean leaves a tiny constant after the shift is masked, which
-        ``hf.export`` must then keep behind a padded conv. Settled, the channel is 0.
-        """
-        def leaf(path, x):
-            path = path_of(path)
-            for group, norm in self.norms.items():
-                if path == f"{norm}/mean":
-                    return jnp.where(jnp.asarray(kept[group]), x, 0.0).astype(x.dtype)
-            return x
-        return jax.tree.map_with_path(leaf, batch_stats)
 
     def check(self, params: PyTree) -> None:
         shapes = {path_of(p): x.shape for p, x in jax.tree.leaves_with_path(unwrap_nnx(params))}
-        for path, axes in self.members.items():
-            for group, axis in axes:
-                if path not in shapes or shapes[path][axis] != self.sizes[group]:
+        for path, members in self.members.items():
+            for m in members:
+                if path not in shapes or shapes[path][m.axis] != math.prod(m.layout):
                     raise ValueError(
                         f"params do not match these channel groups: {path} "
                         f"{'is missing' if path not in shapes else shapes[path]} (group "
-                        f"{group} has {self.sizes[group]} channels). Build the groups from "
-                        "the same model (channel_groups).")
+                        f"{m.group} has {self.sizes[m.group]} channels). Build the groups "
+                        "from the same model (channel_groups).")
+
+
+class FixedChannelsState(NamedTuple):
+    """The channels of a network that are chosen: ``kept`` per group, ``masks`` per weight."""
+
+    kept: dict  # group name -> bool per channel
+    masks: PyTree  # ``ChannelGroups.expand(kept, params)``
+
+    def pruning_masks(self) -> PyTree:
+        return self.masks
+
+    def channel_masks(self) -> dict:
+        return self.kept
+
+
+def fixed_channels(groups: ChannelGroups, kept: dict | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+    """The pruner of a network whose channels are chosen (DHP's fine-tune of its search's
+    pruned network): the masks of ``kept`` (every channel when None) in its state, never
+    changing, and the gradients of the masked rows zeroed. ``hf.masks``,
+    ``hf.channel_masks`` and ``hf.export`` read it as any channel pruner's."""
+
+    def init(params):
+        chosen = kept or {g: jnp.ones(n, bool) for g, n in groups.sizes.items()}
+        chosen = {g: jnp.asarray(k, bool) for g, k in chosen.items()}
+        return FixedChannelsState(chosen, groups.expand(chosen, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        check_update_args(updates, params, state.masks)
+        return multiply_masks(updates, state.masks), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
@@ -166,19 +220,15 @@ def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
     read_axes = graph.read_axes()
     names, members = graph.group_names(), {}
     for path, v in zip(graph.param_paths, graph.param_ids):
-        axes = tuple((names[f[0][1]], axis) for axis, f in enumerate(leaf_axes[path])
-                     if len(f) == 1 and f[0][1] in roots and (v, axis) not in read_axes)
-        if axes:
-            members[path] = axes
-    norms = {}
-    for path, axes in members.items():
-        module, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
-        if leaf in ("scale", "bias") and f"{module}/kernel" not in leaf_axes:
-            for group, _ in axes:
-                norms.setdefault(group, module)
+        found = tuple(Member(names[space], axis, tuple(n for n, _ in factors), position)
+                      for axis, factors in enumerate(leaf_axes[path])
+                      if (v, axis) in read_axes
+                      for position, (_, space) in enumerate(factors) if space in roots)
+        if found:
+            members[path] = found
     layers = tuple(_layer_cost(graph, c, roots, names) for c in graph.contractions)
     sizes = {names[s]: n for s, n in sorted(roots.items(), key=lambda kv: names[kv[0]])}
-    return ChannelGroups(sizes, members, layers, graph.macs(), norms)
+    return ChannelGroups(sizes, members, layers, graph.macs())
 
 
 def _layer_cost(graph, c, roots, names) -> tuple:

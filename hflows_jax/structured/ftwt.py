@@ -10,20 +10,23 @@ channels whose cumulative mass stays within a threshold. In the decoupled mode (
 default, the only one here) a head's input is detached, so its binary cross-entropy
 reaches the heads only.
 
-FTWT picks the mass threshold by hand for each FLOP target. Here it is steered to the
-target while training, like a BatchNorm statistic: every training batch moves it by
-``THRESHOLD_RATE`` times the gap between the multiply-adds the heads' masks execute and
-the target's (``"batch_stats"/"mass_threshold"``). Steered on the target masks' FLOPs
-instead, one run removed 76.9 % for a 70 % target: the heads keep fewer channels than
-their targets. The mask changes with the input, so the FLOPs to report are the mean
-executed over the test set (``executed_flops``).
+The mass threshold is fixed for the whole run, as FTWT's ``--mthresh``. FTWT sets it by
+hand and reports the FLOPs that follow; here ``calibrate_threshold`` sets it once, before
+training, on the weights training starts from: the smallest threshold at which the
+target masks, gating every conv (``gate_by_targets``: the network the heads learn to
+be), execute ``1 - flops_target`` of the multiply-adds over a few training batches. It is
+kept in ``"batch_stats"/"mass_threshold"`` and the model never changes it. The heads'
+own masks are what runs, and they need not keep what their targets keep: the FLOPs to
+report are the mean executed over the test set (``executed_flops``).
 
 ``FTWTVGG`` is the VGG with these heads: a subclass replacing its ``conv_layer``, whose
-layer loop carries the multiply-add counts (``Counts``) from conv to conv.
+layer loop carries the multiply-add counts (``Counts``) from conv to conv. The training
+settings are FTWT's (``heads_optimizer``, ``backbone_optimizer``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -37,9 +40,17 @@ from hflows_jax.models.vgg import vgg_fields
 
 PyTree = Any
 GATE = "Gate_"  # the params of the gating heads are named Gate_0, Gate_1, ...
-HEADS_LR = 0.1  # FTWT's mask-predictor learning rate (SGD, momentum 0.9, no weight decay)
-THRESHOLD_RATE = 0.01  # mass-threshold change per training batch and unit of FLOP error
 DELTA = 1e-5  # FTWT's tolerance on the cumulative mass
+THRESHOLD_BITS = 20  # bisection steps: the threshold to 2**-20, below DELTA
+
+# FTWT's training from a trained model (job_dynamic.sh, trainwithpred; cifar.py): two SGD
+# optimizers with momentum 0.9.
+BACKBONE_LR = 1e-2  # --lr
+BACKBONE_STEPS = (81 / 200, 122 / 200, 151 / 200)  # MultiStepLR milestones of 200 epochs
+BACKBONE_GAMMA = 0.1  # the lr's factor at each milestone (--gamma)
+WEIGHT_DECAY = 5e-4  # --wd, the backbone's only
+HEADS_LR = 0.1  # --mlr: constant, no weight decay
+MASK_LOSS_UNTIL = 0.5  # --cooldown: mask loss weight 1 for this share of the epochs, then 0
 
 
 def mass_target(activations: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -70,6 +81,7 @@ class Counts(NamedTuple):
     executed: jax.Array  # (batch,): the multiply-adds the masks execute so far, per input
     dense: int  # the multiply-adds of the dense model so far
     threshold: jax.Array  # the mass threshold of the target masks
+    by_targets: bool  # the target masks gate the convs, not the heads' masks
 
 
 class FTWTVGG(VGG):
@@ -77,29 +89,29 @@ class FTWTVGG(VGG):
     loop carrying the ``Counts``.
 
     Its params are the VGG's, under the same names, plus ``Gate_i``; its batch stats add
-    ``mass_threshold``. Sown in "intermediates": ``gate_logits`` and ``gate_targets`` per
-    conv, and ``executed_fraction``: per input, the multiply-adds of the convs and the
-    classifier that its masks execute over the dense model's (heads not counted, as in
-    FTWT's own count).
+    ``mass_threshold``, which the model reads and never changes (``calibrate_threshold``
+    sets it). Sown in "intermediates": ``gate_logits`` and ``gate_targets`` per conv, and
+    ``executed_fraction``: per input, the multiply-adds of the convs and the classifier
+    that its masks execute over the dense model's (heads not counted, as in FTWT's own
+    count). ``gate_by_targets=True``: the target masks gate the convs instead of the
+    heads' (to count what the targets execute).
     """
 
     flops_target: float = 0.5  # the fraction of multiply-adds to remove
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, gate_by_targets: bool = False):
+        # The initial value stands until calibrate_threshold sets the run's.
         threshold = self.variable("batch_stats", "mass_threshold",
                                   lambda: jnp.asarray(1.0 - self.flops_target / 2, jnp.float32))
         batch = x.shape[:1]
         counts = Counts(jnp.full(batch, x.shape[-1], jnp.float32), jnp.zeros(batch, jnp.float32),
-                        0, threshold.value)
+                        0, threshold.value, gate_by_targets)
         x, counts = self.backbone(x, train, counts)
         # The classifier: every active channel of the last layer feeds every class.
         dense = counts.dense + x.shape[-1] * self.num_classes
         executed = counts.executed + counts.active * self.num_classes
         self.sow("intermediates", "executed_fraction", executed / dense)
-        if train and not self.is_initializing():
-            gap = (1.0 - self.flops_target) - jnp.mean(executed / dense)
-            threshold.value = jnp.clip(threshold.value + THRESHOLD_RATE * gap, 0.0, 1.0)
         return self.classifier(x)
 
     def conv_layer(self, x, features: int, norm, counts: Counts) -> tuple[jax.Array, Counts]:
@@ -107,14 +119,16 @@ class FTWTVGG(VGG):
         pooled = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
         logits = Gate(features)(jax.nn.softmax(pooled, axis=-1))
         out, _ = super().conv_layer(x, features, norm, None)
-        on = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))  # sigmoid > 0.5
+        target = mass_target(jax.lax.stop_gradient(out), counts.threshold)
+        on = target if counts.by_targets else jax.lax.stop_gradient(
+            (logits > 0).astype(jnp.float32))  # sigmoid > 0.5
         self.sow("intermediates", "gate_logits", logits)
-        self.sow("intermediates", "gate_targets",
-                 mass_target(jax.lax.stop_gradient(out), counts.threshold))
+        self.sow("intermediates", "gate_targets", target)
         unit = out.shape[1] * out.shape[2] * 9  # per (input, output) channel pair
         active = jnp.sum(on, axis=-1)
-        counts = Counts(active, counts.executed + unit * counts.active * active,
-                        counts.dense + unit * x.shape[-1] * features, counts.threshold)
+        counts = counts._replace(active=active,
+                                 executed=counts.executed + unit * counts.active * active,
+                                 dense=counts.dense + unit * x.shape[-1] * features)
         return out * on[:, None, None, :].astype(out.dtype), counts
 
 
@@ -148,6 +162,67 @@ def with_heads(heads_tx: optax.GradientTransformation,
                 for k, v in params.items()}
     return optax.multi_transform({"heads": heads_tx, "weights": optax.chain(*weights_tx)},
                                  labels)
+
+
+def backbone_lr(total_steps: int) -> optax.Schedule:
+    """FTWT's backbone lr over a run of ``total_steps``: ``BACKBONE_LR``, times
+    ``BACKBONE_GAMMA`` at each milestone (``BACKBONE_STEPS``, as fractions of the run)."""
+    milestones = jnp.asarray([int(f * total_steps) for f in BACKBONE_STEPS])
+    return lambda step: BACKBONE_LR * BACKBONE_GAMMA ** jnp.sum(step >= milestones)
+
+
+def mask_loss_weight(total_steps: int) -> optax.Schedule:
+    """FTWT's mask-loss weight: 1 for the first ``MASK_LOSS_UNTIL`` of the run, then 0."""
+    until = int(MASK_LOSS_UNTIL * total_steps)
+    return lambda step: jnp.where(step < until, 1.0, 0.0)
+
+
+def backbone_optimizer(total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
+                       optax.sgd(backbone_lr(total_steps), momentum=0.9))
+
+
+def heads_optimizer(total_steps: int) -> optax.GradientTransformation:
+    """SGD at a constant ``HEADS_LR`` on the heads' gradient times the mask-loss weight.
+    Decoupled, the mask loss is all that reaches the heads, so this is FTWT's weighted
+    loss: after the cooldown the heads coast on their momentum, as in FTWT."""
+    return optax.chain(optax.scale_by_schedule(mask_loss_weight(total_steps)),
+                       optax.sgd(HEADS_LR, momentum=0.9))
+
+
+def targets_executed(model: FTWTVGG, variables: PyTree, images: jax.Array,
+                     threshold: jax.Array) -> jax.Array:
+    """The mean over ``images`` of the fraction of multiply-adds executed when the target
+    masks at ``threshold`` gate every conv; BatchNorm on batch statistics, as training
+    computes the targets."""
+    stats = {**variables["batch_stats"], "mass_threshold": jnp.asarray(threshold, jnp.float32)}
+    _, sown = model.apply({**variables, "batch_stats": stats}, images, train=True,
+                          gate_by_targets=True, mutable=["intermediates", "batch_stats"])
+    return jnp.mean(sown["intermediates"]["executed_fraction"][0])
+
+
+def calibrate_threshold(model: FTWTVGG, variables: PyTree, batches, bits: int = THRESHOLD_BITS
+                        ) -> float:
+    """The smallest mass threshold, to ``2**-bits``, at which the target masks execute at
+    least ``1 - model.flops_target`` of the multiply-adds: ``targets_executed``, the mean
+    over ``batches`` of images.
+
+    Bisection keeps ``f(low) < goal <= f(high)`` from ``f(0) = 0`` (no channel within
+    the threshold) and ``f(1) = 1``. ``f`` is a step function, so ``f(high)`` overshoots
+    the goal by at most its last step, ``f(high) - f(low)``.
+    """
+    model = model.clone(axis_name=None)  # this process's batches, outside the device loop
+    executed = jax.jit(functools.partial(targets_executed, model))
+    goal = 1.0 - model.flops_target
+
+    def f(threshold: float) -> float:
+        return float(np.mean([executed(variables, x, threshold) for x in batches]))
+
+    low, high = 0.0, 1.0
+    for _ in range(bits):
+        middle = (low + high) / 2
+        low, high = (low, middle) if f(middle) >= goal else (middle, high)
+    return high
 
 
 def executed_flops(model: FTWTVGG, variables: PyTree, images: np.ndarray,

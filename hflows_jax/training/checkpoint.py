@@ -57,6 +57,7 @@ class Checkpoints:
 
 
 def checkpoint_dir(workdir: str, phase: str) -> str:
-    """Where a run keeps the checkpoints of one phase ("dense" or "pruning"); a dense run's
-    ``checkpoint_dir(workdir, "dense")`` is what ``--init_checkpoint`` takes."""
+    """Where a run keeps the checkpoints of one phase ("dense", "pruning", a method's
+    "finetune"); a dense run's ``checkpoint_dir(workdir, "dense")`` is what
+    ``--init_checkpoint`` takes."""
     return os.path.join(workdir, "checkpoints", phase)

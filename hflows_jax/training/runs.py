@@ -9,6 +9,7 @@ opened from a fresh initialization restores any checkpoint of the same config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -40,16 +41,21 @@ class Inputs:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One stretch of training with one optimizer, checkpointed in its own directory."""
+    """One stretch of training with one model and one optimizer, checkpointed in its own
+    directory."""
 
-    name: str  # "dense" or "pruning": the checkpoint directory
+    name: str  # "dense", "pruning" or "finetune": the checkpoint directory
     epochs: range  # global epoch numbers (1-based)
+    model: nn.Module
     tx: optax.GradientTransformation
     masked: bool  # the network runs on W * M
     learning_rates: Callable[[int], dict[str, float]]  # phase step -> {"lr": ..., ...}
     # opt_state -> {"sparsity", "pressure", "skipped_steps"} for the log
     readings: Callable[[Any], dict[str, float]]
     regrowth_from: int | None = None  # epochs from here on are logged as "regrowth"
+    # The previous phase's last TrainState -> this phase's first; None: its params and
+    # batch stats under a fresh ``tx.init``.
+    start: Callable[[TrainState], TrainState] | None = None
 
     def label(self, epoch: int) -> str:
         return "regrowth" if self.regrowth_from and epoch >= self.regrowth_from else self.name
@@ -71,13 +77,23 @@ class OpenRun:
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
 
+    def phase_of(self, epoch: int) -> Phase:
+        """The phase that trains epoch ``epoch``."""
+        return next(p for p in self.phases if epoch in p.epochs)
+
     def checkpoints(self, phase: str) -> Checkpoints:
         """The phase's checkpoints in ``--workdir`` (close them when done)."""
         return Checkpoints(checkpoint_dir(self.cfg.run.workdir, phase),
                            max_to_keep=self.cfg.run.keep_checkpoints or None)
 
     def template(self, phase: str, params=None, batch_stats=None) -> TrainState:
-        """The phase's state as shapes and dtypes, to restore onto (``tx.init`` traced)."""
+        """The phase's state as shapes and dtypes, to restore onto (``tx.init`` traced, or
+        the phase's ``start`` on the previous phase's template)."""
+        names = [p.name for p in self.phases]
+        start = self.phase(phase).start
+        if start is not None:
+            before = names[names.index(phase) - 1]
+            return jax.eval_shape(start, self.template(before, params, batch_stats))
         return abstract_state(self.phase(phase).tx,
                               self.params if params is None else params,
                               self.batch_stats if batch_stats is None else batch_stats)
@@ -92,13 +108,14 @@ def open_run(cfg: Config, axis_name: str | None = "batch", dtype=None) -> OpenRu
                          cfg.method.target_sparsity)
     params, batch_stats = init_variables(model, cfg.run.seed, inputs.data.image_shape)
     spe, shape = inputs.steps_per_epoch, inputs.data.image_shape
-    dense = dense_phase(cfg, spe)
+    dense = dense_phase(cfg, spe, model)
     phases = (dense,)
     if cfg.pruned:
-        groups = lambda: hf.structured.channel_groups(  # noqa: E731  (built on call)
-            *method.plain(model, params, batch_stats)[:2], shape)
-        phases += (pruning_phase(cfg, spe, method, scoring(cfg, inputs, method, batch_stats),
-                                 first_epoch=len(dense.epochs) + 1, channel_groups=groups),)
+        groups = functools.cache(lambda: hf.structured.channel_groups(  # built on first call
+            *method.plain(model, params, batch_stats)[:2], shape))
+        phases += pruning_phases(cfg, spe, method, model,
+                                 scoring(cfg, inputs, method, batch_stats),
+                                 first_epoch=len(dense.epochs) + 1, channel_groups=groups)
     return OpenRun(cfg, inputs, method, model, params, batch_stats, phases)
 
 
@@ -128,9 +145,17 @@ def init_variables(model: nn.Module, seed: int, image_shape: tuple) -> tuple[Any
 
 
 def starting_variables(run: OpenRun) -> tuple[Any, Any]:
-    """The params and batch stats training starts from: the fresh ones, or those of
-    ``--init_checkpoint`` (a dense run of the plain ``--model``), which the method's model
-    takes over by layer name (``Method.take_over``)."""
+    """The params and batch stats training starts from: ``initial_variables``, as the
+    method calibrates them (``Method.calibrate``) on the first training batches, those
+    its scores see (``sample_batches``)."""
+    return run.method.calibrate(run.model, initial_variables(run),
+                                sample_batches(run.cfg, run.inputs))
+
+
+def initial_variables(run: OpenRun) -> tuple[Any, Any]:
+    """The fresh params and batch stats, or those of ``--init_checkpoint`` (a dense run of
+    the plain ``--model``), which the method's model takes over by layer name
+    (``Method.take_over``)."""
     cfg, image_shape = run.cfg, run.inputs.data.image_shape
     if not cfg.schedule.init_checkpoint:
         return run.params, run.batch_stats
@@ -162,23 +187,31 @@ def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
                                 train=True, mutable=["batch_stats"])
         return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
 
+    return methods.Scoring(loss_fn, sample_batches(cfg, inputs, num_batches))
+
+
+def sample_batches(cfg: Config, inputs: Inputs, num_batches: int = 4) -> list:
+    """The first ``num_batches`` (normalized images, labels) of epoch 0, unaugmented."""
     batches = train_batches(inputs.data.x_train, inputs.data.y_train, cfg.data.batch_size,
                             cfg.run.seed, 0, inputs.mean, inputs.std, augment=False)
-    return methods.Scoring(loss_fn, [b for _, b in zip(range(num_batches), batches)])
+    return [b for _, b in zip(range(num_batches), batches)]
 
 
-def dense_phase(cfg: Config, spe: int) -> Phase:
+def dense_phase(cfg: Config, spe: int, model: nn.Module) -> Phase:
     s = cfg.schedule
     epochs = 0 if s.init_checkpoint else s.dense_epochs
     lr = optax.cosine_decay_schedule(s.lr, max(epochs * spe, 1))
     tx = optax.chain(optax.add_decayed_weights(s.weight_decay), optax.sgd(lr, momentum=0.9))
-    return Phase("dense", range(1, epochs + 1), tx, masked=False,
+    return Phase("dense", range(1, epochs + 1), model, tx, masked=False,
                  learning_rates=lambda step: {"lr": float(lr(step))},
                  readings=lambda _: {"sparsity": 0.0, "pressure": 0.0, "skipped_steps": 0})
 
 
-def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.Scoring,
-                  first_epoch: int, channel_groups: Callable[[], Any]) -> Phase:
+def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Module,
+                   score: methods.Scoring, first_epoch: int,
+                   channel_groups: Callable[[], Any]) -> tuple[Phase, ...]:
+    """The pruning phase, its regrowth epochs in it; or, where the method retrains
+    another network in them (``Method.retraining``), the pruning epochs, then that."""
     s, p = cfg.schedule, cfg.method
     pruning_steps, regrowth_steps = s.pruning_epochs * spe, s.regrowth_epochs * spe
     weight_lr = recipe.weight_learning_rate(s.lr, pruning_steps, regrowth_steps)
@@ -193,10 +226,19 @@ def pruning_phase(cfg: Config, spe: int, method: methods.Method, score: methods.
         channel_groups=channel_groups)
     tx = method.optimizer(budget, optax.add_decayed_weights(s.weight_decay),
                           optax.sgd(weight_lr, momentum=0.9))
-    last = first_epoch + s.pruning_epochs + s.regrowth_epochs - 1
-    return Phase("pruning", range(first_epoch, last + 1), tx, masked=method.masked,
-                 learning_rates=lambda step: method.learning_rates(budget, step),
-                 readings=method.readings, regrowth_from=first_epoch + s.pruning_epochs)
+    regrowth_from = first_epoch + s.pruning_epochs
+    regrowth = range(regrowth_from, regrowth_from + s.regrowth_epochs)
+    pruning = Phase("pruning", range(first_epoch, regrowth.stop), model, tx,
+                    masked=method.masked,
+                    learning_rates=lambda step: method.learning_rates(budget, step),
+                    readings=method.readings, regrowth_from=regrowth_from)
+    retraining = method.retraining(budget, model)
+    if retraining is None:
+        return (pruning,)
+    return (dataclasses.replace(pruning, epochs=range(first_epoch, regrowth_from)),
+            Phase("finetune", regrowth, retraining.model, retraining.tx, masked=True,
+                  learning_rates=retraining.learning_rates, readings=method.readings,
+                  start=retraining.start))
 
 
 def abstract_state(tx: optax.GradientTransformation, params, batch_stats) -> TrainState:

@@ -51,10 +51,10 @@ class Setup(OpenRun):
     warnings: tuple[str, ...] = ()  # what keeps the run from its target, known at start
 
 
-def pruned_network(run: OpenRun, state: TrainState) -> tuple:
-    """``(model, variables, masks, groups)`` of a pruning state (``Method.pruned_network``):
-    what ``hf.export`` takes."""
-    return run.method.pruned_network(run.model, state.params, state.batch_stats,
+def pruned_network(run: OpenRun, state: TrainState, phase: Phase) -> tuple:
+    """``(model, variables, masks, groups)`` of a state of a pruning phase
+    (``Method.pruned_network`` on that phase's model): what ``hf.export`` takes."""
+    return run.method.pruned_network(phase.model, state.params, state.batch_stats,
                                      state.opt_state, run.inputs.data.image_shape)
 
 
@@ -62,7 +62,7 @@ def evaluated_network(run: OpenRun, state: TrainState, epoch: int) -> tuple:
     """``pruned_network`` with the BatchNorm statistics the loop evaluated epoch ``epoch``
     on (re-estimated over ``--bn_batches`` of its training batches; open ``run`` without a
     device axis): what ``experiments.export`` serves."""
-    model, variables, masks, groups = pruned_network(run, state)
+    model, variables, masks, groups = pruned_network(run, state, run.phase_of(epoch))
     if run.cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
         step = jax.jit(lambda v, x: batch_statistics(model, v, x))
         stats = [step(variables, images)
@@ -118,19 +118,19 @@ def compile_steps(setup: Setup, phase: Phase, placed: TrainState, statistics: bo
     cfg, par, n = setup.cfg, setup.parallel, jax.local_device_count()
     started = time.time()
     train_step = par.compile(make_train_step(
-        setup.model, phase.tx, phase.masked, cfg.schedule.label_smoothing,
+        phase.model, phase.tx, phase.masked, cfg.schedule.label_smoothing,
         setup.method.loss_term), num_batch_args=2, donate_state=True)
     per_device = cfg.data.batch_size // jax.device_count()
     images = par.put_batch(np.zeros((n, per_device) + setup.inputs.data.image_shape,
                                     np.float32))
     labels = par.put_batch(np.zeros((n, per_device), np.int32))
     train_step = par.precompile(train_step, placed, images, labels)
-    eval_step = par.precompile(par.compile(make_eval_step(setup.model, phase.masked),
+    eval_step = par.precompile(par.compile(make_eval_step(phase.model, phase.masked),
                                            num_batch_args=3), placed, *setup.test_set)
     statistics_step = None
     if statistics:
         statistics_step = par.precompile(par.compile(
-            make_statistics_step(setup.model, phase.masked), num_batch_args=1), placed, images)
+            make_statistics_step(phase.model, phase.masked), num_batch_args=1), placed, images)
     return train_step, eval_step, statistics_step, time.time() - started
 
 
@@ -287,18 +287,18 @@ def missed_target_message(cfg: Config, removed: float, what: str) -> str:
             f"points {side} the {target:.2%} target.")
 
 
-def final_network(setup: Setup, state: TrainState) -> tuple:
-    """``(model, variables, masks, groups)`` the run ended with: the pruned network, or
-    the dense one of a ``--dense_only`` run."""
+def final_network(setup: Setup, phase: Phase, state: TrainState) -> tuple:
+    """``(model, variables, masks, groups)`` the run ended with (``state``, of its last
+    ``phase``): the pruned network, or the dense one of a ``--dense_only`` run."""
     if setup.cfg.pruned:
-        return pruned_network(setup, state)
-    return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, None, None
+        return pruned_network(setup, state, phase)
+    return phase.model, {"params": state.params, "batch_stats": state.batch_stats}, None, None
 
 
 def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict:
     """report.json, run.png and the last line of the log."""
     cfg, data, method = setup.cfg, setup.inputs.data, setup.method
-    network = final_network(setup, state)
+    network = final_network(setup, phase, state)
     model, variables, masks, _ = network
     macs_dense, macs_sparse = forward_macs(model, variables["params"], data.image_shape,
                                            masks)
@@ -439,7 +439,7 @@ def run(cfg: Config) -> dict:
     finally:
         for ckpt in ckpts.values():
             ckpt.close()
-    return finish(setup, setup.phases[-1], state, history)
+    return finish(setup, setup.phase_of(history[-1]["epoch"]), state, history)
 
 
 def training_setup(opened: OpenRun, started: float) -> Setup:
@@ -452,17 +452,27 @@ def training_setup(opened: OpenRun, started: float) -> Setup:
                  test_set=device_test_set(opened.inputs, par), warnings=tuple(warnings))
 
 
+def phase_start(phase: Phase, previous: TrainState | None, params, batch_stats) -> TrainState:
+    """A phase's first state: its ``start`` of the previous phase's last state; else that
+    state's params and batch stats (the run's starting ones for the first phase) under a
+    fresh ``tx.init``."""
+    if previous is not None and phase.start is not None:
+        return jax.jit(phase.start)(previous)
+    if previous is not None:
+        params, batch_stats = previous.params, previous.batch_stats
+    return new_state(phase.tx, params, batch_stats)
+
+
 def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
     """Train every phase from where the checkpoints leave off; each phase starts from the
-    weights the previous one ended with. Returns the setup (on a resumed run, its clock
-    set back by the earlier processes' seconds), the last state and the history."""
+    weights the previous one ended with (``phase_start``). Returns the setup (on a resumed
+    run, its clock set back by the earlier processes' seconds), the last state and the
+    history."""
     start, restored = resume_point(phases, ckpts)
     state, history = None, []
     for i, phase in enumerate(phases[start:], start):
         if not phase.epochs:
             continue
-        if state is not None:
-            params, batch_stats = state.params, state.batch_stats
         first = phase.epochs[0]
         if i == start and restored is not None:
             state, saved = ckpts[phase.name].restore(
@@ -477,7 +487,7 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
                 print(f"Resuming {phase.name} after epoch {restored} from "
                       f"{ckpts[phase.name].directory}", flush=True)
         else:
-            state = new_state(phase.tx, params, batch_stats)
+            state = phase_start(phase, state, params, batch_stats)
         if first <= phase.epochs[-1]:  # a finished phase is not compiled again
             state, history = train_phase(setup, phase, state, first, history,
                                          ckpts[phase.name])
