@@ -151,6 +151,18 @@ def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_ex
     assert compact.macs == float(groups.macs(kept)) < groups.dense_macs
     np.testing.assert_allclose(compact(x), want, rtol=1e-4, atol=1e-5)
 
+    # The search's kept masks decide, not the zeros: its floor keeps a layer's
+    # min_channels even where their latents reached 0 (all of Conv_0's latents but 2 at 0:
+    # the 4th largest |z| is 0, so every channel stays). Cut by the zeros, 6 would go.
+    few = params["HyperConv_0"]["latent"].at[jnp.arange(5)].set(0)
+    params["HyperConv_0"]["latent"] = few
+    floor = {**kept, "Conv_0": latent_masks(params)["HyperConv_0"]["latent"]}
+    assert bool(jnp.all(floor["Conv_0"]))
+    _, by_kept, _ = plain_variables(model, params, stats, floor)
+    _, by_zeros, _ = plain_variables(model, params, stats)
+    assert int(jnp.sum(by_kept["BatchNorm_0"]["scale"] != 0)) == 8
+    assert int(jnp.sum(by_zeros["BatchNorm_0"]["scale"] != 0)) == int(jnp.sum(few != 0)) < 4
+
 
 def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
     model = to_dhp(VGG(**SMALL_VGG))
@@ -239,7 +251,7 @@ def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
     # 1e-4 a step at 782 steps an epoch (CIFAR-10, batch 64): the same shrink an epoch.
     assert dhp_method.epoch_reg(782) == pytest.approx(1e-4)
     assert dhp_method.epoch_reg(79) == pytest.approx(1e-4 * 782 / 79)
-    assert methods.get("dhp").reg(79, 30 * 79) == dhp_method.epoch_reg(79)
+    assert methods.get("dhp").reg(79, 30 * 79) == pytest.approx(1e-4 * 782 / 79)  # by hand
     # One epoch of proximal steps without gradient: 0.1 * 1e-4 * 782 off every latent.
     latent = {"latent": jnp.linspace(0.5, 2.0, 8)}
     prox = proximal_l1(dhp_method.search_lr(79), reg=dhp_method.epoch_reg(79))

@@ -20,8 +20,9 @@ channel's flow is the loss's first-order change when the channel is scaled; a pr
 and ReLU) is the change from bringing it back, the flow METHOD.md section 2 asks for. With
 the writing side masked instead (filter, BatchNorm scale and shift), a pruned channel is
 exactly 0 after its ReLU, whose gradient at 0 is 0: its flow was exactly 0 and a score
-below zero never came back. Pruned rows get no gradient (``grads * M``), so a pruned
-channel's filter stays what it was, as a pruned weight does in Hyperflows.
+below zero never came back. Pruned rows get no gradient (``grads * M``), nor does a
+pruned channel's filter (nothing reads it): only weight decay moves them, as it moves a
+pruned weight in Hyperflows.
 """
 
 from __future__ import annotations

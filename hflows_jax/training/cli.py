@@ -106,7 +106,9 @@ def parser(defaults: Config, prog: str, doc: str, add_help: bool = True
         "unset: this experiment's defaults, shown here", None))
     for flag, default in defaults.flags().items():
         kind = FLAGS[flag][2]
-        text = HELP[flag].format(methods=", ".join(methods.REGISTRY))
+        text = HELP[flag]
+        if flag == "method":  # the registry as it is now, not at import
+            text = text.format(methods=", ".join(methods.REGISTRY))
         kwargs = {"default": default, "help": _help(text, default)}
         if kind is bool:
             kwargs.update(type=_bool, nargs="?", const=True)

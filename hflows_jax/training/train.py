@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,9 @@ def evaluated_network(run: OpenRun, state: TrainState, epoch: int) -> tuple:
     """``pruned_network`` with the BatchNorm statistics the loop evaluated epoch ``epoch``
     on (re-estimated over ``--bn_batches`` of its training batches; open ``run`` without a
     device axis): what ``experiments.export`` serves."""
-    model, variables, masks, groups = pruned_network(run, state, run.phase_of(epoch))
-    if run.cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
+    phase = run.phase_of(epoch)
+    model, variables, masks, groups = pruned_network(run, state, phase)
+    if phase.masked and run.cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
         step = jax.jit(lambda v, x: batch_statistics(model, v, x))
         stats = [step(variables, images)
                  for images in statistics_batches(run.cfg, run.inputs, epoch)]
@@ -430,10 +431,10 @@ def run(cfg: Config) -> dict:
     setup = training_setup(open_run(cfg), started)
     for warning in setup.warnings if primary else ():
         print(f"WARNING: {warning}", flush=True)
-    params, batch_stats = starting_variables(setup)
     ckpts = {p.name: setup.checkpoints(p.name) for p in setup.phases}
     try:
-        setup, state, history = run_phases(setup, setup.phases, ckpts, params, batch_stats)
+        setup, state, history = run_phases(setup, setup.phases, ckpts,
+                                           lambda: starting_variables(setup))
     except KeyboardInterrupt as e:
         raise interrupted(cfg, ckpts) from e
     finally:
@@ -452,22 +453,23 @@ def training_setup(opened: OpenRun, started: float) -> Setup:
                  test_set=device_test_set(opened.inputs, par), warnings=tuple(warnings))
 
 
-def phase_start(phase: Phase, previous: TrainState | None, params, batch_stats) -> TrainState:
+def phase_start(phase: Phase, previous: TrainState | None, starting: Callable) -> TrainState:
     """A phase's first state: its ``start`` of the previous phase's last state; else that
-    state's params and batch stats (the run's starting ones for the first phase) under a
+    state's params and batch stats (for the run's first phase, ``starting()``'s) under a
     fresh ``tx.init``."""
     if previous is not None and phase.start is not None:
         return jax.jit(phase.start)(previous)
-    if previous is not None:
-        params, batch_stats = previous.params, previous.batch_stats
+    params, batch_stats = (starting() if previous is None
+                           else (previous.params, previous.batch_stats))
     return new_state(phase.tx, params, batch_stats)
 
 
-def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, batch_stats):
+def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, starting: Callable):
     """Train every phase from where the checkpoints leave off; each phase starts from the
-    weights the previous one ended with (``phase_start``). Returns the setup (on a resumed
-    run, its clock set back by the earlier processes' seconds), the last state and the
-    history."""
+    weights the previous one ended with (``phase_start``), the first from ``starting()``
+    (``runs.starting_variables``: loaded and calibrated only when no checkpoint is
+    restored). Returns the setup (on a resumed run, its clock set back by the earlier
+    processes' seconds), the last state and the history."""
     start, restored = resume_point(phases, ckpts)
     state, history = None, []
     for i, phase in enumerate(phases[start:], start):
@@ -475,8 +477,7 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
             continue
         first = phase.epochs[0]
         if i == start and restored is not None:
-            state, saved = ckpts[phase.name].restore(
-                restored, setup.template(phase.name, params, batch_stats))
+            state, saved = ckpts[phase.name].restore(restored, setup.template(phase.name))
             check_same_run(setup.cfg, saved)
             history, first = saved["history"], restored + 1
             setup = dataclasses.replace(setup, started=setup.started - history[-1]["time_s"])
@@ -487,7 +488,7 @@ def run_phases(setup: Setup, phases: tuple[Phase, ...], ckpts: dict, params, bat
                 print(f"Resuming {phase.name} after epoch {restored} from "
                       f"{ckpts[phase.name].directory}", flush=True)
         else:
-            state = phase_start(phase, state, params, batch_stats)
+            state = phase_start(phase, state, starting)
         if first <= phase.epochs[-1]:  # a finished phase is not compiled again
             state, history = train_phase(setup, phase, state, first, history,
                                          ckpts[phase.name])
