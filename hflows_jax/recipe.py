@@ -6,6 +6,7 @@ The run after dense training has two phases: pruning (pressure on) and regrowth
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 PRESENCE_INIT_MEAN = 0.35  # presence scores start uniform in (0.2, 0.5)
@@ -120,3 +121,10 @@ def pruning_phase_sparsity(target_sparsity: float, regrowth_allowance: float) ->
     if regrowth_allowance < 0:
         raise ValueError(f"regrowth_allowance must be >= 0, got {regrowth_allowance!r}.")
     return 1.0 - (1.0 - target_sparsity) / (1.0 + regrowth_allowance)
+
+
+def multistep(lr: float, gamma: float, milestones) -> optax.Schedule:
+    """PyTorch's MultiStepLR by step (DHP's and FTWT's schedules): ``lr``, times ``gamma``
+    at each milestone step. Takes a step or an array of them."""
+    milestones = jnp.asarray(milestones)
+    return lambda step: lr * gamma ** jnp.sum(jnp.asarray(step)[..., None] >= milestones, -1)

@@ -7,8 +7,8 @@ defaults; adding one is a new file here, its test, and one line below.
 from __future__ import annotations
 
 from hflows_jax.methods.base import (CONTROLLERS, Budget, ChannelMethod, Method,
-                                     PressureMethod, Retraining, Scoring, presence_settings,
-                                     pressure_controller)
+                                     PressureMethod, Retraining, Scoring, no_readings,
+                                     presence_settings, pressure_controller)
 from hflows_jax.methods.dhp import DHP
 from hflows_jax.methods.ftwt import FTWT
 from hflows_jax.methods.grasp import GraSP
@@ -40,5 +40,5 @@ for _method in (Hyperflows, HyperflowsChannel, DHP, FTWT, Magnitude, SNIP, GraSP
     register(_method())
 
 __all__ = ["CONTROLLERS", "REGISTRY", "Budget", "ChannelMethod", "Method", "PressureMethod",
-           "Retraining", "Scoring", "get", "presence_settings", "pressure_controller",
-           "register"]
+           "Retraining", "Scoring", "get", "no_readings", "presence_settings",
+           "pressure_controller", "register"]

@@ -87,6 +87,12 @@ def presence_settings(cfg, steps_per_epoch: int) -> tuple[float, int]:
     return p.presence_lr or lr, period
 
 
+def no_readings(opt_state: PyTree) -> dict[str, float]:
+    """The log's pruning figures where nothing is pruned (a dense phase; FTWT's gates)."""
+    del opt_state
+    return {"sparsity": 0.0, "pressure": 0.0, "skipped_steps": 0}
+
+
 class Method:
     """A pruning method as the training loop sees it. Subclasses set ``name`` and
     ``pruner``, and override what differs."""

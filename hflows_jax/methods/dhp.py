@@ -13,6 +13,7 @@ import optax
 
 import hflows_jax as hf
 from hflows_jax.methods.base import Budget, ChannelMethod, Retraining
+from hflows_jax.recipe import multistep
 from hflows_jax.structured.dhp import DHPVGG, dhp, plain_variables, to_dhp
 
 # DHP's SGD, in its search and its fine-tune alike (util/option.py, util/template.py's VGG
@@ -24,14 +25,8 @@ REG = 1e-4  # --regularization_factor's default (util/option_dhp.py); it has no 
 OFFICIAL_STEPS_PER_EPOCH = 782  # CIFAR-10's 50000 training images at DHP's batch 64
 
 
-def step_decay(milestones) -> optax.Schedule:
-    """DHP's MultiStepLR by step: ``LR``, times ``GAMMA`` at each milestone (a step)."""
-    milestones = jnp.asarray(milestones)
-    return lambda step: LR * GAMMA ** jnp.sum(jnp.asarray(step)[..., None] >= milestones, -1)
-
-
 def search_lr(steps_per_epoch: int) -> optax.Schedule:
-    return step_decay([SEARCH_MILESTONE * steps_per_epoch])
+    return multistep(LR, GAMMA, [SEARCH_MILESTONE * steps_per_epoch])
 
 
 def lr_sum(steps_per_epoch: int, steps: int) -> float:
@@ -41,7 +36,7 @@ def lr_sum(steps_per_epoch: int, steps: int) -> float:
 
 def fine_tune_lr(steps: int) -> optax.Schedule:
     """DHP's fine-tune schedule (300 epochs) scaled to ``steps``."""
-    return step_decay([int(f * steps) for f in FINE_TUNE_MILESTONES])
+    return multistep(LR, GAMMA, [int(f * steps) for f in FINE_TUNE_MILESTONES])
 
 
 def epoch_reg(steps_per_epoch: int) -> float:

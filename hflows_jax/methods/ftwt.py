@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hflows_jax.methods.base import Budget, ChannelMethod
+from hflows_jax.methods.base import Budget, ChannelMethod, no_readings
 from hflows_jax.structured import ftwt
 
 
@@ -68,7 +68,7 @@ class FTWT(ChannelMethod):
         return warnings
 
     def readings(self, opt_state) -> dict[str, float]:
-        return {"sparsity": 0.0, "pressure": 0.0, "skipped_steps": 0}
+        return no_readings(opt_state)
 
     def layer_sparsity(self, opt_state) -> dict[str, float]:
         return {}

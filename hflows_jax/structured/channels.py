@@ -112,24 +112,22 @@ class ChannelGroups:
                     read_by[g] = jnp.maximum(read_by[g], out)
         return {g: alive[g] * read_by[g] for g in self.sizes}
 
-    def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
-        """Multiply-adds per example with only the ``kept`` channels (bool per group),
-        counting the live ones (``live``)."""
-        live = self.live(kept)
-        count = {g: jnp.sum(v) for g, v in live.items()}
-        return sum((unit * math.prod((count[g] for g in read + written),
+    def macs_of_counts(self, counts: dict[str, jax.Array]) -> jax.Array:
+        """Multiply-adds per example with ``counts[g]`` channels in each group g."""
+        return sum((unit * math.prod((counts[g] for g in read + written),
                                      start=jnp.ones((), jnp.float32))
                     for unit, read, written in self.layers), jnp.zeros((), jnp.float32))
 
+    def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
+        """Multiply-adds per example with only the ``kept`` channels (bool per group),
+        counting the live ones (``live``)."""
+        return self.macs_of_counts({g: jnp.sum(v) for g, v in self.live(kept).items()})
+
     def marginal_macs(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per group, the multiply-adds one more kept channel of it would add (every layer
-        counted, live or not): the derivative of ``sum unit * prod(counts)`` by its count."""
-        def total(counts):
-            return sum(unit * math.prod((counts[g] for g in read + written),
-                                        start=jnp.ones((), jnp.float32))
-                       for unit, read, written in self.layers)
+        counted, live or not): the derivative of ``macs_of_counts`` by its count."""
         counts = {g: jnp.sum(jnp.asarray(k, jnp.float32)) for g, k in kept.items()}
-        return jax.grad(total)(counts)
+        return jax.grad(self.macs_of_counts)(counts)
 
     def flops_fraction(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds kept over the dense model's."""

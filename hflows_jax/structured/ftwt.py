@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hflows_jax import recipe
 from hflows_jax.models import VGG
 from hflows_jax.models.vgg import vgg_fields
 
@@ -167,8 +168,8 @@ def with_heads(heads_tx: optax.GradientTransformation,
 def backbone_lr(total_steps: int) -> optax.Schedule:
     """FTWT's backbone lr over a run of ``total_steps``: ``BACKBONE_LR``, times
     ``BACKBONE_GAMMA`` at each milestone (``BACKBONE_STEPS``, as fractions of the run)."""
-    milestones = jnp.asarray([int(f * total_steps) for f in BACKBONE_STEPS])
-    return lambda step: BACKBONE_LR * BACKBONE_GAMMA ** jnp.sum(step >= milestones)
+    return recipe.multistep(BACKBONE_LR, BACKBONE_GAMMA,
+                            [int(f * total_steps) for f in BACKBONE_STEPS])
 
 
 def mask_loss_weight(total_steps: int) -> optax.Schedule:

@@ -204,7 +204,7 @@ def dense_phase(cfg: Config, spe: int, model: nn.Module) -> Phase:
     tx = optax.chain(optax.add_decayed_weights(s.weight_decay), optax.sgd(lr, momentum=0.9))
     return Phase("dense", range(1, epochs + 1), model, tx, masked=False,
                  learning_rates=lambda step: {"lr": float(lr(step))},
-                 readings=lambda _: {"sparsity": 0.0, "pressure": 0.0, "skipped_steps": 0})
+                 readings=methods.no_readings)
 
 
 def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Module,
