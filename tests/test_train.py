@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from hflows_jax.training import Config, run
+from hflows_jax.training import Config, run, train
 from hflows_jax.training.checkpoint import Checkpoints
 from tests.helpers import subset_npz
 
@@ -174,3 +174,12 @@ def test_a_run_that_cannot_prune_says_so_at_start_and_in_its_report(small_cifar,
     assert "WARNING: the run pruned nothing" in out
     # No presence lr fits 6 steps, so the start warning does not send the user to the default.
     assert "--presence_lr" not in report["warnings"][0]
+
+
+def test_a_run_saved_before_a_flag_existed_stands_for_its_default(tmp_path):
+    cfg = config(workdir=str(tmp_path))
+    saved = train.record(cfg, 1, [])
+    del saved["config"]["bn_batches"]  # as if written before --bn_batches came
+    train.check_same_run(cfg, saved)  # the default: the same run
+    with pytest.raises(ValueError, match="another config.*bn_batches: 32 -> 0"):
+        train.check_same_run(cfg.replace(bn_batches=0), saved)

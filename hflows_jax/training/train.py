@@ -88,8 +88,12 @@ def record(cfg: Config, epochs_done: int, history: list[dict]) -> dict:
 
 
 def check_same_run(cfg: Config, saved: dict) -> None:
+    """Refuse a saved run of another config. A flag the saved run does not name came
+    later; the run stands for its default (new flags default to the behaviour before them)."""
     mine, theirs = record(cfg, 0, [])["config"], saved.get("config", {})
-    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    defaults = Config().flags()
+    theirs = {k: theirs.get(k, defaults[k]) for k in mine}
+    diff = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
     if diff:
         changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{cfg.run.workdir} holds a run with another config ({changes}). "
