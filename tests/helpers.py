@@ -54,3 +54,20 @@ def subset_npz(source: pathlib.Path, target: pathlib.Path, train: int, test: int
                       x_test=f["x_test"][:test], y_test=f["y_test"][:test])
     np.savez(target, **arrays)
     return f"npz:{target}"
+
+
+def interrupt_after_epoch(monkeypatch, epoch: int):
+    """Make the run stop with Ctrl-C right after its checkpoint of ``epoch`` is on disk,
+    as an interrupted process would. Returns ``resume()``, which saves as before."""
+    from hflows_jax.training.checkpoint import Checkpoints
+
+    original_save = Checkpoints.save
+
+    def crash(self, at, state, record):
+        original_save(self, at, state, record)
+        if at == epoch:
+            self._manager.wait_until_finished()
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(Checkpoints, "save", crash)
+    return lambda: monkeypatch.setattr(Checkpoints, "save", original_save)

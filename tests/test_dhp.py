@@ -23,7 +23,7 @@ from hflows_jax.structured.dhp import (DHPVGG, HyperConv, dhp, hyper_kernel, lat
                                        plain_variables, proximal_l1, to_dhp)
 from hflows_jax.training import Config, TrainState, make_train_step, run
 from hflows_jax.training.checkpoint import Checkpoints
-from tests.helpers import subset_npz
+from tests.helpers import interrupt_after_epoch, subset_npz
 
 SMALL_VGG = dict(layers=(8, "M", 16, 16), num_classes=3)
 
@@ -314,18 +314,10 @@ def test_a_dhp_run_searches_then_fine_tunes_the_plain_pruned_vgg_and_resumes(
     jax.tree.map(np.testing.assert_array_equal, hf.finalize(state.params, state.opt_state),
                  state.params)
 
-    original_save = Checkpoints.save
-
-    def crash_after_epoch_2(self, epoch, state, record):
-        original_save(self, epoch, state, record)
-        if epoch == 2:
-            self._manager.wait_until_finished()
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Checkpoints, "save", crash_after_epoch_2)
+    resume = interrupt_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt, match=r"after epoch 2 of 3 .*checkpoints/finetune"):
         run(cfg.replace(workdir=str(tmp_path / "resumed")))
-    monkeypatch.setattr(Checkpoints, "save", original_save)
+    resume()
     resumed = run(cfg.replace(workdir=str(tmp_path / "resumed")))
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     assert resumed["target_removed"] == whole["target_removed"]

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from hflows_jax.training import Config, run, train
 from hflows_jax.training.checkpoint import Checkpoints
-from tests.helpers import subset_npz
+from tests.helpers import interrupt_after_epoch, subset_npz
 
 TINY = dict(model="resnet20", width=0.25, batch_size=16, lr=0.05, log_every=2)
 
@@ -95,19 +95,11 @@ def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monke
                target_sparsity=0.5, presence_lr=0.1, **TINY)
     whole = run(config(workdir=str(tmp_path / "whole"), **cfg))
 
-    original_save = Checkpoints.save
-
-    def crash_after_epoch_2(self, epoch, state, record):
-        original_save(self, epoch, state, record)
-        if epoch == 2:
-            self._manager.wait_until_finished()
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(Checkpoints, "save", crash_after_epoch_2)
+    resume = interrupt_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt, match=r"^Interrupted after epoch 2 of 4 \(checkpoint "
                        r"in .*/resumed/checkpoints/pruning\)\. Rerun the same command"):
         run(config(workdir=str(tmp_path / "resumed"), **cfg))
-    monkeypatch.setattr(Checkpoints, "save", original_save)
+    resume()
     started = time.time()
     resumed = run(config(workdir=str(tmp_path / "resumed"), **cfg))
     second_process_s = time.time() - started
