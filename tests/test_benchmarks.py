@@ -198,20 +198,20 @@ def test_structured_rows_in_the_issue_shape(cifar_npz, tmp_path):
     on_disk = json.loads((tmp_path / "structured.json").read_text())
     assert on_disk["rows"] == result["rows"]
     rows = {r["method"]: r for r in on_disk["rows"]}
-    assert list(rows) == ["hyperflows_channel", "dhp", "ftwt", "hyperflows"]
+    assert list(rows) == ["hyperflows_channel", "dhp_reach", "ftwt", "hyperflows"]
     for row in on_disk["rows"]:
         assert set(row) == {"method", "flops_target", "seed", "test_accuracy",
                             "flops_fraction", "params_fraction", "speedup_b1", "speedup_b256"}
         assert row["flops_target"] == 0.5 and row["seed"] == 0
         assert 0 < row["flops_fraction"] <= 1 and 0 < row["params_fraction"]
-    for method in ("hyperflows_channel", "dhp", "hyperflows"):
+    for method in ("hyperflows_channel", "dhp_reach", "hyperflows"):
         assert rows[method]["params_fraction"] <= 1
         assert rows[method]["speedup_b1"] > 0 and rows[method]["speedup_b256"] > 0
     # FTWT gates per input: no exported model; its heads come on top of the backbone.
     assert rows["ftwt"]["speedup_b1"] is None and rows["ftwt"]["params_fraction"] > 1
     # The channel methods' exported FLOPs are the ones their controller or stop measured,
     # FTWT's the mean executed over the test set.
-    for method in ("hyperflows_channel", "dhp", "ftwt"):
+    for method in ("hyperflows_channel", "dhp_reach", "ftwt"):
         report = json.loads((tmp_path / "runs" / f"{method}_s0.5_seed0" /
                              "report.json").read_text())
         assert report["target"] == "flops" and report["config"]["train_bn_scale"]

@@ -129,18 +129,16 @@ def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_ex
         plain.apply({"params": full_params, "batch_stats": full_stats}, x),
         model.apply({"params": params, "batch_stats": stats}, x), rtol=1e-4, atol=1e-5)
 
-    # Channels 1 and 5 of the first conv and 0 of the last zeroed (hf.finalize's pruned
-    # latents): the hypernetwork model still runs them on its biases; the plain VGG cuts
-    # them, as DHP slices them away: the full plain VGG with no layer reading them.
-    params["HyperConv_0"]["latent"] = params["HyperConv_0"]["latent"].at[1].set(0).at[5].set(0)
-    params["HyperConv_2"]["latent"] = params["HyperConv_2"]["latent"].at[0].set(0)
+    # Channels 1 and 5 of the first conv and 0 of the last not kept (the search's masks):
+    # the hypernetwork model still runs them; the plain VGG cuts them, as DHP slices them
+    # away: no layer reads them.
     kept = {"Conv_0": np.arange(8) % 4 != 1, "Conv_1": np.ones(16, bool),
             "Conv_2": np.arange(16) != 0}
     groups = channel_groups(plain, full_params, (16, 16, 3))
     masks = groups.expand(kept, full_params)
     want = plain.apply({"params": hf.multiply_masks(full_params, masks),
                         "batch_stats": full_stats}, x)
-    _, plain_params, plain_stats = plain_variables(model, params, stats)
+    _, plain_params, plain_stats = plain_variables(model, params, stats, kept, groups)
     got = plain.apply({"params": plain_params, "batch_stats": plain_stats}, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     hyper = model.apply({"params": params, "batch_stats": stats}, x)
@@ -151,17 +149,64 @@ def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_ex
     assert compact.macs == float(groups.macs(kept)) < groups.dense_macs
     np.testing.assert_allclose(compact(x), want, rtol=1e-4, atol=1e-5)
 
-    # The search's kept masks decide, not the zeros: its floor keeps a layer's
-    # min_channels even where their latents reached 0 (all of Conv_0's latents but 2 at 0:
-    # the 4th largest |z| is 0, so every channel stays). Cut by the zeros, 6 would go.
-    few = params["HyperConv_0"]["latent"].at[jnp.arange(5)].set(0)
-    params["HyperConv_0"]["latent"] = few
-    floor = {**kept, "Conv_0": latent_masks(params)["HyperConv_0"]["latent"]}
-    assert bool(jnp.all(floor["Conv_0"]))
-    _, by_kept, _ = plain_variables(model, params, stats, floor)
-    _, by_zeros, _ = plain_variables(model, params, stats)
-    assert int(jnp.sum(by_kept["BatchNorm_0"]["scale"] != 0)) == 8
-    assert int(jnp.sum(by_zeros["BatchNorm_0"]["scale"] != 0)) == int(jnp.sum(few != 0)) < 4
+
+def test_dhp_resnet_shares_a_latent_per_stage_and_cuts_to_the_plain_resnet():
+    """DHP's ResNet (``resnet_dhp_share.py``): the stem, every block's second conv and the
+    projection write their stage's stream from one latent; each block's first conv has
+    its own; the last stage's is never pruned. Its plain ResNet computes what it does,
+    and cut by the search's masks exports to a compact model."""
+    plain_model = hf.models.ResNet(stage_sizes=(2, 1), block_cls=hf.models.resnet.ResNetBlock,
+                                   num_filters=4, num_classes=3, zero_init_residual=False)
+    model = to_dhp(plain_model)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    params = _perturbed(variables["params"], 2, 0.1)
+    stats = _perturbed(variables["batch_stats"], 3, 0.5)
+    latents = sorted(path for path in _paths(params) if "latent" in path)
+    assert latents == ["ResNetBlock_0/Conv_0/latent", "ResNetBlock_1/Conv_0/latent",
+                       "ResNetBlock_2/Conv_0/latent", "ResNetBlock_2/Conv_1/latent_whole",
+                       "conv_init/latent"]
+    plain, plain_params, plain_stats = plain_variables(model, params, stats)
+    assert isinstance(plain, hf.models.ResNet) and type(plain) is not type(model)
+    assert {p: v.shape for p, v in _paths(plain_params).items()} == {
+        p: v.shape for p, v in _paths(plain_model.init(jax.random.key(0), x)["params"]).items()}
+    hyper = model.apply({"params": params, "batch_stats": stats}, x)
+    np.testing.assert_allclose(plain.apply({"params": plain_params, "batch_stats": plain_stats},
+                                           x), hyper, rtol=1e-4, atol=1e-5)
+    # Block 1's second conv writes stage 1's stream from the stem's latent; the stage-2
+    # projection reads it and writes stage 2's from block 2's second conv's.
+    block, z_stage = params["ResNetBlock_1"], params["conv_init"]["latent"]
+    second = hyper_kernel(block["Conv_0"]["latent"], z_stage,
+                          *(block["Conv_1"][k] for k in ("b0", "w1", "b1", "w2", "b2")), (3, 3))
+    np.testing.assert_allclose(plain_params["ResNetBlock_1"]["Conv_1"]["kernel"], second,
+                               rtol=1e-6)
+    proj = params["ResNetBlock_2"]["conv_proj"]
+    np.testing.assert_allclose(
+        plain_params["ResNetBlock_2"]["conv_proj"]["kernel"],
+        hyper_kernel(z_stage, params["ResNetBlock_2"]["Conv_1"]["latent_whole"],
+                     *(proj[k] for k in ("b0", "w1", "b1", "w2", "b2")), (1, 1)), rtol=1e-6)
+
+    groups = channel_groups(plain, plain_params, (8, 8, 3))
+    search = dhp(groups, 0.5, 0.1).init(params)
+    stream = groups.writes["conv_init"][0]
+    assert set(search.kept) == set(groups.sizes)
+    last = groups.writes["ResNetBlock_2/Conv_1"][0]  # kept whole, no latent of its own
+    assert search.masks["ResNetBlock_2"]["Conv_1"]["latent_whole"] is None
+    kept = {**search.kept, stream: np.arange(4) != 2,
+            groups.writes["ResNetBlock_0/Conv_0"][0]: np.arange(4) != 0}
+    assert bool(jnp.all(kept[last]))
+    _, cut, _ = plain_variables(model, params, stats, kept, groups)
+    compact = hf.export(lambda p, x: plain.apply({"params": p, "batch_stats": plain_stats}, x),
+                        cut, groups.expand(kept, cut), x)
+    assert compact.macs == float(groups.macs(kept)) < groups.dense_macs
+    np.testing.assert_allclose(
+        compact(x), plain.apply({"params": cut, "batch_stats": plain_stats}, x), rtol=1e-4,
+        atol=1e-5)
+
+
+def _paths(tree):
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): v
+            for p, v in jax.tree.leaves_with_path(tree)}
 
 
 def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
@@ -283,13 +328,12 @@ def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
 
 def test_a_dhp_run_searches_then_fine_tunes_the_plain_pruned_vgg_and_resumes(
         cifar_npz, tmp_path, monkeypatch):
-    """One search epoch (the reg at its reaching option, so that it stops at the target),
+    """One search epoch (``dhp_reach``: the reg that lets it stop at the target),
     then two fine-tune epochs of the plain VGG with the search's channels fixed; a run
     interrupted in the fine-tune resumes from it to the same end."""
-    monkeypatch.setattr(methods.get("dhp"), "shrink", 1.0)
     small = subset_npz(cifar_npz, tmp_path / "small.npz", train=64, test=32)
-    cfg = Config().replace(model="vgg19", width=0.0625, dataset=small, method="dhp",
-                           target_sparsity=0.5, batch_size=16, dense_epochs=0,
+    cfg = Config().replace(model="vgg19", width=0.0625, dataset=small,
+                           method="dhp_reach", target_sparsity=0.5, batch_size=16, dense_epochs=0,
                            pruning_epochs=1, regrowth_epochs=2, augment=False, bn_batches=2)
     whole = run(cfg.replace(workdir=str(tmp_path / "whole")))
     assert [r["phase"] for r in whole["history"]] == ["pruning", "finetune", "finetune"]
@@ -325,8 +369,8 @@ def test_a_dhp_run_searches_then_fine_tunes_the_plain_pruned_vgg_and_resumes(
 
 
 def test_dhp_errors():
-    with np.testing.assert_raises_regex(ValueError, "vgg19 only"):
-        to_dhp(hf.models.create("resnet20", 10))
+    with np.testing.assert_raises_regex(ValueError, "basic-block ResNets"):
+        to_dhp(hf.models.create("resnet50", 10))
     model = DHPVGG(**SMALL_VGG)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     plain, plain_params, _ = plain_variables(model, variables["params"],

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from hflows_jax import methods
+from hflows_jax import methods, models
 from hflows_jax.structured import ftwt
 from hflows_jax.structured.ftwt import (FTWTVGG, gating_loss, is_gate, mass_target, to_ftwt,
                                         with_heads)
@@ -82,7 +82,7 @@ def test_executed_flops_are_counted_per_input():
     # By hand: conv l costs H_l * W_l * 9 * (active inputs) * (active outputs) per input;
     # the classifier (active last) * 3. Dense: every channel active.
     want = _executed_by_hand(on)
-    got = np.asarray(inter["executed_fraction"][0])
+    got = np.asarray(ftwt.executed_fraction(inter))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert len(set(np.round(want, 6))) > 1, "masks should differ between inputs"
     # The masks multiply the channels: a gated-off channel of the last conv feeds nothing.
@@ -182,5 +182,60 @@ def _gated_by_targets(model, variables, x, threshold):
 
 
 def test_ftwt_errors():
-    with pytest.raises(ValueError, match="vgg19 only"):
+    with pytest.raises(ValueError, match="vgg19 and basic-block ResNets"):
         to_ftwt(object(), 0.5)
+    with pytest.raises(ValueError, match="basic-block"):
+        to_ftwt(models.ResNet50(num_classes=3), 0.5)
+
+
+def test_resnet_gates_every_conv_the_second_before_the_add_and_counts_per_input():
+    """FTWT's ResNet: a head on the stem and on both convs of every block; the block's
+    output is relu(residual + second conv's output * its mask); the multiply-adds by hand,
+    a block's first conv reading all its input channels, projection and classifier whole."""
+    plain = models.ResNet(stage_sizes=(1, 1), block_cls=models.resnet.ResNetBlock,
+                          num_filters=4, num_classes=3, zero_init_residual=False)
+    model = to_ftwt(plain, 0.5)
+    x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    params = jax.tree.map_with_path(  # heads spread, so masks differ from input to input
+        lambda p, v: v * 20 if is_gate(ftwt.path_of(p)) and p[-1].key == "kernel" else v,
+        variables["params"])
+    variables = {**variables, "params": params}
+    gates = sorted(ftwt.path_of(p) for p, _ in jax.tree.leaves_with_path(params)
+                   if is_gate(ftwt.path_of(p)) and p[-1].key == "kernel")
+    assert gates == ["Gate_0/kernel", "ResNetBlock_0/Gate_0/kernel",
+                     "ResNetBlock_0/Gate_1/kernel", "ResNetBlock_1/Gate_0/kernel",
+                     "ResNetBlock_1/Gate_1/kernel"]
+    # The rest is the plain ResNet's, by path and shape; a dense ResNet's variables taken
+    # over keep the heads, inside the blocks too.
+    dense = plain.init(jax.random.key(2), x)
+    rest = {ftwt.path_of(p): v.shape for p, v in jax.tree.leaves_with_path(params)
+            if not is_gate(ftwt.path_of(p))}
+    assert rest == {ftwt.path_of(p): v.shape
+                    for p, v in jax.tree.leaves_with_path(dense["params"])}
+    taken, _ = methods.get("ftwt").take_over((params, variables["batch_stats"]),
+                                             (dense["params"], dense["batch_stats"]))
+    np.testing.assert_array_equal(taken["ResNetBlock_0"]["Gate_1"]["kernel"],
+                                  params["ResNetBlock_0"]["Gate_1"]["kernel"])
+    np.testing.assert_array_equal(taken["ResNetBlock_0"]["Conv_1"]["kernel"],
+                                  dense["params"]["ResNetBlock_0"]["Conv_1"]["kernel"])
+
+    _, out = model.apply(variables, x, train=False, capture_intermediates=True,
+                         mutable=["intermediates"])
+    inter = out["intermediates"]
+    on = [np.asarray(g) > 0 for g in ftwt.sown(inter, "gate_logits")]
+    assert 0 < np.mean([m.mean() for m in on]) < 1
+    # Tree order: the stem's head (top level) after the blocks' (ResNetBlock_0, _1).
+    b0a, b0b, b1a, b1b, stem = on
+    block = inter["ResNetBlock_0"]
+    z = block["BatchNorm_1"]["__call__"][0] * b0b[:, None, None, :]
+    residual = jax.nn.relu(inter["bn_init"]["__call__"][0]) * stem[:, None, None, :]
+    np.testing.assert_allclose(block["__call__"][0], jax.nn.relu(residual + z), rtol=1e-5,
+                               atol=1e-6)
+    active = lambda m: m.sum(-1)  # noqa: E731
+    executed = (64 * 9 * 3 * active(stem) + 64 * 9 * 4 * active(b0a)
+                + 64 * 9 * active(b0a) * active(b0b) + 16 * 9 * 4 * active(b1a)
+                + 16 * 9 * active(b1a) * active(b1b) + 16 * 4 * 8 + 8 * 3)
+    dense_macs = 64 * 9 * 3 * 4 + 64 * 9 * 16 * 2 + 16 * 9 * 4 * 8 + 16 * 9 * 64 + 16 * 32 + 24
+    np.testing.assert_allclose(ftwt.executed_fraction(inter), executed / dense_macs,
+                               rtol=1e-6)

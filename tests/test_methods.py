@@ -54,16 +54,17 @@ def tempered_method():
 
 
 def test_registry_describes_every_method():
-    assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "dhp", "ftwt",
-                                      "magnitude", "snip", "grasp", "random", "rigl",
+    assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "dhp", "dhp_reach",
+                                      "ftwt", "magnitude", "snip", "grasp", "random", "rigl",
                                       "ste_magnitude"]
     assert [m.name for m in methods.REGISTRY.values()
             if isinstance(m, methods.PressureMethod)] == ["hyperflows", "hyperflows_channel"]
     assert [m.name for m in methods.REGISTRY.values() if m.target == "flops"] == [
-        "hyperflows_channel", "dhp", "ftwt"]
+        "hyperflows_channel", "dhp", "dhp_reach", "ftwt"]
     assert {m.name for m in methods.REGISTRY.values() if m.prunes_at_init} == {
-        "dhp", "snip", "grasp", "random", "rigl"}
-    assert [m.name for m in methods.REGISTRY.values() if not m.masked] == ["dhp", "ftwt"]
+        "dhp", "dhp_reach", "snip", "grasp", "random", "rigl"}
+    assert [m.name for m in methods.REGISTRY.values() if not m.masked] == ["dhp", "dhp_reach",
+                                                                          "ftwt"]
     assert methods.get("random").distribution(None) == "erk"
     assert methods.get("magnitude").distribution("uniform") == "uniform"
     with pytest.raises(ValueError, match="does not apply to magnitude"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hflows_jax.methods.base import (CONTROLLERS, Budget, ChannelMethod, Method,
                                      PressureMethod, Retraining, Scoring, no_readings,
                                      presence_settings, pressure_controller)
-from hflows_jax.methods.dhp import DHP
+from hflows_jax.methods.dhp import DHP, DHPReach
 from hflows_jax.methods.ftwt import FTWT
 from hflows_jax.methods.grasp import GraSP
 from hflows_jax.methods.hyperflows import Hyperflows
@@ -35,7 +35,7 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-for _method in (Hyperflows, HyperflowsChannel, DHP, FTWT, Magnitude, SNIP, GraSP, Random,
+for _method in (Hyperflows, HyperflowsChannel, DHP, DHPReach, FTWT, Magnitude, SNIP, GraSP, Random,
                 RigL, SteMagnitude):
     register(_method())
 

@@ -11,7 +11,7 @@ methods share.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -136,12 +136,18 @@ class Method:
 
     def take_over(self, fresh: tuple, dense: tuple) -> tuple:
         """``(params, batch_stats)`` starting from a plain dense model's (``--init_checkpoint``):
-        its layers, by name, over the ``fresh`` initialization of ``model``'s."""
-        missing = sorted(set(dense[0]) - set(fresh[0]))
+        its variables, by path, over the ``fresh`` initialization of ``model``'s, which
+        keeps what the plain model lacks (FTWT's heads, in the ResNet's blocks too)."""
+        return tuple(self._over(f, d, "") for f, d in zip(fresh, dense))
+
+    def _over(self, fresh, dense, where: str):
+        if not isinstance(dense, Mapping):
+            return dense
+        missing = sorted(f"{where}{k}" for k in set(dense) - set(fresh))
         if missing:
             raise ValueError(f"--method={self.name} has no layers {missing} to take over a "
                              "plain dense model: train it from initialization (--dense_epochs).")
-        return {**fresh[0], **dense[0]}, {**fresh[1], **dense[1]}
+        return {**fresh, **{k: self._over(fresh[k], v, f"{where}{k}/") for k, v in dense.items()}}
 
     def calibrate(self, model: nn.Module, variables: tuple, batches: Sequence[Any]) -> tuple:
         """``(params, batch_stats)`` to train from, given the ``variables`` a run starts

@@ -15,6 +15,7 @@ import optax
 
 from hflows_jax.methods.base import Budget, ChannelMethod, no_readings
 from hflows_jax.structured import ftwt
+from hflows_jax.structured.channels import path_of
 
 
 def run_steps(b: Budget) -> int:
@@ -85,8 +86,8 @@ class FTWT(ChannelMethod):
     def structured_row(self, report, state, exported) -> dict:
         """No exported model: the mean multiply-adds executed over the test set, and the
         whole backbone's params with the heads'."""
-        backbone = sum(x.size for k, v in state.params.items() if not ftwt.is_gate(k)
-                       for x in jax.tree.leaves(v))
+        backbone = sum(x.size for path, x in jax.tree.leaves_with_path(state.params)
+                       if not ftwt.is_gate(path_of(path)))
         return {"flops_fraction": 1 - report["target_removed"],
                 "params_fraction": report["params_total"] / backbone,
                 "speedup_b1": None, "speedup_b256": None}

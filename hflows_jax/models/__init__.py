@@ -7,6 +7,8 @@ statistics are then averaged over that axis.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -48,5 +50,12 @@ def create(name: str, num_classes: int, width: float = 1.0, dtype: jnp.dtype = j
                         kernel_init=kernel_init, **kwargs)
 
 
+def network_fields(model: nn.Module, network: type) -> dict:
+    """The fields of ``network`` (VGG, ResNet) that define ``model``'s layers: to build
+    another network of that class, or of a subclass, with the same layers."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(network)
+            if f.name not in ("parent", "name")}
+
+
 __all__ = ["BATCHNORM_MODELS", "KERNEL_INITS", "MODELS", "LeNet300", "LeNet5", "ResNet", "ResNet18", "ResNet20", "ResNet50",
-           "VGG", "create"]
+           "VGG", "create", "network_fields"]

@@ -21,24 +21,38 @@ def last_norm(block) -> nn.Module:
 
 
 class ResNetBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/20)."""
+    """Two 3x3 convolutions (ResNet-18/20).
+
+    ``gate``: None, or a channel gate (FTWT's ``Gating``) that multiplies each conv's
+    output by a mask per input, the second one's before the residual add; it is called as
+    ``gate(block, conv input, conv output, active input channels) -> (output, active
+    output channels)`` and told the multiply-adds of the projection (``gate.count``).
+    """
 
     filters: int
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
     zero_init_residual: bool = True  # the last BatchNorm's scale starts at 0
+    gate: Any = None
 
     @nn.compact
     def __call__(self, x):
         residual = x
         y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)))
-        y = last_norm(self)(self.conv(self.filters, (3, 3))(y))
-        if residual.shape != y.shape:
+        y, active = self.gated(x, y, x.shape[-1])
+        z = last_norm(self)(self.conv(self.filters, (3, 3))(y))
+        z, _ = self.gated(y, z, active)
+        if residual.shape != z.shape:
             residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
                                  name="conv_proj")(residual)
             residual = self.norm(name="norm_proj")(residual)
-        return nn.relu(residual + y)
+            if self.gate is not None:
+                self.gate.count(self, residual[0].size * x.shape[-1], x.shape[0])
+        return nn.relu(residual + z)
+
+    def gated(self, x, out, active):
+        return (out, active) if self.gate is None else self.gate(self, x, out, active)
 
 
 class BottleneckResNetBlock(nn.Module):
@@ -77,20 +91,31 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        init = kernel_initializer(self.kernel_init)
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=init)
+        return self.classifier(self.backbone(x, train))
+
+    def backbone(self, x, train: bool, gate: Any = None):
+        """The pooled features: stem, blocks, global average pool. ``gate``: None, or a
+        channel gate for the stem's output and every block's convs (``ResNetBlock``).
+        Called from the compact ``__call__``, its layers are ``__call__``'s."""
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                       kernel_init=kernel_initializer(self.kernel_init))
         norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
         filters = max(1, int(self.num_filters * self.width))
-        x = conv(filters, (3, 3), name="conv_init")(x.astype(self.dtype))
-        x = nn.relu(norm(name="bn_init")(x))
+        image = x.astype(self.dtype)
+        x = nn.relu(norm(name="bn_init")(conv(filters, (3, 3), name="conv_init")(image)))
+        if gate is not None:
+            x, _ = gate(self, image, x, image.shape[-1])
+        gated = {} if gate is None else {"gate": gate}
         for i, block_count in enumerate(self.stage_sizes):
             for j in range(block_count):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = self.block_cls(filters * 2 ** i, conv=conv, norm=norm, strides=strides,
-                                   zero_init_residual=self.zero_init_residual)(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init)(x).astype(
-            jnp.float32)
+                                   zero_init_residual=self.zero_init_residual, **gated)(x)
+        return jnp.mean(x, axis=(1, 2))
+
+    def classifier(self, x):
+        return nn.Dense(self.num_classes, dtype=self.dtype,
+                        kernel_init=kernel_initializer(self.kernel_init))(x).astype(jnp.float32)
 
 
 ResNet20 = partial(ResNet, stage_sizes=(3, 3, 3), block_cls=ResNetBlock, num_filters=16)

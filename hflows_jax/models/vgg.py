@@ -9,7 +9,6 @@ create are ``__call__``'s, named as if written there (``Conv_0``, ``BatchNorm_0`
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -62,9 +61,3 @@ class VGG(nn.Module):
     def classifier(self, x):
         return nn.Dense(self.num_classes, dtype=self.dtype,
                         kernel_init=kernel_initializer(self.kernel_init))(x).astype(jnp.float32)
-
-
-def vgg_fields(model: VGG) -> dict:
-    """The fields that define ``model``'s network, to build another VGG (or subclass) of it."""
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(VGG)
-            if f.name not in ("parent", "name")}

@@ -78,13 +78,15 @@ class ChannelGroups:
     kernel's path without ``/kernel``). ``members``: kernel path -> ``(Member, ...)``, the
     input axes of that kernel that read a group's channels. ``layers``: per conv or dense
     layer, its multiply-adds as ``(unit, read, written)``: ``unit`` times the kept channels
-    of each group in ``read`` (its input) and ``written`` (its output).
+    of each group in ``read`` (its input) and ``written`` (its output). ``writes``: per
+    layer, the groups of its output channels.
     """
 
     sizes: dict[str, int]
     members: dict[str, tuple[Member, ...]]
     layers: tuple
     dense_macs: int
+    writes: dict[str, tuple[str, ...]]  # layer (kernel path without /kernel) -> its groups
 
     @property
     def total(self) -> int:
@@ -226,7 +228,10 @@ def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
             members[path] = found
     layers = tuple(_layer_cost(graph, c, roots, names) for c in graph.contractions)
     sizes = {names[s]: n for s, n in sorted(roots.items(), key=lambda kv: names[kv[0]])}
-    return ChannelGroups(sizes, members, layers, graph.macs())
+    paths = dict(zip(graph.param_ids, graph.param_paths))
+    writes = {paths[c.param].removesuffix("/kernel"): written
+              for c, (_, _, written) in zip(graph.contractions, layers) if c.param in paths}
+    return ChannelGroups(sizes, members, layers, graph.macs(), writes)
 
 
 def _layer_cost(graph, c, roots, names) -> tuple:

@@ -16,12 +16,14 @@ largest |z|)`` (k = min_channels). As in the official search, the forward pass u
 latents as they are, never masked (``resnet_dhp_share.py``: the masked variant was
 dropped): a latent at zero still gets a gradient, and comes back when that outweighs the
 shrink. The channels are cut when the search ends: ``plain_variables`` builds the pruned
-plain VGG (DHP's ``reset_after_searching``).
+plain network (DHP's ``reset_after_searching``).
 
-``DHPVGG`` is the VGG with these convs (a subclass replacing its ``conv_layer``); ``dhp``
-is the search as an optax transformation (the proximal step, the masks, and the stop at a
-FLOP target); ``plain_variables`` turns the result into the plain VGG's weights, for the
-fine-tune and ``hf.export``. The registry's ``--method=dhp`` puts them together.
+``DHPVGG`` is the VGG with these convs (a subclass replacing its ``conv_layer``),
+``DHPResNet`` the basic-block ResNet with them, latents shared per stage as in DHP's
+``resnet_dhp_share.py``; ``dhp`` is the search as an optax transformation (the proximal
+step, the masks, and the stop at a FLOP target); ``plain_variables`` turns the result into
+the plain network's weights, for the fine-tune and ``hf.export``. The registry's
+``--method=dhp`` puts them together.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import optax
 from jax import lax
 
 from hflows_jax import masking
-from hflows_jax.models import VGG
-from hflows_jax.models.vgg import vgg_fields
+from hflows_jax.models import VGG, ResNet, network_fields
+from hflows_jax.models.norm import batch_norm
+from hflows_jax.models.resnet import ResNetBlock, last_norm
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least, path_of
 
 PyTree = Any
@@ -45,6 +48,7 @@ EMBEDDING = 8
 THRESHOLD = 5e-3  # |z| below this: the channel is pruned
 MIN_CHANNELS = 4  # mc: every layer keeps at least this many channels
 LATENT = "latent"  # the param name of a HyperConv's latent vector
+WHOLE = "latent_whole"  # a latent DHP never prunes: its ResNets' last stage
 
 
 def hyper_kernel(z_in: jax.Array, z_out: jax.Array, b0, w1, b1, w2, b2,
@@ -69,12 +73,16 @@ class HyperConv(nn.Module):
     strides: int = 1
     padding: str = "SAME"
     embedding: int = EMBEDDING
+    whole: bool = False  # its own latent is never pruned (named WHOLE, not LATENT)
 
     @nn.compact
-    def __call__(self, x: jax.Array, z_in: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, z_in: jax.Array, z_out: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         c_in, c_out, e = x.shape[-1], self.features, self.embedding
         taps = math.prod(self.kernel_size)
-        z_out = self.param(LATENT, nn.initializers.normal(1.0), (c_out,))
+        if z_out is None:  # its own latent; else one it shares (a ResNet stage's)
+            z_out = self.param(WHOLE if self.whole else LATENT, nn.initializers.normal(1.0),
+                               (c_out,))
 
         def uniform(bound):
             return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
@@ -87,6 +95,7 @@ class HyperConv(nn.Module):
                         (c_in, c_out, taps, e))
         b2 = self.param("b2", zeros, (c_in, c_out, taps))
         kernel = hyper_kernel(z_in, z_out, b0, w1, b1, w2, b2, self.kernel_size)
+        self.sow("intermediates", "kernel", kernel)  # for plain_variables
         y = lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.strides,) * 2,
                                      self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y, z_out
@@ -159,6 +168,8 @@ class DHPVGG(VGG):
     what its hypernetwork's biases make. ``plain_variables`` cuts the pruned channels.
     """
 
+    stem = "HyperConv_0"  # the conv that reads the image
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x, _ = self.backbone(x, train, jnp.ones(x.shape[-1], jnp.float32))
@@ -171,56 +182,134 @@ class DHPVGG(VGG):
     @property
     def base(self) -> VGG:
         """The plain VGG of the same layers: the network ``plain_variables`` gives weights."""
-        return VGG(**vgg_fields(self))
+        return VGG(**network_fields(self, VGG))
 
 
-def to_dhp(model: nn.Module) -> DHPVGG:
-    """The DHP network of a ``hflows_jax.models`` model (VGG only, so far)."""
-    if not isinstance(model, VGG):
-        raise ValueError(f"dhp builds on vgg19 only, got {type(model).__name__}: its "
-                         "hypernetwork model chains one latent from conv to conv.")
-    return DHPVGG(**vgg_fields(model))
+class DHPBlock(nn.Module):
+    """``ResNetBlock`` with HyperConvs, its layers named as the plain block's. The first
+    conv has its own latent; the second conv and the projection write the stage's
+    residual stream, whose one latent they share (``z_stage``; None: the first block of a
+    stage makes it, in its second conv)."""
+
+    filters: int
+    norm: Any
+    strides: int = 1
+    zero_init_residual: bool = True
+    whole: bool = False  # the stage's latent is never pruned (the last stage's)
+
+    @nn.compact
+    def __call__(self, x, z_in, z_stage):
+        y, z = HyperConv(self.filters, strides=self.strides, name="Conv_0")(x, z_in)
+        y = nn.relu(self.norm()(y))
+        y, z_stage = HyperConv(self.filters, whole=self.whole, name="Conv_1")(y, z, z_stage)
+        y = last_norm(self)(y)
+        if x.shape != y.shape:
+            x, _ = HyperConv(self.filters, (1, 1), self.strides, name="conv_proj")(
+                x, z_in, z_stage)
+            x = self.norm(name="norm_proj")(x)
+        return nn.relu(x + y), z_stage
 
 
-def plain_name(latent_path: str) -> str:
-    """``"HyperConv_3/latent"`` -> ``"Conv_3"``: the plain VGG's layer, and channel group."""
-    return latent_path.removesuffix(f"/{LATENT}").replace("HyperConv_", "Conv_")
+class DHPResNet(ResNet):
+    """The CIFAR ResNet (basic blocks) with every conv a ``HyperConv``, latents shared as
+    in DHP's ``resnet_dhp_share.py``: one per stage for its residual stream (the stem's
+    output, every block's second conv and projection), one per block's first conv. As
+    there, the last stage's latent (the classifier's input) is never pruned, and the
+    image's channels are ones. Variables named as the plain ResNet's (``base``)."""
+
+    stem = "conv_init"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
+        filters = max(1, int(self.num_filters * self.width))
+        last = len(self.stage_sizes) - 1
+        image = x.astype(self.dtype)
+        y, z_stage = HyperConv(filters, whole=last == 0, name="conv_init")(
+            image, jnp.ones(image.shape[-1], jnp.float32))
+        x, z_in, index = nn.relu(norm(name="bn_init")(y)), z_stage, 0
+        for i, block_count in enumerate(self.stage_sizes):
+            z_stage = z_stage if i == 0 else None
+            for j in range(block_count):
+                x, z_stage = DHPBlock(
+                    filters * 2 ** i, norm=norm, strides=2 if i > 0 and j == 0 else 1,
+                    zero_init_residual=self.zero_init_residual, whole=i == last,
+                    name=f"ResNetBlock_{index}")(x, z_in, z_stage)
+                z_in, index = z_stage, index + 1
+        return self.classifier(jnp.mean(x, axis=(1, 2)))
+
+    @property
+    def base(self) -> ResNet:
+        return ResNet(**network_fields(self, ResNet))
 
 
-def plain_variables(model: DHPVGG, params: PyTree, batch_stats: PyTree,
-                    kept: dict | None = None) -> tuple[VGG, PyTree, PyTree]:
-    """``(model.base, params, batch_stats)``: the plain VGG of ``model`` with the channels
-    not ``kept`` cut (plain group ``"Conv_i"`` -> bool per channel, the search's
-    ``channel_masks``; default: those whose latent entry is 0), as DHP's
-    ``reset_after_searching`` slices them away. Pass the search's ``kept``: its floor keeps
-    a layer's ``min_channels`` even where their latents reached 0.
+def to_dhp(model: nn.Module) -> DHPVGG | DHPResNet:
+    """The DHP network of a ``hflows_jax.models`` VGG or basic-block ResNet."""
+    if isinstance(model, VGG):
+        return DHPVGG(**network_fields(model, VGG))
+    if isinstance(model, ResNet) and model.block_cls is ResNetBlock:
+        return DHPResNet(**network_fields(model, ResNet))
+    raise ValueError(f"dhp builds on vgg19 and basic-block ResNets (resnet18, resnet20), got "
+                     f"{type(model).__name__}.")
 
-    Every kernel is generated by its hypernetwork from the latents; a cut channel gets a
-    zero filter, BatchNorm scale, shift and running mean, and zero rows in the layer after
-    it (conv or classifier), so it is exactly 0 and read by nothing; ``hf.export`` then
-    removes it. With no latent at 0 the plain VGG computes what ``model`` does. The
-    hypernetworks are gone.
+
+def plain_name(path: str) -> str:
+    """A HyperConv's path (``"HyperConv_3"``, ``"ResNetBlock_0/Conv_1"``) -> the plain
+    network's layer it is (``"Conv_3"``, ``"ResNetBlock_0/Conv_1"``)."""
+    return path.replace("HyperConv_", "Conv_")
+
+
+def latent_groups(params: PyTree, groups: ChannelGroups) -> dict[str, str]:
+    """Latent path -> the plain network's channel group its conv writes. Groups without
+    one (a latent DHP never prunes, ``WHOLE``) keep every channel."""
+    found = {}
+    for path, _ in jax.tree.leaves_with_path(params):
+        if _is_latent(path):
+            layer = plain_name(path_of(path[:-1]))
+            if not groups.writes.get(layer):
+                raise ValueError(f"the channel groups have no layer {layer} for the latent "
+                                 f"{path_of(path)}: build them from the plain model of these "
+                                 "DHP params.")
+            found[path_of(path)] = groups.writes[layer][0]
+    if not found:
+        raise ValueError("params have no latent: pass the DHP model's params, not the plain "
+                         "model's.")
+    return found
+
+
+def plain_variables(model: DHPVGG | DHPResNet, params: PyTree, batch_stats: PyTree,
+                    kept: dict | None = None, groups: ChannelGroups | None = None
+                    ) -> tuple[nn.Module, PyTree, PyTree]:
+    """``(model.base, params, batch_stats)``: the plain network whose kernels ``model``'s
+    hypernetworks generate, so that it computes what ``model`` does; the hypernetworks are
+    gone. With ``kept`` (the search's channel masks, per group of ``groups``, the plain
+    model's), the channels not kept are cut, as DHP's ``reset_after_searching`` slices
+    them away: every row that reads them zeroed, so ``hf.export`` removes them.
     """
     params, batch_stats = masking.unwrap_nnx(params), masking.unwrap_nnx(batch_stats)
-    out, stats = {}, dict(batch_stats)
-    z_in = on_in = None
-    for i in range(sum(1 for name in params if name.startswith("HyperConv_"))):
-        h, norm = params[f"HyperConv_{i}"], f"BatchNorm_{i}"
-        z = h[LATENT]
-        c_in, taps = h["w2"].shape[0], h["w2"].shape[2]
-        if z_in is None:
-            z_in = on_in = jnp.ones(c_in, jnp.float32)
-        size = math.isqrt(taps)
-        kernel = hyper_kernel(z_in, z, h["b0"], h["w1"], h["b1"], h["w2"], h["b2"],
-                              (size, size))
-        on = (z != 0) if kept is None else jnp.asarray(kept[f"Conv_{i}"], bool)
-        out[f"Conv_{i}"] = {"kernel": kernel * on_in[:, None] * on}
-        out[norm] = {k: v * on for k, v in params[norm].items()}
-        stats[norm] = {**batch_stats[norm], "mean": batch_stats[norm]["mean"] * on}
-        z_in, on_in = z, on
-    dense = params["Dense_0"]
-    out["Dense_0"] = {**dense, "kernel": dense["kernel"] * on_in[:, None]}
-    return model.base, out, stats
+    image = jnp.zeros((1, 32, 32, params[model.stem]["w2"].shape[0]))
+    _, sown = model.apply({"params": params, "batch_stats": batch_stats}, image,
+                          mutable=["intermediates"])
+    kernels = {plain_name(path_of(p[:-2])): k
+               for p, k in jax.tree.leaves_with_path(sown["intermediates"])}
+    plain = _rebuilt(params, "", kernels)
+    if kept is not None:
+        plain = masking.multiply_masks(plain, groups.expand(kept, plain))
+    return model.base, plain, batch_stats
+
+
+def _rebuilt(params: dict, prefix: str, kernels: dict) -> dict:
+    """``params`` with every HyperConv (a dict with ``w2``) replaced by its plain conv's
+    ``{"kernel": ...}`` from ``kernels`` (plain path -> kernel)."""
+    out = {}
+    for name, value in params.items():
+        if isinstance(value, dict) and "w2" in value:
+            out[plain_name(name)] = {"kernel": kernels[plain_name(prefix + name)]}
+        elif isinstance(value, dict):
+            out[name] = _rebuilt(value, f"{prefix}{name}/", kernels)
+        else:
+            out[name] = value
+    return out
 
 
 class DHPState(NamedTuple):
@@ -247,7 +336,7 @@ def dhp(groups: ChannelGroups, target: float, learning_rate: float | optax.Sched
 
     Every step: ``proximal_l1`` on the latents, then the channel masks of the latents it
     leaves (``latent_masks``), then the multiply-adds of the plain net they leave
-    (``groups``: the plain VGG's, ``channel_groups(model.base, ...)``). Once at most
+    (``groups``: the plain network's, ``channel_groups(model.base, ...)``). Once at most
     ``1 - target + margin`` of them remain, the search stops: the masks freeze and the
     latents shrink no more. (DHP checks every 100 batches with a margin of 0.02 to 0.05; a
     check here costs a few vector ops.)
@@ -265,19 +354,16 @@ def dhp(groups: ChannelGroups, target: float, learning_rate: float | optax.Sched
                          f"got {target!r}.")
     prox = proximal_l1(learning_rate, reg, threshold, min_channels)
 
-    def channels(params):
+    def channels(params, group_of):
         masks = latent_masks(params, threshold, min_channels)
-        kept = {plain_name(path_of(p)): m
-                for p, m in jax.tree.leaves_with_path(masks) if m is not None}
-        missing = set(groups.sizes) - set(kept)
-        if missing:
-            raise ValueError(f"the channel groups {sorted(missing)} have no latent in params: "
-                             "build the groups from the plain model of these DHP params.")
+        kept = {g: jnp.ones(n, bool) for g, n in groups.sizes.items()}
+        kept.update({group_of[path_of(p)]: m
+                     for p, m in jax.tree.leaves_with_path(masks) if m is not None})
         return kept, masks
 
     def init(params):
         params = masking.unwrap_nnx(params)
-        kept, masks = channels(params)
+        kept, masks = channels(params, latent_groups(params, groups))
         return DHPState(prox.init(params), jnp.zeros((), bool), kept, masks)
 
     def update(updates, state, params=None, **extra_args):
@@ -287,7 +373,8 @@ def dhp(groups: ChannelGroups, target: float, learning_rate: float | optax.Sched
         shrunk, prox_state = prox.update(updates, state.prox, params)
         updates = jax.tree.map(lambda plain, proximal: jnp.where(state.stopped, plain, proximal),
                                updates, shrunk)
-        kept, masks = channels(optax.apply_updates(params, updates))
+        kept, masks = channels(optax.apply_updates(params, updates),
+                               latent_groups(params, groups))
         freeze = lambda old, new: jnp.where(state.stopped, old, new)  # noqa: E731
         kept, masks = jax.tree.map(freeze, (state.kept, state.masks), (kept, masks))
         stopped = state.stopped | (groups.flops_fraction(kept) <= 1 - target + margin)

@@ -19,9 +19,9 @@ kept in ``"batch_stats"/"mass_threshold"`` and the model never changes it. The h
 own masks are what runs, and they need not keep what their targets keep: the FLOPs to
 report are the mean executed over the test set (``executed_flops``).
 
-``FTWTVGG`` is the VGG with these heads: a subclass replacing its ``conv_layer``, whose
-layer loop carries the multiply-add counts (``Counts``) from conv to conv. The training
-settings are FTWT's (``heads_optimizer``, ``backbone_optimizer``).
+``FTWTVGG`` and ``FTWTResNet`` are our VGG and ResNet with these heads (``Gating``): a
+VGG subclass replacing its ``conv_layer``, and a ResNet whose blocks take the gate. The
+training settings are FTWT's (``heads_optimizer``, ``backbone_optimizer``).
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ import numpy as np
 import optax
 
 from hflows_jax import recipe
-from hflows_jax.models import VGG
-from hflows_jax.models.vgg import vgg_fields
+from hflows_jax.models import VGG, ResNet, network_fields
+from hflows_jax.models.resnet import ResNetBlock
+from hflows_jax.structured.channels import path_of
 
 PyTree = Any
 GATE = "Gate_"  # the params of the gating heads are named Gate_0, Gate_1, ...
 DELTA = 1e-5  # FTWT's tolerance on the cumulative mass
 THRESHOLD_BITS = 20  # bisection steps: the threshold to 2**-20, below DELTA
+TAPS = 9  # every gated conv is 3x3
 
 # FTWT's training from a trained model (job_dynamic.sh, trainwithpred; cifar.py): two SGD
 # optimizers with momentum 0.9.
@@ -75,69 +77,119 @@ class Gate(nn.Dense):
     ``Gate_0``, ``Gate_1``, ... (``GATE``), apart from the classifier's ``Dense_0``."""
 
 
-class Counts(NamedTuple):
-    """What FTWT's conv layers hand on (the carry of the VGG's layer loop)."""
+class Gating(NamedTuple):
+    """FTWT's gate of a conv's output channels, as every gated network calls it.
 
-    active: jax.Array  # (batch,): the channels the last layer's masks keep, per input
-    executed: jax.Array  # (batch,): the multiply-adds the masks execute so far, per input
-    dense: int  # the multiply-adds of the dense model so far
+    ``gating(module, x, out, active_in) -> (out * mask, active)``: ``x`` is the conv's
+    input and ``out`` its output after BatchNorm (and ReLU where the layer has one); the
+    head (a ``Gate`` created in ``module``) reads ``x``. ``active_in`` and ``active``
+    count, per input, the channels of ``x`` and of ``out`` the masks keep. Sown in
+    ``module``'s "intermediates": ``gate_logits``, ``gate_targets``, and the conv's
+    multiply-adds per input, ``executed_macs`` and ``dense_macs`` (``executed_fraction``).
+    """
+
     threshold: jax.Array  # the mass threshold of the target masks
-    by_targets: bool  # the target masks gate the convs, not the heads' masks
+    by_targets: bool  # the target masks gate the convs, not the heads' (to count theirs)
+
+    def __call__(self, module: nn.Module, x, out, active_in) -> tuple[jax.Array, jax.Array]:
+        pooled = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
+        logits = Gate(out.shape[-1])(jax.nn.softmax(pooled, axis=-1))
+        target = mass_target(jax.lax.stop_gradient(out), self.threshold)
+        on = target if self.by_targets else jax.lax.stop_gradient(
+            (logits > 0).astype(jnp.float32))  # sigmoid > 0.5
+        module.sow("intermediates", "gate_logits", logits)
+        module.sow("intermediates", "gate_targets", target)
+        unit = out.shape[1] * out.shape[2] * TAPS  # per (input, output) channel pair
+        active = jnp.sum(on, axis=-1)
+        self.count(module, unit * x.shape[-1] * out.shape[-1], x.shape[0],
+                   executed=unit * active_in * active)
+        return out * on[:, None, None, :].astype(out.dtype), active
+
+    def count(self, module: nn.Module, dense: int, batch: int, executed=None) -> None:
+        """Sow a layer's multiply-adds per input: ``dense``, and ``executed`` (default:
+        all of them, for a layer no mask gates)."""
+        executed = jnp.full((batch,), dense, jnp.float32) if executed is None else executed
+        module.sow("intermediates", "executed_macs", jnp.asarray(executed, jnp.float32))
+        module.sow("intermediates", "dense_macs", jnp.asarray(dense, jnp.float32))
+
+
+def sown(intermediates: PyTree, name: str) -> list:
+    """Every value sown as ``name`` in ``intermediates``, whatever module sowed it, in
+    tree order (the same for every name a module sows together)."""
+    return [v for path, v in jax.tree.leaves_with_path(intermediates)
+            if any(getattr(k, "key", None) == name for k in path)]
+
+
+def executed_fraction(intermediates: PyTree) -> jax.Array:
+    """Per input, the multiply-adds its masks execute over the dense model's (heads not
+    counted, as in FTWT's own count)."""
+    return sum(sown(intermediates, "executed_macs")) / sum(sown(intermediates, "dense_macs"))
 
 
 class FTWTVGG(VGG):
     """The VGG with a gating head on every conv: its ``conv_layer`` replaced, its layer
-    loop carrying the ``Counts``.
+    loop carrying the ``Gating`` and the channels the last masks keep.
 
     Its params are the VGG's, under the same names, plus ``Gate_i``; its batch stats add
     ``mass_threshold``, which the model reads and never changes (``calibrate_threshold``
-    sets it). Sown in "intermediates": ``gate_logits`` and ``gate_targets`` per conv, and
-    ``executed_fraction``: per input, the multiply-adds of the convs and the classifier
-    that its masks execute over the dense model's (heads not counted, as in FTWT's own
-    count). ``gate_by_targets=True``: the target masks gate the convs instead of the
-    heads' (to count what the targets execute).
+    sets it). ``gate_by_targets=True``: the target masks gate the convs instead of the
+    heads' (to count what the targets execute). The classifier's multiply-adds count its
+    active inputs.
     """
 
     flops_target: float = 0.5  # the fraction of multiply-adds to remove
 
     @nn.compact
     def __call__(self, x, train: bool = False, gate_by_targets: bool = False):
-        # The initial value stands until calibrate_threshold sets the run's.
-        threshold = self.variable("batch_stats", "mass_threshold",
-                                  lambda: jnp.asarray(1.0 - self.flops_target / 2, jnp.float32))
-        batch = x.shape[:1]
-        counts = Counts(jnp.full(batch, x.shape[-1], jnp.float32), jnp.zeros(batch, jnp.float32),
-                        0, threshold.value, gate_by_targets)
-        x, counts = self.backbone(x, train, counts)
-        # The classifier: every active channel of the last layer feeds every class.
-        dense = counts.dense + x.shape[-1] * self.num_classes
-        executed = counts.executed + counts.active * self.num_classes
-        self.sow("intermediates", "executed_fraction", executed / dense)
+        gating = Gating(mass_threshold(self), gate_by_targets)
+        carry = (gating, jnp.full(x.shape[:1], x.shape[-1], jnp.float32))
+        x, (_, active) = self.backbone(x, train, carry)
+        gating.count(self, x.shape[-1] * self.num_classes, x.shape[0],
+                     executed=active * self.num_classes)
         return self.classifier(x)
 
-    def conv_layer(self, x, features: int, norm, counts: Counts) -> tuple[jax.Array, Counts]:
+    def conv_layer(self, x, features: int, norm, carry: tuple) -> tuple[jax.Array, tuple]:
         """The VGG's conv layer, its output channels multiplied by the head's mask."""
-        pooled = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
-        logits = Gate(features)(jax.nn.softmax(pooled, axis=-1))
+        gating, active = carry
         out, _ = super().conv_layer(x, features, norm, None)
-        target = mass_target(jax.lax.stop_gradient(out), counts.threshold)
-        on = target if counts.by_targets else jax.lax.stop_gradient(
-            (logits > 0).astype(jnp.float32))  # sigmoid > 0.5
-        self.sow("intermediates", "gate_logits", logits)
-        self.sow("intermediates", "gate_targets", target)
-        unit = out.shape[1] * out.shape[2] * 9  # per (input, output) channel pair
-        active = jnp.sum(on, axis=-1)
-        counts = counts._replace(active=active,
-                                 executed=counts.executed + unit * counts.active * active,
-                                 dense=counts.dense + unit * x.shape[-1] * features)
-        return out * on[:, None, None, :].astype(out.dtype), counts
+        out, active = gating(self, x, out, active)
+        return out, (gating, active)
 
 
-def to_ftwt(model: nn.Module, flops_target: float) -> FTWTVGG:
-    """The FTWT network of a ``hflows_jax.models`` model (VGG only, so far)."""
-    if not isinstance(model, VGG):
-        raise ValueError(f"ftwt builds on vgg19 only, got {type(model).__name__}.")
-    return FTWTVGG(**vgg_fields(model), flops_target=flops_target)
+class FTWTResNet(ResNet):
+    """The CIFAR ResNet (basic blocks) with a gating head on the stem and on both convs of
+    every block, the second one's mask before the residual add (FTWT's default,
+    ``gtafterblock=False``); names, ``mass_threshold`` and ``gate_by_targets`` as
+    ``FTWTVGG``'s. Counted: a block's first conv reads all its input channels (the sum
+    of a residual add is not gated), its projection and the classifier run whole. FTWT's
+    own count takes the active channels of the last gated conv instead, across the add,
+    which counts fewer multiply-adds than the network runs."""
+
+    flops_target: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, gate_by_targets: bool = False):
+        gating = Gating(mass_threshold(self), gate_by_targets)
+        x = self.backbone(x, train, gating)
+        gating.count(self, x.shape[-1] * self.num_classes, x.shape[0])
+        return self.classifier(x)
+
+
+def mass_threshold(model: nn.Module) -> jax.Array:
+    """The run's threshold, a batch stat; its initial value stands until
+    ``calibrate_threshold`` sets it."""
+    return model.variable("batch_stats", "mass_threshold", lambda: jnp.asarray(
+        1.0 - model.flops_target / 2, jnp.float32)).value
+
+
+def to_ftwt(model: nn.Module, flops_target: float) -> FTWTVGG | FTWTResNet:
+    """The FTWT network of a ``hflows_jax.models`` VGG or basic-block ResNet."""
+    if isinstance(model, VGG):
+        return FTWTVGG(**network_fields(model, VGG), flops_target=flops_target)
+    if isinstance(model, ResNet) and model.block_cls is ResNetBlock:
+        return FTWTResNet(**network_fields(model, ResNet), flops_target=flops_target)
+    raise ValueError(f"ftwt builds on vgg19 and basic-block ResNets (resnet18, resnet20), got "
+                     f"{type(model).__name__}.")
 
 
 def gating_loss(params: PyTree, intermediates: PyTree) -> jax.Array:
@@ -145,13 +197,14 @@ def gating_loss(params: PyTree, intermediates: PyTree) -> jax.Array:
     masks, summed over channels and averaged over the batch (FTWT's mask loss, weight 1)."""
     del params
     losses = [jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1))
-              for logits, target in zip(intermediates["gate_logits"],
-                                        intermediates["gate_targets"])]
+              for logits, target in zip(sown(intermediates, "gate_logits"),
+                                        sown(intermediates, "gate_targets"))]
     return sum(losses) / len(losses)
 
 
 def is_gate(path: str) -> bool:
-    return path.startswith(GATE)
+    """Whether a param path (``"ResNetBlock_0/Gate_1/kernel"``) is a gating head's."""
+    return any(part.startswith(GATE) for part in path.split("/"))
 
 
 def with_heads(heads_tx: optax.GradientTransformation,
@@ -159,8 +212,8 @@ def with_heads(heads_tx: optax.GradientTransformation,
     """FTWT's two optimizers: ``heads_tx`` for the gating heads, the chain of ``weights_tx``
     for the rest."""
     def labels(params):
-        return {k: jax.tree.map(lambda _: "heads" if is_gate(k) else "weights", v)
-                for k, v in params.items()}
+        return jax.tree.map_with_path(
+            lambda path, _: "heads" if is_gate(path_of(path)) else "weights", params)
     return optax.multi_transform({"heads": heads_tx, "weights": optax.chain(*weights_tx)},
                                  labels)
 
@@ -191,18 +244,18 @@ def heads_optimizer(total_steps: int) -> optax.GradientTransformation:
                        optax.sgd(HEADS_LR, momentum=0.9))
 
 
-def targets_executed(model: FTWTVGG, variables: PyTree, images: jax.Array,
+def targets_executed(model: FTWTVGG | FTWTResNet, variables: PyTree, images: jax.Array,
                      threshold: jax.Array) -> jax.Array:
     """The mean over ``images`` of the fraction of multiply-adds executed when the target
     masks at ``threshold`` gate every conv; BatchNorm on batch statistics, as training
     computes the targets."""
     stats = {**variables["batch_stats"], "mass_threshold": jnp.asarray(threshold, jnp.float32)}
-    _, sown = model.apply({**variables, "batch_stats": stats}, images, train=True,
-                          gate_by_targets=True, mutable=["intermediates", "batch_stats"])
-    return jnp.mean(sown["intermediates"]["executed_fraction"][0])
+    _, out = model.apply({**variables, "batch_stats": stats}, images, train=True,
+                         gate_by_targets=True, mutable=["intermediates", "batch_stats"])
+    return jnp.mean(executed_fraction(out["intermediates"]))
 
 
-def calibrate_threshold(model: FTWTVGG, variables: PyTree, batches, bits: int = THRESHOLD_BITS
+def calibrate_threshold(model: FTWTVGG | FTWTResNet, variables: PyTree, batches, bits: int = THRESHOLD_BITS
                         ) -> float:
     """The smallest mass threshold, to ``2**-bits``, at which the target masks execute at
     least ``1 - model.flops_target`` of the multiply-adds: ``targets_executed``, the mean
@@ -226,12 +279,12 @@ def calibrate_threshold(model: FTWTVGG, variables: PyTree, batches, bits: int = 
     return high
 
 
-def executed_flops(model: FTWTVGG, variables: PyTree, images: np.ndarray,
+def executed_flops(model: FTWTVGG | FTWTResNet, variables: PyTree, images: np.ndarray,
                    batch_size: int = 500) -> float:
     """The mean over ``images`` (normalized) of the fraction of multiply-adds executed."""
     @jax.jit
     def fractions(x):
-        _, sown = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return sown["intermediates"]["executed_fraction"][0]
+        _, out = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return executed_fraction(out["intermediates"])
     parts = [fractions(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return float(np.mean(np.concatenate([np.asarray(p) for p in parts])))
