@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from experiments import compare, scaffold
 from experiments import export as export_tools
-from hflows_jax import methods
+from hflows_jax import methods, models
 from hflows_jax.training import Config, outputs
 from hflows_jax.training.checkpoint import checkpoint_dir
 
@@ -68,6 +68,10 @@ def parse_args(argv=None):
                    help="FLOP-reduction targets (fractions of the multiply-adds removed)")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1")
     p.add_argument("--dataset", default=None, help="override the setting's npz:PATH")
+    p.add_argument("--model", default=None, choices=sorted(models.BATCHNORM_MODELS),
+                   help="override the setting's model (DHP and FTWT take vgg19 and the "
+                        "basic-block ResNets); give each model its own --out")
+    p.add_argument("--width", type=float, default=None, help="override the model's width")
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed calls per batch size")
     args = scaffold.parse(p, argv, {"targets": "0.5", "seeds": 1, "repeats": 10})
     args.methods = args.methods.split(",")
@@ -81,10 +85,12 @@ def parse_args(argv=None):
 
 
 def structured(cfg: Config, args) -> Config:
-    """Every run on a BatchNorm VGG with a trained scale; with --quick a narrow VGG-19
-    instead of the quick preset's LeNet-5 (DHP and FTWT build on VGG)."""
-    quick = {"model": "vgg19", "width": QUICK_WIDTH} if args.quick else {}
-    return cfg.replace(train_bn_scale=True, **quick)
+    """Every run with a trained BatchNorm scale; with --quick a narrow VGG-19 instead of
+    the quick preset's LeNet-5 (DHP and FTWT build on VGG and ResNets); --model and
+    --width over either."""
+    over = {"model": "vgg19", "width": QUICK_WIDTH} if args.quick else {}
+    over.update({k: v for k, v in (("model", args.model), ("width", args.width)) if v})
+    return cfg.replace(train_bn_scale=True, **over)
 
 
 def dense_config(args, seed: int) -> Config:
@@ -140,6 +146,7 @@ def times(speedup: float | None) -> str:
 
 
 def markdown(setting: str, summary: list[dict], rows: list[dict]) -> str:
+    """``setting``: the setting and its model, as the title says them."""
     table = outputs.markdown_table(
         ["method", "FLOP target", "runs", "test accuracy", "FLOPs kept", "params kept",
          "speed-up b1", "speed-up b256"],
@@ -200,11 +207,14 @@ def main(argv=None) -> dict:
                    f"flops {rows[-1]['flops_fraction']:.3f}  "
                    f"b256 {times(rows[-1]['speedup_b256'])}", file=sys.stderr)
     summary = summarize(rows)
-    result = {"setting": args.setting, "rows": rows, "summary": summary, "environment": env,
+    model = dense_config(args, 0).model
+    setting = f"{args.setting}, {model.name} x{model.width:g}"
+    result = {"setting": args.setting, "model": model.name, "width": model.width, "rows": rows,
+              "summary": summary, "environment": env,
               "methods": {m: methods.get(m).target for m in args.methods}}
     scaffold.write_results(args.out, "structured", result,
-                           markdown(args.setting, summary, rows),
-                           lambda fig: plot(fig, args.setting, rows))
+                           markdown(setting, summary, rows),
+                           lambda fig: plot(fig, setting, rows))
     return result
 
 

@@ -314,8 +314,9 @@ def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
     fine_tune = dhp_method.fine_tune_lr(20)
     assert [float(fine_tune(s)) for s in (0, 9, 10, 14, 15, 19)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    # The earlier rule, as an option: the reg that shrinks a latent by 1 over the search.
+    # The earlier rule, as dhp_reach: the reg that shrinks a latent by 1 over the search.
     assert dhp_method.reaching_reg(79, 3 * 79, 1.0) == pytest.approx(1 / (0.1 * 3 * 79))
+    assert methods.get("dhp_reach").reg(79, 3 * 79) == pytest.approx(1 / (0.1 * 3 * 79))
     # At DHP's strength, 30 epochs shrink a latent by 30 * 0.0078 = 0.23: about 19 % of
     # N(0, 1) latents, short of the 29 % of every layer that halves its FLOPs.
     cfg = Config().replace(method="dhp", target_sparsity=0.5, pruning_epochs=30)

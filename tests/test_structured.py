@@ -10,7 +10,11 @@ import optax
 import pytest
 
 import hflows_jax as hf
+from experiments import export as export_experiment
 from hflows_jax import models
+from hflows_jax.training import Config, run
+from hflows_jax.training.checkpoint import checkpoint_dir
+from tests.helpers import subset_npz
 from hflows_jax.structured import channel_groups, channel_hyperflows, dhp, flops_fraction, ftwt
 
 
@@ -368,3 +372,33 @@ def test_pressure_by_macs_pushes_each_channel_by_what_it_costs():
                                    rtol=1e-6)
     with pytest.raises(ValueError, match="pressure_by"):
         channel_hyperflows(groups, hf.pressure.constant(0.0), pressure_by="flops")
+
+
+def test_dhp_and_ftwt_train_on_a_resnet(cifar_npz, tmp_path):
+    """The loop's glue on a basic-block ResNet: DHP searches its hypernetwork ResNet, then
+    fine-tunes the plain pruned one; FTWT takes over a plain ResNet's weights, keeping
+    its heads inside the blocks, and reports the multiply-adds it executes."""
+    small = subset_npz(cifar_npz, tmp_path / "small.npz", train=64, test=32)
+    cfg = Config().replace(model="resnet20", width=0.25, dataset=small, batch_size=16,
+                           augment=False, bn_batches=2, target_sparsity=0.5, dense_epochs=0,
+                           pruning_epochs=1, regrowth_epochs=1)
+    searched_cfg = cfg.replace(method="dhp_reach", workdir=str(tmp_path / "dhp"))
+    searched = run(searched_cfg)
+    assert [r["phase"] for r in searched["history"]] == ["pruning", "finetune"]
+    opened, _, state = export_experiment.restore_last(searched_cfg)
+    plain = models.create("resnet20", 10, width=0.25)
+    assert type(opened.phase_of(2).model) is type(plain)
+    assert jax.tree.structure(state.params) == jax.tree.structure(
+        plain.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    groups = channel_groups(plain, state.params, (32, 32, 3))
+    assert searched["target_removed"] == pytest.approx(
+        1 - float(groups.flops_fraction(hf.channel_masks(state.opt_state))), abs=1e-6)
+    assert searched["target_removed"] > 0
+
+    # FTWT from a plain ResNet's weights: those DHP fine-tuned.
+    gated_cfg = cfg.replace(method="ftwt", workdir=str(tmp_path / "ftwt"),
+                            init_checkpoint=checkpoint_dir(str(tmp_path / "dhp"), "finetune"))
+    gated = run(gated_cfg)
+    assert gated["target"] == "flops" and 0 < gated["target_removed"] < 1
+    _, _, state = export_experiment.restore_last(gated_cfg)
+    assert set(state.params["ResNetBlock_8"]) >= {"Conv_0", "Conv_1", "Gate_0", "Gate_1"}

@@ -40,15 +40,19 @@ class Checkpoints:
             state=ocp.args.StandardSave(global_replicated(state)),
             record=ocp.args.JsonSave(record)))
 
-    def restore(self, epoch: int, abstract: Any) -> tuple[Any, dict]:
+    def restore(self, epoch: int, abstract: Any, part: bool = False) -> tuple[Any, dict]:
         """The state saved at ``epoch``, restored onto ``abstract`` (``jax.ShapeDtypeStruct``
         leaves, e.g. from ``jax.eval_shape``), and its JSON record. The state comes back
-        as this process's copy."""
+        as this process's copy. ``part``: ``abstract`` names only some of the state's
+        fields (a dict, e.g. ``params`` and ``batch_stats``), and only those are read."""
         replicated = jax.sharding.NamedSharding(batch_mesh(), jax.sharding.PartitionSpec())
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        state = ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True) if part else ocp.args.StandardRestore(abstract)
         restored = self._manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+            state=state, record=ocp.args.JsonRestore()))
         return local_copy(restored.state), restored.record
 
     def close(self) -> None:

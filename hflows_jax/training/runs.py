@@ -165,11 +165,11 @@ def initial_variables(run: OpenRun) -> tuple[Any, Any]:
         raise FileNotFoundError(f"--init_checkpoint={cfg.schedule.init_checkpoint} holds no "
                                 "checkpoint (pass a run's checkpoints/dense directory).")
     plain = build_model(cfg, run.inputs.data.num_classes)
-    template = init_variables(plain, cfg.run.seed, image_shape)
-    state, _ = ckpt.restore(epoch, abstract_state(run.phase("dense").tx, *template))
+    params, batch_stats = jax.eval_shape(lambda: init_variables(plain, cfg.run.seed, image_shape))
+    state, _ = ckpt.restore(epoch, {"params": params, "batch_stats": batch_stats}, part=True)
     ckpt.close()
     return run.method.take_over((run.params, run.batch_stats),
-                                (state.params, state.batch_stats))
+                                (state["params"], state["batch_stats"]))
 
 
 def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
