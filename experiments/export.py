@@ -96,11 +96,13 @@ def restore_last(cfg: Config):
     raise FileNotFoundError(f"{directory} holds no checkpoint.")
 
 
-def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False):
+def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False,
+                      channel_multiple: int = 1):
     """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
-    (the masked linen model, the compact one with ``bcsr``), normalization inside, on the
-    BatchNorm statistics the run evaluated its epoch ``epoch`` on (``--bn_batches``). A
-    wrapped model (DHP's search) is timed as the plain model it stands for."""
+    (the masked linen model, the compact one with ``bcsr`` and ``channel_multiple``),
+    normalization inside, on the BatchNorm statistics the run evaluated its epoch
+    ``epoch`` on (``--bn_batches``). A wrapped model (DHP's search) is timed as the plain
+    model it stands for."""
     model, variables, masks, _ = train.evaluated_network(run, state, epoch)
     if masks is None:
         raise ValueError(f"--method={run.method.name} switches channels per input: it has no "
@@ -111,7 +113,8 @@ def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False):
         return model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
 
     example = normalize(inputs.data.x_test[:2], inputs.mean, inputs.std)
-    compact = export(logits, variables["params"], masks, example, border=border, bcsr=bcsr)
+    compact = export(logits, variables["params"], masks, example, border=border, bcsr=bcsr,
+                     channel_multiple=channel_multiple)
 
     def dense(images):
         return logits(variables["params"], normalize(images, inputs.mean, inputs.std))

@@ -466,7 +466,8 @@ def _aligned_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
-           border: str = "keep", bcsr: bool | None = None) -> Compact:
+           border: str = "keep", bcsr: bool | None = None,
+           channel_multiple: int = 1) -> Compact:
     """The compact model of ``fn(params, x)`` under ``masks``.
 
     Args:
@@ -482,6 +483,11 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
       bcsr: run dense layers as BCSR matrices: ``True`` always, ``False`` never, ``None``
         on CPU for kernels at most ``BCSR_AUTO_DENSITY`` dense, from batch
         ``BCSR_MIN_BATCH`` on.
+      channel_multiple: round every group's compact channel count up to a multiple of
+        this (at most its dense count) with channels of zeros, in every array: they
+        compute 0 and add nothing. Convs with odd channel counts can run slower on
+        XLA:CPU than wider ones with multiples of 8 (``COMPACT_CHANNEL_MULTIPLE``); the
+        compact model's ``macs`` count the zeros too.
 
     Raises:
       ValueError: without masks, for mismatched trees, a bad ``border``.
@@ -489,6 +495,9 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
     """
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}.")
+    if int(channel_multiple) != channel_multiple or channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be a positive integer, got "
+                         f"{channel_multiple!r}.")
     params = unwrap_nnx(params)
     masks = _aligned_masks(params, unwrap_nnx(masks))
     masked = jax.tree.map(lambda x, m: x if m is None else jnp.where(
@@ -517,7 +526,21 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
             break
     else:
         raise RuntimeError("hf.export: the channel analysis did not settle; please report.")
-    return _build(graph, analysis, static, example, bcsr, nonzero)
+    zeros = _padding(analysis.keep, int(channel_multiple))
+    return _build(graph, analysis, static, example, bcsr, nonzero, zeros)
+
+
+def _padding(keep: dict, multiple: int) -> dict:
+    """Per group, the removed channels to keep as zeros, so that every count of kept
+    channels is a multiple of ``multiple`` (or the group's whole size)."""
+    zeros = {}
+    for s, k in keep.items():
+        kept = int(k.sum())
+        want = min(k.size, -(-kept // multiple) * multiple)
+        pad = np.zeros(k.size, bool)
+        pad[np.flatnonzero(~k)[:want - kept]] = True
+        zeros[s] = pad
+    return zeros
 
 
 def _compact_shape(graph, keep, v) -> _Shape:
@@ -533,20 +556,27 @@ def _compact_shape(graph, keep, v) -> _Shape:
     return _Shape(tuple(dims))
 
 
-def _slice(graph, keep, v, value) -> np.ndarray:
+def _slice(graph, keep, v, value, zeros: dict | None = None) -> np.ndarray:
+    """``value`` cut to the ``keep`` channels of its axes; entries of the ``zeros``
+    channels (kept as padding) set to 0."""
     value = np.asarray(value)
     for axis in range(value.ndim):
-        index = _axis_index(graph.factors(v, axis), keep)
+        factors = graph.factors(v, axis)
+        index = _axis_index(factors, keep)
         if index is not None:
             value = np.take(value, index, axis=axis)
+            if zeros and any(s in zeros and zeros[s].any() for _, s in factors):
+                sets = [zeros.get(s, np.zeros(n, bool)) for n, s in factors]
+                flags = np.logical_or.reduce(np.meshgrid(*sets, indexing="ij")).ravel()
+                value = np.where(_along(value.shape, axis, flags[index]), 0, value)
     return value
 
 
 SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "iota": "shape"}
 
 
-def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
-    keep = analysis.keep
+def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
+    keep = {s: k | zeros[s] for s, k in analysis.keep.items()}
     names = {v: p for v, p in zip(graph.param_ids, graph.param_paths)}
     arrays, program = {}, []
     readers = {r.eqn: r for r in analysis.readers}
@@ -562,7 +592,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
             return ("v", a)
         name = names.get(a, f"const/{a}")
         if name not in arrays:
-            arrays[name] = jnp.asarray(_slice(graph, keep, a, static[a]))
+            arrays[name] = jnp.asarray(_slice(graph, keep, a, static[a], zeros))
         return ("p", name)
 
     for i, eqn in enumerate(graph.eqns):
@@ -591,7 +621,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero) -> Compact:
         step = dict(delta=None, rows=None, sparse=None)
         if i in analysis.deltas:
             name = f"delta/{i}"
-            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i]),
+            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i], zeros),
                                        graph.dtypes[out])
             step["delta"] = name
         if r is not None and eqn.name == "dot_general" and _is_dense_layer(graph, eqn, r):

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import compare, graph_speed, overhead, pressure_law, scaffold, structured
+from experiments import (compare, conv_speed, graph_speed, overhead, pressure_law, scaffold,
+                         structured)
 from hflows_jax import recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
@@ -201,12 +202,14 @@ def test_structured_rows_in_the_issue_shape(cifar_npz, tmp_path):
     assert list(rows) == ["hyperflows_channel", "dhp_reach", "ftwt", "hyperflows"]
     for row in on_disk["rows"]:
         assert set(row) == {"method", "flops_target", "seed", "test_accuracy",
-                            "flops_fraction", "params_fraction", "speedup_b1", "speedup_b256"}
+                            "flops_fraction", "params_fraction", "speedup_b1", "speedup_b256",
+                            "speedup_b256_x8"}
         assert row["flops_target"] == 0.5 and row["seed"] == 0
         assert 0 < row["flops_fraction"] <= 1 and 0 < row["params_fraction"]
     for method in ("hyperflows_channel", "dhp_reach", "hyperflows"):
         assert rows[method]["params_fraction"] <= 1
         assert rows[method]["speedup_b1"] > 0 and rows[method]["speedup_b256"] > 0
+        assert rows[method]["speedup_b256_x8"] > 0
     # FTWT gates per input: no exported model; its heads come on top of the backbone.
     assert rows["ftwt"]["speedup_b1"] is None and rows["ftwt"]["params_fraction"] > 1
     # The channel methods' exported FLOPs are the ones their controller or stop measured,
@@ -219,3 +222,19 @@ def test_structured_rows_in_the_issue_shape(cifar_npz, tmp_path):
                                                                abs=1e-6)
     assert (tmp_path / "structured.md").read_text().startswith("# structured: cifar10_5k")
     assert (tmp_path / "structured.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_conv_speed_times_every_traced_conv_cut_and_rounded(tmp_path):
+    result = conv_speed.main(["--quick", "--model=lenet5", "--width=1", "--batch=2",
+                              "--repeats=1", f"--out={tmp_path}"])
+    # LeNet-5's two convs, traced: 5x5, 1 -> 6 on 28x28 (24x24 out), 6 -> 16 on 12x12.
+    rows = result["rows"]
+    assert [r["input"] for r in rows] == [[28, 28, 1], [12, 12, 6]]
+    # At 0.3 of the MACs every channel count times sqrt(0.3), the image's whole; rounded
+    # up to 8, at most the dense count.
+    assert [r["variants"]["0.3"]["channels"] for r in rows] == [[1, 3], [3, 9]]
+    assert [r["variants"]["0.3 x8"]["channels"] for r in rows] == [[1, 6], [6, 16]]
+    assert rows[1]["variants"]["dense"]["macs"] == 8 * 8 * 25 * 6 * 16
+    assert result["totals"]["dense"]["macs"] == 24 * 24 * 25 * 6 + 8 * 8 * 25 * 6 * 16
+    assert all(v["ms"] > 0 for r in rows for v in r["variants"].values())
+    assert (tmp_path / "conv_speed.md").read_text().startswith("# conv_speed: lenet5")

@@ -105,6 +105,32 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     assert float(groups.macs(dead)) == compact.macs < float(groups.macs(kept))
 
 
+@pytest.mark.parametrize("name, width", [("vgg19", 0.125), ("resnet20", 0.5)])
+def test_channel_multiple_pads_with_zero_channels_and_changes_no_output(name, width):
+    """``hf.export(..., channel_multiple=8)``: every group's compact count rounded up to a
+    multiple of 8 (or its whole size) with channels of zeros; the outputs stay the
+    unpadded compact model's, and the multiply-adds count the zeros too."""
+    shape = (32, 32, 3)
+    model, params, stats = _init(name, shape, width=width)
+    stats = jax.tree.map(lambda x: x + 0.3, stats)  # BatchNorm shifts: padding must not
+    groups = channel_groups(model, params, shape)
+    kept = _random_kept(groups, seed=3)
+    masks = groups.expand(kept, params)
+    pruned = hf.multiply_masks(params, masks)
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x)  # noqa: E731
+    x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
+    plain = hf.export(fn, pruned, masks, x)
+    padded = hf.export(fn, pruned, masks, x, channel_multiple=8)
+    np.testing.assert_allclose(padded(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert any(plain.groups[g][0] % 8 for g in plain.groups)  # something to pad
+    for g, (k, n) in padded.groups.items():
+        assert (k % 8 == 0 or k == n) and k >= plain.groups[g][0], g
+        assert k - plain.groups[g][0] < 8, g
+    assert plain.macs < padded.macs <= padded.dense_macs
+    with pytest.raises(ValueError, match="channel_multiple"):
+        hf.export(fn, pruned, masks, x, channel_multiple=0)
+
+
 def test_a_resnet_stream_is_one_group_with_every_layer_that_reads_it():
     shape = (16, 16, 3)
     model, params, stats = _init("resnet20", shape, width=0.25)

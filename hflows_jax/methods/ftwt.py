@@ -90,4 +90,4 @@ class FTWT(ChannelMethod):
                        if not ftwt.is_gate(path_of(path)))
         return {"flops_fraction": 1 - report["target_removed"],
                 "params_fraction": report["params_total"] / backbone,
-                "speedup_b1": None, "speedup_b256": None}
+                "speedup_b1": None, "speedup_b256": None, "speedup_b256_x8": None}
