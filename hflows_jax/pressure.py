@@ -131,18 +131,27 @@ def _expected_table(target_sparsity: float, total_steps: int, update_every: int
     return total_steps, update_every, periods, table
 
 
+def _check_hold(hold_steps: int) -> int:
+    if int(hold_steps) != hold_steps or hold_steps < 0:
+        raise ValueError(f"hold_steps must be a non-negative integer, got {hold_steps!r}.")
+    return int(hold_steps)
+
+
 def trajectory(target_sparsity: float, total_steps: int, update_every: int,
-               step_size: float = 0.2, exponent: float = 1.5) -> PressureController:
+               step_size: float = 0.2, exponent: float = 1.5,
+               hold_steps: int = 0) -> PressureController:
     """The reference controller (METHOD.md section 5): track the expected density.
 
     Every ``update_every`` steps (one "epoch") the measured density is compared with the
     expected trajectory: above it, ``g`` rises by ``step_size`` plus a growing inertia;
     otherwise it falls likewise, floored at 0. The applied pressure is ``g ** exponent``
-    and drops to 0 once ``total_steps`` have passed, which opens the regrowth phase.
+    and drops to 0 once ``total_steps`` have passed, which opens the regrowth phase
+    (``hold_steps`` later, as ``log_density_pi``'s).
     """
     total_steps, update_every, epochs, table = _expected_table(target_sparsity, total_steps,
                                                                update_every)
     _check_nonnegative("step_size", step_size)
+    end = total_steps + _check_hold(hold_steps)
 
     def init():
         zero = jnp.zeros((), jnp.float32)
@@ -151,7 +160,7 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
     def update(state, density, step):
         step = jnp.asarray(step, jnp.int32)
         epoch = step // update_every
-        acts = (step % update_every == 0) & (epoch >= 1) & (epoch <= epochs)
+        acts = (step % update_every == 0) & (epoch >= 1) & (epoch <= end // update_every)
         expected = table[jnp.clip(epoch - 1, 0, epochs - 1)]
         above = density > expected
         g_up = state.g + step_size + state.inertia_up
@@ -163,7 +172,7 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
             inertia_down=jnp.where(above, 0.0, state.inertia_down + step_size / 4),
         )
         new = jax.tree.map(lambda a, b: jnp.where(acts, a, b), stepped, state)
-        gamma = jnp.where(step >= total_steps, 0.0, new.g ** exponent)
+        gamma = jnp.where(step >= end, 0.0, new.g ** exponent)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
     return PressureController(init, update, float(target_sparsity), total_steps)
@@ -177,7 +186,7 @@ class LogDensityPIState(NamedTuple):
 
 def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
                    kp: float = 1.0, ki: float = 0.5, exponent: float = 1.5,
-                   negative: bool = False) -> PressureController:
+                   negative: bool = False, hold_steps: int = 0) -> PressureController:
     """A PI controller on the log-density error against the same expected trajectory.
 
     At each decision ``e = log(density / expected)`` (positive: too dense) and
@@ -190,10 +199,16 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
     ``negative=True`` drops the floor: below the curve ``g`` goes negative and the
     pressure ``sign(g) |g| ** exponent`` pulls scores up. Channel Hyperflows needs it (its
     channels keep dying at zero pressure); on weights it made the controller oscillate.
+
+    ``hold_steps``: after ``total_steps`` the controller goes on deciding for that many
+    steps, aiming at the target itself (the trajectory's end), and the pressure drops to 0
+    only after them: a run whose masks can still move (channels regrow) lands where the
+    controller holds it.
     """
     total_steps, update_every, periods, table = _expected_table(target_sparsity, total_steps,
                                                                 update_every)
     kp, ki = _check_nonnegative("kp", kp), _check_nonnegative("ki", ki)
+    end = total_steps + _check_hold(hold_steps)
 
     def init():
         zero = jnp.zeros((), jnp.float32)
@@ -202,7 +217,7 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
     def update(state, density, step):
         step = jnp.asarray(step, jnp.int32)
         period = step // update_every
-        acts = (step % update_every == 0) & (period >= 1) & (period <= periods)
+        acts = (step % update_every == 0) & (period >= 1) & (period <= end // update_every)
         expected = table[jnp.clip(period - 1, 0, periods - 1)]
         error = jnp.log(jnp.maximum(density, 1e-6)) - jnp.log(expected)
         g = state.g + kp * (error - state.error) + ki * error
@@ -210,7 +225,7 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
         new = LogDensityPIState(state.gamma, jnp.where(acts, g, state.g),
                                 jnp.where(acts, error, state.error))
         push = jnp.sign(new.g) * jnp.abs(new.g) ** exponent
-        gamma = jnp.where(step >= total_steps, 0.0, push)
+        gamma = jnp.where(step >= end, 0.0, push)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
     return PressureController(init, update, float(target_sparsity), total_steps)

@@ -107,3 +107,21 @@ def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_np
     lenet = 784 * 15 + 15 + 15 * 5 + 5 + 5 * 10 + 10
     assert report["params_total"] == lenet + 1  # the wrapper's temperature
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("controller", methods.CONTROLLERS)
+def test_pressure_controller_holds_the_target_over_the_regrowth_steps(controller):
+    """``hold=True`` (channel Hyperflows): the pressure stays on through the regrowth
+    steps and drops to 0 after them; without, after the pruning steps."""
+    b = methods.Budget(0.5, pruning_steps=40, regrowth_steps=20, steps_per_epoch=4,
+                       controller_period=4, controller=controller, presence_lr=None,
+                       weight_lr=None, regrowth_allowance=0.0, distribution=None, seed=0,
+                       scoring=None, channel_groups=None)
+    for hold, end in ((False, 40), (True, 60)):
+        ctrl = methods.pressure_controller(b, 0.5, signed=True, hold=hold)
+        state, gammas = ctrl.init(), []
+        for step in range(1, 65):  # never pruned: pushed ever harder
+            state = ctrl.update(state, jnp.float32(1.0), step)
+            gammas.append(float(state.gamma))
+        assert all(g > 0 for g in gammas[4:end - 1]), (controller, hold)
+        assert all(g == 0 for g in gammas[end - 1:]), (controller, hold)

@@ -110,12 +110,15 @@ def test_bad_controller_arguments(make, match):
         make()
 
 
-@pytest.mark.parametrize("negative", [False, True])
-def test_log_density_pi_matches_a_plain_restatement(negative):
-    periods, every, kp, ki = 10, 4, 1.0, 0.5
-    ctrl = pressure.log_density_pi(0.95, periods * every, every, kp=kp, ki=ki,
-                                   negative=negative)
-    expected = pressure.expected_density(0.95, periods)
+@pytest.mark.parametrize("negative, hold", [(False, 0), (True, 0), (True, 3)])
+def test_log_density_pi_matches_a_plain_restatement(negative, hold):
+    """The docstring's rule in floats; with ``hold`` periods after the trajectory's end,
+    the controller goes on deciding against the target itself."""
+    steered, every, kp, ki = 10, 4, 1.0, 0.5
+    ctrl = pressure.log_density_pi(0.95, steered * every, every, kp=kp, ki=ki,
+                                   negative=negative, hold_steps=hold * every)
+    periods = steered + hold
+    expected = np.concatenate([pressure.expected_density(0.95, steered), [0.05] * hold])
     rng = np.random.default_rng(1)
     densities = expected * np.exp(rng.normal(0, 0.2, periods) - (0.15 if negative else 0))
     g, last, want = 0.0, 0.0, []
@@ -135,6 +138,8 @@ def test_log_density_pi_matches_a_plain_restatement(negative):
             assert float(state.gamma) == pytest.approx(want[step // every - 1], rel=1e-4,
                                                        abs=1e-6)
     assert float(state.gamma) == 0.0  # pruning phase over
+    with pytest.raises(ValueError, match="hold_steps"):
+        pressure.log_density_pi(0.95, 40, 4, hold_steps=-1)
 
 
 def lagged_plant(ctrl, periods, every, lag=0.5, c=0.3, alpha=0.7):

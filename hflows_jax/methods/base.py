@@ -68,13 +68,17 @@ class Retraining:
 CONTROLLERS = ("trajectory", "pi")
 
 
-def pressure_controller(b: Budget, target: float, signed: bool = False):
+def pressure_controller(b: Budget, target: float, signed: bool = False, hold: bool = False):
     """The ``--controller`` steering the pressure to ``target`` over the pruning steps.
-    ``signed``: the PI controller may push back with a negative pressure."""
+    ``signed``: the PI controller may push back with a negative pressure. ``hold``: it
+    goes on holding the target over the regrowth steps (``hold_steps``)."""
+    hold_steps = b.regrowth_steps if hold else 0
     if b.controller == "pi":
         return hf.pressure.log_density_pi(target, b.pruning_steps,
-                                          update_every=b.controller_period, negative=signed)
-    return hf.pressure.trajectory(target, b.pruning_steps, update_every=b.controller_period)
+                                          update_every=b.controller_period, negative=signed,
+                                          hold_steps=hold_steps)
+    return hf.pressure.trajectory(target, b.pruning_steps, update_every=b.controller_period,
+                                  hold_steps=hold_steps)
 
 
 def presence_settings(cfg, steps_per_epoch: int) -> tuple[float, int]:

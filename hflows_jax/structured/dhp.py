@@ -286,6 +286,9 @@ def plain_variables(model: DHPVGG | DHPResNet, params: PyTree, batch_stats: PyTr
     model's), the channels not kept are cut, as DHP's ``reset_after_searching`` slices
     them away: every row that reads them zeroed, so ``hf.export`` removes them.
     """
+    if kept is not None and groups is None:
+        raise ValueError("plain_variables cuts the channels not kept by the plain model's "
+                         "groups: pass groups= with kept=.")
     params, batch_stats = masking.unwrap_nnx(params), masking.unwrap_nnx(batch_stats)
     image = jnp.zeros((1, 32, 32, params[model.stem]["w2"].shape[0]))
     _, sown = model.apply({"params": params, "batch_stats": batch_stats}, image,
