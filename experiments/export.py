@@ -96,12 +96,13 @@ def restore_last(cfg: Config):
     raise FileNotFoundError(f"{directory} holds no checkpoint.")
 
 
-def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False,
-                      channel_multiple: int = 1):
-    """``(dense, compact, compact_model)``: two functions uint8 images -> float32 logits
-    (the masked linen model, the compact one with ``bcsr`` and ``channel_multiple``),
-    normalization inside, on the BatchNorm statistics the run evaluated its epoch
-    ``epoch`` on (``--bn_batches``). A wrapped model (DHP's search) is timed as the plain
+def predict_functions(run, state, epoch: int):
+    """``(dense, compacted)``: the masked linen model as a function uint8 images -> float32
+    logits, normalization inside, on the BatchNorm statistics the run evaluated its epoch
+    ``epoch`` on (``--bn_batches``); and ``compacted(**export_options) -> (compact,
+    compact_model)``, the same function of its ``hf.export`` with those options
+    (``border``, ``bcsr``, ``channel_multiple``). The statistics are re-estimated once,
+    however many exports follow. A wrapped model (DHP's search) is timed as the plain
     model it stands for."""
     model, variables, masks, _ = train.evaluated_network(run, state, epoch)
     if masks is None:
@@ -113,16 +114,19 @@ def predict_functions(run, state, epoch: int, border: str = "keep", bcsr=False,
         return model.apply({**variables, "params": params}, x, train=False).astype(jnp.float32)
 
     example = normalize(inputs.data.x_test[:2], inputs.mean, inputs.std)
-    compact = export(logits, variables["params"], masks, example, border=border, bcsr=bcsr,
-                     channel_multiple=channel_multiple)
 
     def dense(images):
         return logits(variables["params"], normalize(images, inputs.mean, inputs.std))
 
-    def compact_fn(images):
-        return compact.forward(compact.params, normalize(images, inputs.mean, inputs.std))
+    def compacted(**options):
+        compact = export(logits, variables["params"], masks, example, **options)
 
-    return dense, compact_fn, compact
+        def compact_fn(images):
+            return compact.forward(compact.params, normalize(images, inputs.mean, inputs.std))
+
+        return compact_fn, compact
+
+    return dense, compacted
 
 
 def serialize(fn, image_shape: tuple[int, ...], bcsr: bool = False) -> bytes:
@@ -219,8 +223,8 @@ def main(argv=None) -> dict:
     cfg = Config().replace(**flags)
     run, epoch, state = restore_last(cfg)
     inputs, shape = run.inputs, run.inputs.data.image_shape
-    dense, compact, compact_model = predict_functions(run, state, epoch, args.border,
-                                                      BCSR_CHOICES[args.bcsr])
+    dense, compacted = predict_functions(run, state, epoch)
+    compact, compact_model = compacted(border=args.border, bcsr=BCSR_CHOICES[args.bcsr])
     bcsr_layers = [r.name for r in compact_model.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
@@ -237,7 +241,7 @@ def main(argv=None) -> dict:
     # Counts of the compact model with dense kernels (a BCSR layer counts its nonzeros).
     counts = compact_model
     if bcsr_layers:
-        counts = predict_functions(run, state, epoch, args.border, False)[2]
+        counts = compacted(border=args.border, bcsr=False)[1]
     result = {
         "run": args.workdir, "epoch": epoch, "model": cfg.model.name,
         "dataset": cfg.data.dataset, "sparsity": report["sparsity"],

@@ -120,9 +120,9 @@ def measure(cfg: Config, report: dict, repeats: int) -> dict:
     run, epoch, state = export_tools.restore_last(cfg)
 
     def exported() -> dict:
-        dense, compact, compact_model = export_tools.predict_functions(run, state, epoch)
-        padded = export_tools.predict_functions(run, state, epoch,
-                                                channel_multiple=CHANNEL_MULTIPLE)[1]
+        dense, compacted = export_tools.predict_functions(run, state, epoch)
+        compact, compact_model = compacted(bcsr=False)
+        padded, _ = compacted(bcsr=False, channel_multiple=CHANNEL_MULTIPLE)
         fns = {"dense": jax.jit(dense), "compact": jax.jit(compact),
                "padded": jax.jit(padded)}
         ms = {b: export_tools.latency(fns, run.inputs.data.x_test, b, repeats, warmup=3)

@@ -486,7 +486,7 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
       channel_multiple: round every group's compact channel count up to a multiple of
         this (at most its dense count) with channels of zeros, in every array: they
         compute 0 and add nothing. Convs with odd channel counts can run slower on
-        XLA:CPU than wider ones with multiples of 8 (``COMPACT_CHANNEL_MULTIPLE``); the
+        XLA:CPU than wider ones with multiples of 8 (``experiments.conv_speed``); the
         compact model's ``macs`` count the zeros too.
 
     Raises:

@@ -90,7 +90,8 @@ def test_compact_accuracy_equals_dense_and_the_run(exported):
 def test_serialized_models_match_the_in_process_ones(exported):
     cfg, _, out, _ = exported
     opened, epoch, state = export_experiment.restore_last(cfg)
-    dense, compact, _ = export_experiment.predict_functions(opened, state, epoch, bcsr=True)
+    dense, compacted = export_experiment.predict_functions(opened, state, epoch)
+    compact, _ = compacted(bcsr=True)
     images = np.random.default_rng(1).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
     for name, fn in (("model.jax", compact), ("dense.jax", dense)):
         loaded = jax.export.deserialize(bytearray((out / name).read_bytes()))

@@ -35,8 +35,8 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-for _method in (Hyperflows, HyperflowsChannel, DHP, DHPReach, FTWT, Magnitude, SNIP, GraSP, Random,
-                RigL, SteMagnitude):
+for _method in (Hyperflows, HyperflowsChannel, DHP, DHPReach, FTWT, Magnitude, SNIP, GraSP,
+                Random, RigL, SteMagnitude):
     register(_method())
 
 __all__ = ["CONTROLLERS", "REGISTRY", "Budget", "ChannelMethod", "Method", "PressureMethod",

@@ -77,6 +77,13 @@ class BottleneckResNetBlock(nn.Module):
         return nn.relu(residual + y)
 
 
+def block_layout(stage_sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``(stage, strides)`` of every block in order: stride 2 opens each stage after the
+    first (where the filters double)."""
+    return [(i, 2 if i > 0 and j == 0 else 1)
+            for i, count in enumerate(stage_sizes) for j in range(count)]
+
+
 class ResNet(nn.Module):
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
@@ -106,11 +113,9 @@ class ResNet(nn.Module):
         if gate is not None:
             x, _ = gate(self, image, x, image.shape[-1])
         gated = {} if gate is None else {"gate": gate}
-        for i, block_count in enumerate(self.stage_sizes):
-            for j in range(block_count):
-                strides = 2 if i > 0 and j == 0 else 1
-                x = self.block_cls(filters * 2 ** i, conv=conv, norm=norm, strides=strides,
-                                   zero_init_residual=self.zero_init_residual, **gated)(x)
+        for stage, strides in block_layout(self.stage_sizes):
+            x = self.block_cls(filters * 2 ** stage, conv=conv, norm=norm, strides=strides,
+                               zero_init_residual=self.zero_init_residual, **gated)(x)
         return jnp.mean(x, axis=(1, 2))
 
     def classifier(self, x):

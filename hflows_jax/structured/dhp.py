@@ -40,7 +40,7 @@ from jax import lax
 from hflows_jax import masking
 from hflows_jax.models import VGG, ResNet, network_fields
 from hflows_jax.models.norm import batch_norm
-from hflows_jax.models.resnet import ResNetBlock, last_norm
+from hflows_jax.models.resnet import ResNetBlock, block_layout, last_norm
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least, path_of
 
 PyTree = Any
@@ -227,15 +227,14 @@ class DHPResNet(ResNet):
         image = x.astype(self.dtype)
         y, z_stage = HyperConv(filters, whole=last == 0, name="conv_init")(
             image, jnp.ones(image.shape[-1], jnp.float32))
-        x, z_in, index = nn.relu(norm(name="bn_init")(y)), z_stage, 0
-        for i, block_count in enumerate(self.stage_sizes):
-            z_stage = z_stage if i == 0 else None
-            for j in range(block_count):
-                x, z_stage = DHPBlock(
-                    filters * 2 ** i, norm=norm, strides=2 if i > 0 and j == 0 else 1,
-                    zero_init_residual=self.zero_init_residual, whole=i == last,
-                    name=f"ResNetBlock_{index}")(x, z_in, z_stage)
-                z_in, index = z_stage, index + 1
+        x, z_in = nn.relu(norm(name="bn_init")(y)), z_stage
+        for index, (stage, strides) in enumerate(block_layout(self.stage_sizes)):
+            opens = strides != 1  # the first block of a later stage makes its latent
+            x, z_stage = DHPBlock(
+                filters * 2 ** stage, norm=norm, strides=strides,
+                zero_init_residual=self.zero_init_residual, whole=stage == last,
+                name=f"ResNetBlock_{index}")(x, z_in, None if opens else z_stage)
+            z_in = z_stage
         return self.classifier(jnp.mean(x, axis=(1, 2)))
 
     @property

@@ -255,8 +255,8 @@ def targets_executed(model: FTWTVGG | FTWTResNet, variables: PyTree, images: jax
     return jnp.mean(executed_fraction(out["intermediates"]))
 
 
-def calibrate_threshold(model: FTWTVGG | FTWTResNet, variables: PyTree, batches, bits: int = THRESHOLD_BITS
-                        ) -> float:
+def calibrate_threshold(model: FTWTVGG | FTWTResNet, variables: PyTree, batches,
+                        bits: int = THRESHOLD_BITS) -> float:
     """The smallest mass threshold, to ``2**-bits``, at which the target masks execute at
     least ``1 - model.flops_target`` of the multiply-adds: ``targets_executed``, the mean
     over ``batches`` of images.
