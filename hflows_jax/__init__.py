@@ -30,6 +30,8 @@ from hflows_jax import graph  # noqa: E402  (the traced layer graph of any funct
 from hflows_jax import compact  # noqa: E402
 from hflows_jax.compact import export  # noqa: E402  (hf.export(fn, params, masks, example))
 from hflows_jax import structured  # noqa: E402  (channel pruning)
+from hflows_jax import importance  # noqa: E402  (importance measures, weights and filters)
+from hflows_jax.pruning import fixed_masks, prune  # noqa: E402  (one-shot pruning)
 
 __all__ = [
     "baselines",
@@ -47,9 +49,11 @@ __all__ = [
     "default_is_prunable",
     "finalize",
     "find_pruner_state",
+    "fixed_masks",
     "flows",
     "has_pruner_state",
     "hyperflows",
+    "importance",
     "layer_sparsity",
     "masked_value_and_grad",
     "masks",
@@ -59,6 +63,7 @@ __all__ = [
     "prunable_like",
     "pressure",
     "pressure_value",
+    "prune",
     "recipe",
     "skipped_steps",
     "sparsity",

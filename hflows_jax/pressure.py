@@ -200,6 +200,13 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
     pressure ``sign(g) |g| ** exponent`` pulls scores up. Channel Hyperflows needs it (its
     channels keep dying at zero pressure); on weights it made the controller oscillate.
 
+    Stability: where the masks answer a change of ``g`` within one period, as
+    ``log density = c - K g``, the loop is ``g' = g + kp (e - e_last) + ki e`` with
+    ``e = c - K g``, whose roots stay inside the unit circle while
+    ``K < 2 / (2 kp + ki)``; above it ``g`` swings every period, ever wider. Channels,
+    where a few hundred scores sit near zero, make such a fast plant: give them smaller
+    gains.
+
     ``hold_steps``: after ``total_steps`` the controller goes on deciding for that many
     steps, aiming at the target itself (the trajectory's end), and the pressure drops to 0
     only after them: a run whose masks can still move (channels regrow) lands where the

@@ -53,7 +53,7 @@ def test_keep_top_keeps_exactly_k_highest():
 def test_snip_scores_match_the_closed_form():
     params, loss, (x, y) = linear_problem()
     g = 2.0 / (x.shape[0] * y.shape[1]) * x.T @ (x @ params["w"] - y)  # d/dW of the mean
-    scores = hf.baselines.snip_scores(loss, params, [(x, y)])
+    scores = hf.importance.weight_scores("loss_preservation", params, loss, [(x, y)])
     np.testing.assert_allclose(scores["w"], jnp.abs(params["w"] * g), rtol=1e-5, atol=1e-6)
     state = hf.baselines.snip(0.6, loss, [(x, y)]).init(params)
     kept = np.sort(np.asarray(jnp.abs(params["w"] * g)).ravel())[::-1][:6]
@@ -63,7 +63,7 @@ def test_snip_scores_match_the_closed_form():
 
 def test_grasp_hessian_gradient_product_matches_explicit_hessian_and_finite_differences():
     params, loss, batch = mlp_problem()
-    hg = jax.jit(lambda p: hf.baselines.hessian_gradient_product(loss, p, [batch]))(params)
+    hg = hf.importance.hessian_gradient(loss, params, [batch])
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     flat_loss = lambda f: loss(unravel(f), batch)  # noqa: E731
     flat_grad = jax.jit(jax.grad(flat_loss))
@@ -75,7 +75,7 @@ def test_grasp_hessian_gradient_product_matches_explicit_hessian_and_finite_diff
     fd = (flat_grad(flat + eps * g) - flat_grad(flat - eps * g)) / (2 * eps)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(hg)[0], fd, rtol=2e-2,
                                atol=2e-4 * float(jnp.abs(fd).max()))
-    scores = jax.jit(lambda p: hf.baselines.grasp_scores(loss, p, [batch]))(params)
+    scores = hf.importance.weight_scores("grasp", params, loss, [batch])
     chex.assert_trees_all_close(scores, jax.tree.map(lambda w, h: w * h, params, hg))
 
 

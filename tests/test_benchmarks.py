@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import (compare, conv_speed, graph_speed, overhead, pressure_law, scaffold,
-                         structured)
+from experiments import (compare, conv_speed, graph_speed, oneshot, overhead, pressure_law,
+                         scaffold, structured)
 from hflows_jax import recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
@@ -238,3 +238,17 @@ def test_conv_speed_times_every_traced_conv_cut_and_rounded(tmp_path):
     assert result["totals"]["dense"]["macs"] == 24 * 24 * 25 * 6 + 8 * 8 * 25 * 6 * 16
     assert all(v["ms"] > 0 for r in rows for v in r["variants"].values())
     assert (tmp_path / "conv_speed.md").read_text().startswith("# conv_speed: lenet5")
+
+
+def test_oneshot_prunes_every_pattern_from_one_trained_model(small_mnist, tmp_path):
+    result = oneshot.main(["--quick", f"--dataset={small_mnist}", "--per_class=8",
+                           "--measures=magnitude_squared,loss_increase", f"--out={tmp_path}"])
+    rows = result["rows"]
+    assert [(r["measure"], r["pattern"]) for r in rows] == [
+        ("magnitude_squared", "90 %"), ("magnitude_squared", "2:4"),
+        ("loss_increase", "90 %"), ("loss_increase", "2:4")]
+    assert [round(r["sparsity"], 4) for r in rows] == [0.9, 0.5, 0.9, 0.5]
+    assert result["dense_accuracy"] > 0.5  # trained: far above 10 classes' chance
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("pruned_accuracy",
+                                                      "finetuned_accuracy"))
+    assert (tmp_path / "oneshot.md").read_text().startswith("# oneshot: lenet300")

@@ -159,3 +159,26 @@ def test_both_controllers_steer_a_lagged_plant_to_the_trajectory_end():
     for make in (pressure.trajectory, pressure.log_density_pi):
         densities = lagged_plant(make(0.9, periods * every, every), periods, every)
         assert densities[-1] == pytest.approx(0.1, rel=0.1), make.__name__
+
+
+@pytest.mark.parametrize("kp, ki", [(1.0, 0.5), (0.25, 0.25)])
+def test_log_density_pi_is_stable_below_its_gain_limit(kp, ki):
+    """On a plant that answers within one period, log(density / expected) = c - K g, the
+    loop settles while K < 2 / (2 kp + ki) and swings ever wider above (the docstring)."""
+    every, periods, c = 2, 60, 0.3
+    limit = 2 / (2 * kp + ki)
+    for gain, stable in ((0.5 * limit, True), (1.5 * limit, False)):
+        ctrl = pressure.log_density_pi(0.9, every * periods, every, kp=kp, ki=ki,
+                                       negative=True)
+        table = pressure.expected_density(0.9, periods)
+        update, state, errors = jax.jit(ctrl.update), ctrl.init(), []
+        for step in range(1, every * periods):
+            period = step // every
+            density = table[max(period - 1, 0)] * math.exp(c - gain * float(state.g))
+            state = update(state, jnp.float32(density), step)
+            if step % every == 0:
+                errors.append(abs(float(state.error)))
+        if stable:
+            assert errors[-1] < 1e-3 * c, (kp, ki, gain)
+        else:
+            assert errors[-1] > c, (kp, ki, gain)

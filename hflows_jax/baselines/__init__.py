@@ -11,14 +11,10 @@ from hflows_jax.baselines.magnitude_pruning import MagnitudeState, magnitude
 from hflows_jax.baselines.oneshot import (
     OneShotState,
     grasp,
-    grasp_scores,
-    hessian_gradient_product,
     random,
     snip,
-    snip_scores,
 )
 from hflows_jax.baselines.rigl_pruning import RigLState, grow_at_zero, rigl
 
-__all__ = ["MagnitudeState", "OneShotState", "RigLState", "grasp", "grasp_scores",
-           "grow_at_zero", "hessian_gradient_product", "layer_densities", "magnitude",
-           "masks_from_scores", "random", "rigl", "snip", "snip_scores"]
+__all__ = ["MagnitudeState", "OneShotState", "RigLState", "grasp", "grow_at_zero",
+           "layer_densities", "magnitude", "masks_from_scores", "random", "rigl", "snip"]

@@ -2,10 +2,10 @@
 
 The masks are computed in ``init`` from the params it is given (and, for SNIP and
 GraSP, a loss and a few batches captured at construction), then never change. Scores
-follow the importance families of Lubana and Dick (2021): loss preservation ``|W * g|``
-(SNIP) and the gradient-norm increasing ``W * (H g)`` (GraSP, Wang et al. 2020), with
-magnitude pruning in ``magnitude_pruning.py``. (Lubana and Dick's gradient-norm
-*preservation* is the absolute value ``|W * (H g)|``; it is not implemented here.)
+come from ``hf.importance``: loss preservation ``|W * g|`` (SNIP) and the gradient-norm
+increasing ``W * (H g)`` (GraSP, Wang et al. 2020). GraSP removes the weights with the
+largest ``-W * (H g)``, those whose removal raises the gradient norm most; its keep-score
+is the negation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hflows_jax import masking
+from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> scalar
@@ -27,33 +27,6 @@ class OneShotState(NamedTuple):
 
     def pruning_masks(self):
         return self.masks
-
-
-def mean_gradient(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
-    grads = [jax.grad(loss_fn)(params, b) for b in batches]
-    return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
-
-
-def snip_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
-    """``|W * g|``: the first-order loss change from removing each weight."""
-    g = mean_gradient(loss_fn, params, batches)
-    return jax.tree.map(lambda w, gw: jnp.abs(w * gw), params, g)
-
-
-def hessian_gradient_product(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
-    """``H g``, averaged over batches: one extra backward pass (a jvp of the gradient)."""
-    g = mean_gradient(loss_fn, params, batches)
-    products = [jax.jvp(lambda p, b=b: jax.grad(loss_fn)(p, b), (params,), (g,))[1]
-                for b in batches]
-    return jax.tree.map(lambda *h: sum(h) / len(h), *products)
-
-
-def grasp_scores(loss_fn: LossFn, params: Any, batches: Sequence[Any]) -> Any:
-    """``W * (H g)``: GraSP removes the weights with the largest ``-W * (H g)``, those
-    whose removal raises the gradient norm most, so the keep-score is its negation:
-    pruning by it increases the gradient norm (Wang et al. 2020), it does not preserve it."""
-    hg = hessian_gradient_product(loss_fn, params, batches)
-    return jax.tree.map(lambda w, h: w * h, params, hg)
 
 
 def _from_scores(score_fn: Callable[[Any], Any], sparsity: float | jax.Array,
@@ -83,8 +56,9 @@ def snip(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
     ``optax.inject_hyperparams``, list ``loss_fn`` (and a custom ``is_prunable``) in
     ``static_args``: optax takes callables for schedules.
     """
-    return _from_scores(lambda p: snip_scores(loss_fn, p, batches), sparsity, distribution,
-                        is_prunable)
+    return _from_scores(lambda p: importance.weight_scores("loss_preservation", p, loss_fn,
+                                                           batches),
+                        sparsity, distribution, is_prunable)
 
 
 def grasp(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
@@ -95,8 +69,8 @@ def grasp(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
     ``optax.inject_hyperparams``, list ``loss_fn`` (and a custom ``is_prunable``) in
     ``static_args``: optax takes callables for schedules.
     """
-    return _from_scores(lambda p: grasp_scores(loss_fn, p, batches), sparsity, distribution,
-                        is_prunable)
+    return _from_scores(lambda p: importance.weight_scores("grasp", p, loss_fn, batches),
+                        sparsity, distribution, is_prunable)
 
 
 def random(sparsity: float | jax.Array, distribution: str = "erk", seed: int | jax.Array = 0,

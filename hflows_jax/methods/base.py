@@ -68,15 +68,18 @@ class Retraining:
 CONTROLLERS = ("trajectory", "pi")
 
 
-def pressure_controller(b: Budget, target: float, signed: bool = False, hold: bool = False):
+def pressure_controller(b: Budget, target: float, signed: bool = False, hold: bool = False,
+                        pi_gains: tuple[float, float] = (1.0, 0.5)):
     """The ``--controller`` steering the pressure to ``target`` over the pruning steps.
     ``signed``: the PI controller may push back with a negative pressure. ``hold``: it
-    goes on holding the target over the regrowth steps (``hold_steps``)."""
+    goes on holding the target over the regrowth steps (``hold_steps``). ``pi_gains``:
+    the PI controller's ``(kp, ki)``."""
     hold_steps = b.regrowth_steps if hold else 0
     if b.controller == "pi":
+        kp, ki = pi_gains
         return hf.pressure.log_density_pi(target, b.pruning_steps,
-                                          update_every=b.controller_period, negative=signed,
-                                          hold_steps=hold_steps)
+                                          update_every=b.controller_period, kp=kp, ki=ki,
+                                          negative=signed, hold_steps=hold_steps)
     return hf.pressure.trajectory(target, b.pruning_steps, update_every=b.controller_period,
                                   hold_steps=hold_steps)
 

@@ -14,6 +14,14 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
     # once (74 % of the multiply-adds removed for a 50 % target; PI: 55.5 %,
     # docs/RESULTS.md).
     controller = "pi"
+    # (kp, ki) of the PI controller. A pressure change flips the channels near zero
+    # within one controller period: on the whole CIFAR-10 (narrow VGG-19, 70 % target),
+    # log-density moved about 0.75 per unit of g. The PI loop is stable while that gain is
+    # below 2 / (2 kp + ki) (hf.pressure.log_density_pi): 0.8 at the default (1, 0.5),
+    # where the density swung between 25 and 35 % every period over the regrowth epoch
+    # and the run landed where the last swing left it; 2.7 at these, where it stayed
+    # within 28 and 33 % (a replay of that epoch from the same checkpoint).
+    pi_gains = (0.25, 0.25)
 
     def pruner(self, b: Budget) -> optax.GradientTransformation:
         """The controller's trajectory reaches the target at the end of the pruning
@@ -27,5 +35,6 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         controller may pull back (signed)."""
         return hf.structured.channel_hyperflows(
             b.channel_groups(),
-            pressure=pressure_controller(b, b.target_sparsity, signed=True, hold=True),
+            pressure=pressure_controller(b, b.target_sparsity, signed=True, hold=True,
+                                         pi_gains=self.pi_gains),
             presence_optimizer=optax.adam(b.presence_lr), pressure_by="macs", seed=b.seed)

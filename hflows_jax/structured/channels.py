@@ -79,7 +79,8 @@ class ChannelGroups:
     input axes of that kernel that read a group's channels. ``layers``: per conv or dense
     layer, its multiply-adds as ``(unit, read, written)``: ``unit`` times the kept channels
     of each group in ``read`` (its input) and ``written`` (its output). ``writes``: per
-    layer, the groups of its output channels.
+    layer, the groups of its output channels. ``writers``: kernel path -> the output axes
+    that write a group's channels (a depthwise kernel's channel axis): a channel's filter.
     """
 
     sizes: dict[str, int]
@@ -87,6 +88,7 @@ class ChannelGroups:
     layers: tuple
     dense_macs: int
     writes: dict[str, tuple[str, ...]]  # layer (kernel path without /kernel) -> its groups
+    writers: dict[str, tuple[Member, ...]]
 
     @property
     def total(self) -> int:
@@ -151,11 +153,16 @@ class ChannelGroups:
             return mask
         return jax.tree.map_with_path(leaf, unwrap_nnx(params))
 
-    def reduce(self, tree: PyTree) -> dict[str, jax.Array]:
-        """Per-group sums over channels of a params-shaped tree (e.g. flows)."""
+    def reduce(self, tree: PyTree, side: str = "read") -> dict[str, jax.Array]:
+        """Per-group sums over channels of a params-shaped tree: over the rows that read
+        each channel (``side="read"``: flows) or the filters that write it (``"write"``:
+        filter importance)."""
+        if side not in ("read", "write"):
+            raise ValueError(f"side must be 'read' or 'write', got {side!r}.")
+        axes = self.members if side == "read" else self.writers
         sums = {g: jnp.zeros(n, jnp.float32) for g, n in self.sizes.items()}
         for path, x in jax.tree.leaves_with_path(unwrap_nnx(tree)):
-            for m in self.members.get(path_of(path), ()):
+            for m in axes.get(path_of(path), ()):
                 sums[m.group] = sums[m.group] + m.sum(x)
         return sums
 
@@ -231,7 +238,17 @@ def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
     paths = dict(zip(graph.param_ids, graph.param_paths))
     writes = {paths[c.param].removesuffix("/kernel"): written
               for c, (_, _, written) in zip(graph.contractions, layers) if c.param in paths}
-    return ChannelGroups(sizes, members, layers, graph.macs(), writes)
+    writers = {}
+    for c in graph.contractions:
+        if c.param in paths:
+            path = paths[c.param]
+            found = tuple(Member(names[space], axis, tuple(n for n, _ in factors), position)
+                          for axis in c.out_axes or c.read_axes  # depthwise: its channels
+                          for factors in (leaf_axes[path][axis],)
+                          for position, (_, space) in enumerate(factors) if space in roots)
+            writers[path] = tuple(dict.fromkeys(writers.get(path, ()) + found))
+    return ChannelGroups(sizes, members, layers, graph.macs(), writes,
+                         {p: w for p, w in writers.items() if w})
 
 
 def _layer_cost(graph, c, roots, names) -> tuple:
