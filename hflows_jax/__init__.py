@@ -31,7 +31,7 @@ from hflows_jax import compact  # noqa: E402
 from hflows_jax.compact import export  # noqa: E402  (hf.export(fn, params, masks, example))
 from hflows_jax import structured  # noqa: E402  (channel pruning)
 from hflows_jax import importance  # noqa: E402  (importance measures, weights and filters)
-from hflows_jax.pruning import fixed_masks, prune  # noqa: E402  (one-shot pruning)
+from hflows_jax.pruning import fixed_masks, prune, prune_at  # noqa: E402  (by scores)
 
 __all__ = [
     "baselines",
@@ -64,6 +64,7 @@ __all__ = [
     "pressure",
     "pressure_value",
     "prune",
+    "prune_at",
     "recipe",
     "skipped_steps",
     "sparsity",

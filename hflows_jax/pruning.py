@@ -1,4 +1,5 @@
-"""One-shot pruning of any params, trained or not: scores in, masks out.
+"""Pruning by scores: once, now, on any params (``prune``), or at chosen steps of
+training (``prune_at``).
 
 ``hf.prune(params, "magnitude", 0.9)`` keeps the 10 % of weights with the highest
 scores; with ``groups`` (``hf.structured.channel_groups``) it keeps whole channels, and
@@ -6,16 +7,26 @@ scores; with ``groups`` (``hf.structured.channel_groups``) it keeps whole channe
 holds (``hf.masks``): booleans shaped like the prunable leaves, None elsewhere. To
 fine-tune, chain ``fixed_masks(masks)`` before the optimizer: the masks then sit in its
 state, where ``hf.apply_masks``, ``hf.masked_value_and_grad`` and ``hf.export`` find them.
+
+``prune_at`` prunes by an importance measure during training: once (at initialization,
+or after k epochs) or in rounds, as Lubana and Dick's code runs it
+(EkdeepSLubana/flowandprune, ``main.py``: train, score, prune, and again). At each
+pruning step the measure scores the network as it runs, on ``W * M``; what is pruned
+stays pruned. Round k of n prunes to the density whose inverse grows linearly,
+``1 / d_k = 1 + (k / n) (1 / (1 - s) - 1)`` (the paper's ``p_ratios``). Its gradients
+come from ``loss_fn(params, batch)`` over ``batches`` captured at construction: the
+BatchNorm statistics are whatever ``loss_fn`` closes over.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hflows_jax import importance, masking
@@ -74,25 +85,29 @@ def _n_m_masks(scores: PyTree, n: int, m: int) -> PyTree:
     return masks
 
 
-def _channel_masks(params, scores, sparsity, distribution, groups: ChannelGroups,
-                   min_channels: int) -> PyTree:
+def check_channel_scores(scores: dict, groups: ChannelGroups) -> None:
     if set(scores) != set(groups.sizes) or any(
             jnp.shape(scores[g]) != (n,) for g, n in groups.sizes.items()):
         raise ValueError("channel scores must hold one vector per group of these channel "
                          "groups, a score per channel (importance.filter_scores).")
+
+
+def kept_channels(scores: dict, sparsity, distribution: str, groups: ChannelGroups,
+                  min_channels: int) -> dict:
+    """The channels to keep, per group: the highest ``scores`` over all groups
+    (``"global"``, as the seed paper ranks filters) or in each (``"uniform"``), every
+    group keeping at least ``min_channels``. ``sparsity`` may be traced."""
     if distribution == "global":
         flat = jnp.concatenate([scores[g] for g in groups.sizes])
-        keep = max(1, round((1 - sparsity) * flat.size))
-        cutoff = jnp.sort(flat)[-keep]
-        kept = {g: keep_at_least(s, cutoff, min_channels) for g, s in scores.items()}
-    elif distribution == "uniform":
-        kept = {g: distributions.keep_top(s, max(min_channels, 1, round((1 - sparsity) *
-                                                                    s.size)))
+        keep = jnp.maximum(1, jnp.round((1 - sparsity) * flat.size)).astype(jnp.int32)
+        cutoff = jnp.sort(flat)[flat.size - keep]
+        return {g: keep_at_least(s, cutoff, min_channels) for g, s in scores.items()}
+    if distribution == "uniform":
+        return {g: distributions.keep_top(s, jnp.maximum(
+            max(min_channels, 1), jnp.round((1 - sparsity) * s.size)).astype(jnp.int32))
                 for g, s in scores.items()}
-    else:
-        raise ValueError(f"channels take distribution 'global' or 'uniform', got "
-                         f"{distribution!r}.")
-    return groups.expand(kept, params)
+    raise ValueError(f"channels take distribution 'global' or 'uniform', got "
+                     f"{distribution!r}.")
 
 
 def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *,
@@ -135,7 +150,9 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         scores = (importance.weight_scores(scores, params, loss_fn, batches) if groups is None
                   else importance.filter_scores(scores, params, groups, loss_fn, batches))
     if groups is not None:
-        return _channel_masks(params, scores, sparsity, distribution, groups, min_channels)
+        check_channel_scores(scores, groups)
+        return groups.expand(kept_channels(scores, sparsity, distribution, groups,
+                                           min_channels), params)
     try:
         selected = masking.prunable_like(params, is_prunable, lambda i, p: p)
         scores = masking.map_prunable(lambda _, s: jnp.asarray(s, jnp.float32), selected,
@@ -160,5 +177,97 @@ def fixed_masks(masks: PyTree) -> optax.GradientTransformationExtraArgs:
         del extra_args
         masking.check_update_args(updates, params, state.masks)
         return masking.multiply_masks(updates, state.masks), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class RoundsState(NamedTuple):
+    count: jax.Array
+    masks: Any
+    kept: dict  # channel level: group -> bool per channel; {} at weight level
+
+    def pruning_masks(self):
+        return self.masks
+
+
+def round_densities(sparsity: float, rounds: int) -> np.ndarray:
+    """The density after each of ``rounds`` rounds: ``1 / density`` grows linearly from 1
+    to ``1 / (1 - sparsity)``."""
+    k = np.arange(1, rounds + 1)
+    return 1.0 / (1.0 + k / rounds * (1.0 / (1.0 - sparsity) - 1.0))
+
+
+def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
+           loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
+           distribution: str = "global", groups=None, min_channels: int = 1,
+           is_prunable: masking.IsPrunable | None = None,
+           ) -> optax.GradientTransformationExtraArgs:
+    """Prune by ``measure`` at each of ``steps``, the last reaching ``sparsity``.
+
+    Args:
+      measure: a name of ``hf.importance.MEASURES``.
+      sparsity: the final fraction of prunable weights (or, with ``groups``, of channels)
+        removed.
+      steps: the update counts (from 1) whose update is the first under each round's
+        masks; 0 prunes in ``init``, on the params it is given (at initialization).
+      loss_fn, batches: for the measures that read gradients.
+      distribution: ``"global"`` or ``"uniform"`` (and ``"erk"`` for weights).
+      groups: prune whole channels of these groups (``hf.structured.channel_groups``).
+      min_channels: with ``groups``, every group keeps at least this many channels.
+      is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
+    """
+    distributions.check_sparsity(sparsity)
+    m = importance.measure(measure)
+    if m.needs and (loss_fn is None or not batches):
+        raise ValueError(f"The {measure!r} measure reads the loss gradient: pass loss_fn="
+                         "(params, batch) -> scalar and a non-empty list of batches.")
+    steps = np.asarray(sorted(steps), np.int32)
+    if steps.size == 0 or steps[0] < 0 or len(set(steps.tolist())) != steps.size:
+        raise ValueError(f"steps must be distinct non-negative update counts, got "
+                         f"{list(steps)}.")
+    distributions.check_distribution(
+        distribution, ("global", "uniform") if groups is not None else
+        distributions.DISTRIBUTIONS)
+    densities = jnp.asarray(round_densities(sparsity, steps.size), jnp.float32)
+
+    def one_round(params, masks, kept, density):
+        """The masks of one round, scoring the network as it runs (``W * M``)."""
+        current = masking.multiply_masks(params, masks)
+        if groups is not None:
+            scores = importance.filter_scores(measure, current, groups, loss_fn, batches)
+            scores = {g: jnp.where(kept[g], s, -jnp.inf) for g, s in scores.items()}
+            kept = kept_channels(scores, 1 - density, distribution, groups, min_channels)
+            return groups.expand(kept, params), kept
+        scores = importance.weight_scores(measure, current, loss_fn, batches)
+        scores = masking.map_prunable(lambda mk, s: jnp.where(mk, s, -jnp.inf), masks,
+                                      scores)
+        return distributions.masks_from_scores(scores, 1 - density, distribution), kept
+
+    def init(params):
+        params = masking.unwrap_nnx(params)
+        if groups is not None:
+            groups.check(params)
+            kept = {g: jnp.ones(n, bool) for g, n in groups.sizes.items()}
+            masks = groups.expand(kept, params)
+        else:
+            kept = {}
+            masks = masking.prunable_like(params, is_prunable,
+                                          lambda i, p: jnp.ones(p.shape, bool))
+        if steps[0] == 0:
+            masks, kept = one_round(params, masks, kept, densities[0])
+        return RoundsState(jnp.zeros((), jnp.int32), masks, kept)
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        masking.check_update_args(updates, params, state.masks)
+        count = optax.safe_increment(state.count)
+        which = jnp.searchsorted(jnp.asarray(steps), count)
+        due = (which < steps.size) & (jnp.asarray(steps)[jnp.minimum(which, steps.size - 1)]
+                                      == count)
+        masks, kept = jax.lax.cond(
+            due, lambda: one_round(masking.unwrap_nnx(params), state.masks, state.kept,
+                               densities[jnp.minimum(which, steps.size - 1)]),
+            lambda: (state.masks, state.kept))
+        return masking.multiply_masks(updates, masks), RoundsState(count, masks, kept)
 
     return optax.GradientTransformationExtraArgs(init, update)
