@@ -8,31 +8,27 @@ LeNet-300-100 on MNIST (``--dataset``, an npz path or a tfds name) is trained de
 then for each measure of ``hf.importance`` and each sparsity pattern, from the same
 trained params: ``hf.prune`` (gradients on class-balanced batches, ``--per_class``
 examples of each class), the test accuracy right after, and after ``--finetune_epochs``
-with the masks fixed (``hf.fixed_masks``) at a tenth of the dense learning rate. The loop
-is a plain optax loop, as a user's own would be. Writes oneshot.json, oneshot.md and
+with the masks fixed (``hf.fixed_masks``) at a tenth of the dense learning rate, in a
+plain optax loop (``plain_loop``), as a user's own would be. Writes oneshot.json, oneshot.md and
 oneshot.png to --out; the default run takes about 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
 import hflows_jax as hf
+from experiments import plain_loop as loop
 from experiments import scaffold
 from hflows_jax import masking, models
-from hflows_jax.data import load_dataset
 from hflows_jax.training import outputs
 from hflows_jax.training.presets import SHARED_DATA
 
 PATTERNS = (("global", 0.9), ("2:4", None))  # (distribution, sparsity)
-BATCH = 128
 
 
 def parse_args(argv=None):
@@ -54,73 +50,33 @@ def parse_args(argv=None):
     return args
 
 
-def batches(x, y, seed: int, epoch: int):
-    order = np.random.default_rng([seed, epoch]).permutation(len(x))
-    for i in range(len(x) // BATCH):
-        take = order[i * BATCH:(i + 1) * BATCH]
-        yield x[take], y[take]
-
-
-def loss_fn(model):
-    def loss(params, batch):
-        logits = model.apply({"params": params}, batch[0], train=False)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
-    return loss
-
-
-def train(model, params, tx, data, epochs: int, seed: int):
-    """A plain optax loop on ``hf.apply_masks(params)`` (dense when tx has no pruner)."""
-    loss = loss_fn(model)
-
-    @jax.jit
-    def step(params, state, x, y):
-        grads = jax.grad(loss)(hf.apply_masks(params, state, missing="ignore"), (x, y))
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
-    for epoch in range(epochs):
-        for x, y in batches(data.x_train, data.y_train, seed, epoch):
-            params, state = step(params, state, x, y)
-    return hf.apply_masks(params, state, missing="ignore")
-
-
-def accuracy(model, params, data) -> float:
-    logits = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-    hits = sum(int(jnp.sum(jnp.argmax(logits(params, data.x_test[i:i + 1000]), -1) ==
-                           data.y_test[i:i + 1000]))
-               for i in range(0, len(data.x_test), 1000))
-    return hits / len(data.x_test)
-
-
 def measure(args) -> tuple[float, list[dict]]:
-    data = load_dataset(args.dataset)
-    data = dataclasses.replace(data, x_train=data.x_train.astype(np.float32) / 255,
-                               x_test=data.x_test.astype(np.float32) / 255)
-    model = models.create(args.model, data.num_classes)
-    params = model.init(jax.random.key(args.seed), data.x_train[:1], train=False)["params"]
-    steps = args.dense_epochs * (len(data.x_train) // BATCH)
+    data = loop.load(args.dataset, augment=False)
+    model = models.create(args.model, data.raw.num_classes)
+    params, stats = loop.init(model, data, args.seed)
+    steps = args.dense_epochs * (len(data.raw.x_train) // loop.BATCH)
     dense_tx = optax.sgd(optax.cosine_decay_schedule(args.lr, steps), momentum=0.9)
     start = time.time()
-    params = train(model, params, dense_tx, data, args.dense_epochs, args.seed)
-    dense = accuracy(model, params, data)
+    params, stats, _, _ = loop.train(model, params, stats, dense_tx, data, args.dense_epochs,
+                                     args.seed)
+    dense = loop.accuracy(model, params, stats, data)
     print(f"dense: {100 * dense:.2f} % after {args.dense_epochs} epochs "
           f"({time.time() - start:.0f} s)")
-    x, y = hf.importance.class_balanced(data.x_train, data.y_train, args.per_class, args.seed)
-    scoring = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+    scoring = data.scoring(args.per_class, args.seed)
     rows = []
     for name, (distribution, sparsity) in tqdm(
             [(m, p) for m in args.measures for p in PATTERNS], desc="oneshot"):
         masks = hf.prune(params, name, sparsity, distribution=distribution,
-                         loss_fn=loss_fn(model), batches=scoring)
+                         loss_fn=loop.eval_loss(model, stats), batches=scoring)
         pruned = hf.multiply_masks(params, masks)
         tx = optax.chain(hf.fixed_masks(masks), optax.sgd(args.lr / 10, momentum=0.9))
-        tuned = train(model, pruned, tx, data, args.finetune_epochs, args.seed + 1)
+        tuned, tuned_stats, _, _ = loop.train(model, pruned, stats, tx, data,
+                                              args.finetune_epochs, args.seed + 1)
         kept, total = masking.count_present(masks)
         rows.append({"measure": name, "pattern": distribution if sparsity is None else
                      f"{100 * sparsity:g} %", "sparsity": 1 - float(kept) / total,
-                     "pruned_accuracy": accuracy(model, pruned, data),
-                     "finetuned_accuracy": accuracy(model, tuned, data)})
+                     "pruned_accuracy": loop.accuracy(model, pruned, stats, data),
+                     "finetuned_accuracy": loop.accuracy(model, tuned, tuned_stats, data)})
         tqdm.write(f"{name:28s} {rows[-1]['pattern']:5s} pruned "
                    f"{100 * rows[-1]['pruned_accuracy']:.2f} %  fine-tuned "
                    f"{100 * rows[-1]['finetuned_accuracy']:.2f} %")

@@ -32,7 +32,7 @@ import optax
 from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
-from hflows_jax.structured.channels import ChannelGroups, keep_at_least
+from hflows_jax.structured.channels import ChannelGroups
 
 PyTree = Any
 N_M = re.compile(r"^(\d+):(\d+)$")
@@ -93,18 +93,31 @@ def check_channel_scores(scores: dict, groups: ChannelGroups) -> None:
 
 
 def kept_channels(scores: dict, sparsity, distribution: str, groups: ChannelGroups,
-                  min_channels: int) -> dict:
+                  min_channels: int = 1, min_fraction: float = 0.0) -> dict:
     """The channels to keep, per group: the highest ``scores`` over all groups
-    (``"global"``, as the seed paper ranks filters) or in each (``"uniform"``), every
-    group keeping at least ``min_channels``. ``sparsity`` may be traced."""
+    (``"global"``, as the seed paper ranks filters) or in each (``"uniform"``). Every group
+    keeps at least ``min_channels``, and with ``min_fraction`` at least
+    ``floor(min_fraction * n) + 1`` of its ``n`` channels still scored (finite): the seed
+    code's ``constrain_ratios`` with 0.05. ``sparsity`` may be traced."""
+    def floor(s):
+        alive = jnp.sum(jnp.isfinite(s))
+        least = jnp.maximum(min_channels, jnp.floor(min_fraction * alive).astype(jnp.int32)
+                            + (1 if min_fraction else 0))
+        return jnp.minimum(least, alive)
+
+    def at_least(s, cutoff):
+        k = floor(s)
+        kth = jnp.sort(s)[s.size - jnp.maximum(k, 1)]  # the k-th highest
+        return s >= jnp.where(k > 0, jnp.minimum(cutoff, kth), cutoff)
+
     if distribution == "global":
         flat = jnp.concatenate([scores[g] for g in groups.sizes])
         keep = jnp.maximum(1, jnp.round((1 - sparsity) * flat.size)).astype(jnp.int32)
         cutoff = jnp.sort(flat)[flat.size - keep]
-        return {g: keep_at_least(s, cutoff, min_channels) for g, s in scores.items()}
+        return {g: at_least(s, cutoff) for g, s in scores.items()}
     if distribution == "uniform":
         return {g: distributions.keep_top(s, jnp.maximum(
-            max(min_channels, 1), jnp.round((1 - sparsity) * s.size)).astype(jnp.int32))
+            floor(s), jnp.round((1 - sparsity) * s.size)).astype(jnp.int32))
                 for g, s in scores.items()}
     raise ValueError(f"channels take distribution 'global' or 'uniform', got "
                      f"{distribution!r}.")
@@ -113,7 +126,8 @@ def kept_channels(scores: dict, sparsity, distribution: str, groups: ChannelGrou
 def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *,
           distribution: str = "global", groups: ChannelGroups | None = None,
           loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
-          min_channels: int = 1, is_prunable: masking.IsPrunable | None = None) -> PyTree:
+          min_channels: int = 1, min_fraction: float = 0.0,
+          is_prunable: masking.IsPrunable | None = None) -> PyTree:
     """Masks that keep the highest ``scores`` of ``params``.
 
     Args:
@@ -131,7 +145,10 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         masks zero the rows that read a pruned channel, as ``hf.export`` expects.
       loss_fn, batches: ``loss_fn(params, batch) -> scalar`` over ``batches``, for a
         named measure that reads gradients (BatchNorm in eval mode: ``hf.importance``).
-      min_channels: with ``groups``, every group keeps at least this many channels.
+      min_channels, min_fraction: with ``groups``, every group keeps at least
+        ``min_channels``, and ``floor(min_fraction * n) + 1`` of its ``n`` channels (the
+        seed code's floor is ``min_fraction=0.05``): a global ranking of unnormalized
+        scores would otherwise empty whole layers.
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
     """
     params = masking.unwrap_nnx(params)
@@ -152,7 +169,7 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
     if groups is not None:
         check_channel_scores(scores, groups)
         return groups.expand(kept_channels(scores, sparsity, distribution, groups,
-                                           min_channels), params)
+                                           min_channels, min_fraction), params)
     try:
         selected = masking.prunable_like(params, is_prunable, lambda i, p: p)
         scores = masking.map_prunable(lambda _, s: jnp.asarray(s, jnp.float32), selected,
@@ -200,7 +217,7 @@ def round_densities(sparsity: float, rounds: int) -> np.ndarray:
 def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
            loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
            distribution: str = "global", groups=None, min_channels: int = 1,
-           is_prunable: masking.IsPrunable | None = None,
+           min_fraction: float = 0.0, is_prunable: masking.IsPrunable | None = None,
            ) -> optax.GradientTransformationExtraArgs:
     """Prune by ``measure`` at each of ``steps``, the last reaching ``sparsity``.
 
@@ -213,7 +230,8 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
       loss_fn, batches: for the measures that read gradients.
       distribution: ``"global"`` or ``"uniform"`` (and ``"erk"`` for weights).
       groups: prune whole channels of these groups (``hf.structured.channel_groups``).
-      min_channels: with ``groups``, every group keeps at least this many channels.
+      min_channels, min_fraction: with ``groups``, the floor of every group, as
+        ``prune``'s (``min_fraction`` of the channels left at each round).
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
     """
     distributions.check_sparsity(sparsity)
@@ -236,7 +254,8 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
         if groups is not None:
             scores = importance.filter_scores(measure, current, groups, loss_fn, batches)
             scores = {g: jnp.where(kept[g], s, -jnp.inf) for g, s in scores.items()}
-            kept = kept_channels(scores, 1 - density, distribution, groups, min_channels)
+            kept = kept_channels(scores, 1 - density, distribution, groups, min_channels,
+                                 min_fraction)
             return groups.expand(kept, params), kept
         scores = importance.weight_scores(measure, current, loss_fn, batches)
         scores = masking.map_prunable(lambda mk, s: jnp.where(mk, s, -jnp.inf), masks,

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import (compare, conv_speed, graph_speed, oneshot, overhead, pressure_law,
-                         scaffold, structured)
+from experiments import (compare, conv_speed, gradient_flow, graph_speed, oneshot, overhead,
+                         pressure_law, scaffold, structured)
 from hflows_jax import recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
@@ -252,3 +252,35 @@ def test_oneshot_prunes_every_pattern_from_one_trained_model(small_mnist, tmp_pa
     assert all(0 <= r[k] <= 1 for r in rows for k in ("pruned_accuracy",
                                                       "finetuned_accuracy"))
     assert (tmp_path / "oneshot.md").read_text().startswith("# oneshot: lenet300")
+
+
+def test_gradient_flow_runs_and_judges_the_claims(small_mnist, tmp_path):
+    result = gradient_flow.main(["--quick", f"--dataset={small_mnist}", "--per_class=8",
+                                 "--measures=grasp,gradient_norm_preservation",
+                                 f"--out={tmp_path}"])
+    assert [(r["time"], r["measure"]) for r in result["rows"]] == [
+        (1, "grasp"), (1, "gradient_norm_preservation"),
+        (2, "grasp"), (2, "gradient_norm_preservation")]
+    assert [c["holds"] for c in result["claims"][:2]] == [None, None]  # not run
+    grasp = [r for r in result["rows"] if r["measure"] == "grasp"]
+    assert result["claims"][2]["holds"] == all(
+        r["after"]["grad_norm2"] > r["before"]["grad_norm2"] and r["final_accuracy"] <
+        o["final_accuracy"] for r, o in zip(grasp, result["rows"][1::2]))
+    assert all(len(r["train_loss"]) == 1 for r in result["rows"])
+    assert "3. raising the gradient norm" in (tmp_path / "gradient_flow.md").read_text()
+
+
+def test_gradient_flow_claims_follow_the_numbers():
+    def row(time, measure, loss_jump, grad_ratio, final, first):
+        return {"time": time, "measure": measure, "before": {"loss": 1.0, "grad_norm2": 1.0},
+                "after": {"loss": 1.0 + loss_jump, "grad_norm2": grad_ratio},
+                "final_accuracy": final, "train_loss": [first]}
+    rows = [row(t, m, *v) for t in (1, 5) for m, v in (
+        ("magnitude_squared", (0.5, 1.0, 0.90, 0.30)),
+        ("loss_preservation", (0.2, 1.0, 0.91, 0.40)),
+        ("grasp", (2.0, 3.0, 0.80, 0.90)),
+        ("gradient_norm_preservation", (0.3, 1.1, 0.92, 0.35)))]
+    assert [c["holds"] for c in gradient_flow.claims(rows, (1, 5))] == [True, True, True]
+    rows[1]["final_accuracy"] = 0.89  # early |θ·g| now ends below θ²
+    rows[6]["after"]["grad_norm2"] = 0.5  # late GraSP lowers the gradient norm
+    assert [c["holds"] for c in gradient_flow.claims(rows, (1, 5))] == [True, False, False]

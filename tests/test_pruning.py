@@ -160,3 +160,21 @@ def test_prune_at_says_what_is_wrong():
         hf.prune_at("grasp", 0.5, steps=(0,))
     with pytest.raises(ValueError, match="Unknown importance measure"):
         hf.prune_at("weight", 0.5, steps=(0,))
+
+
+def test_channel_floor_keeps_a_fraction_of_every_layer():
+    """The seed code's constrain_ratios: a layer whose every score loses the global ranking
+    still keeps floor(0.05 n) + 1 of its n channels."""
+    from hflows_jax import models
+    model = models.create("lenet300", 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    groups = hf.structured.channel_groups(model, params, (28, 28, 1))
+    assert groups.sizes == {"Dense_0": 300, "Dense_1": 100}
+    scores = {"Dense_0": 1 + jnp.arange(300) / 300, "Dense_1": jnp.arange(100) / 1000}
+    for fraction, floor in ((0.0, 1), (0.05, 6), (0.2, 21)):
+        masks = hf.prune(params, scores, 0.75, groups=groups, min_fraction=fraction)
+        rows = masks["Dense_2"]["kernel"][:, 0]  # the rows reading Dense_1's channels
+        assert np.array_equal(np.asarray(rows), np.arange(100) >= 100 - floor), fraction
+        # Dense_0 keeps its 100 best channels: the rows of Dense_1 that read them.
+        assert np.array_equal(np.asarray(masks["Dense_1"]["kernel"][:, 0]),
+                              np.arange(300) >= 200)
