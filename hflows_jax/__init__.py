@@ -1,6 +1,6 @@
 """hflows_jax: Hyperflows pruning as an optax transformation."""
 
-from hflows_jax import nnx, pressure, recipe
+from hflows_jax import n_m, nnx, pressure, recipe
 from hflows_jax.checks import check
 from hflows_jax.hyperflows import HyperflowsState, flows, hyperflows
 from hflows_jax.masking import (
@@ -58,6 +58,7 @@ __all__ = [
     "masked_value_and_grad",
     "masks",
     "multiply_masks",
+    "n_m",
     "nnx",
     "path_name",
     "prunable_like",

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking, recipe
+from hflows_jax.n_m import centered, fits, parse_n_m
 from hflows_jax.pressure import PressureController
 
 PyTree = Any
@@ -133,6 +134,7 @@ def hyperflows(
     ste_scale: float | jax.Array = 0.25,
     seed: int | jax.Array = 0,
     warn: bool = True,
+    n_m: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Hyperflows pruner; chain it before the weight optimizer.
 
@@ -152,6 +154,12 @@ def hyperflows(
       warn: at ``init``, a ``UserWarning`` if the pressure schedule's target cannot be
         reached in its ``total_steps`` at the presence optimizer's step size, or is likely
         to be overshot (:func:`schedule_warnings`). ``False`` silences it.
+      n_m: ``"2:4"`` and the like: N:M masks. After every step the scores of each group of
+        M along a kernel's input axis are shifted so that 0 lies between their N-th and
+        N+1-th highest (``hf.n_m.centered``), so ``T >= 0`` keeps exactly N: the pattern
+        sets the density and the flows choose which N, a pruned weight coming back when
+        its score overtakes a kept one's. Pass ``hf.pressure.constant(0.0)``. A kernel
+        whose input axis M does not divide keeps the plain rule ``T >= 0`` (a warning).
     """
     if not isinstance(pressure, PressureController):
         raise ValueError("pressure must be a controller from hf.pressure (constant, "
@@ -163,6 +171,19 @@ def hyperflows(
         raise ValueError(f"presence_init must be a (low, high) range, got {presence_init!r}.")
     if masking.is_static_number(ste_scale) and not (math.isfinite(ste_scale) and ste_scale > 0):
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
+    pattern = None if n_m is None else parse_n_m(n_m)
+    if n_m is not None and pattern is None:
+        raise ValueError(f"n_m must read like '2:4', got {n_m!r}.")
+    if pattern and pressure.target_sparsity is not None:
+        raise ValueError(f"with n_m={n_m!r} the pattern sets the density: pass "
+                         "pressure=hf.pressure.constant(0.0), not a controller with a target.")
+
+    def to_pattern(presence):
+        """Each group of M centred on its N-th and N+1-th scores (n_m); else as is."""
+        if pattern is None:
+            return presence
+        return masking.map_prunable(
+            lambda t: centered(t, *pattern) if fits(t.shape, pattern[1]) else t, presence)
 
     def init(params):
         # Under optax.inject_hyperparams a passed warn arrives as an array, maybe traced.
@@ -174,6 +195,14 @@ def hyperflows(
             params, is_prunable,
             lambda i, leaf: jax.random.uniform(jax.random.fold_in(key, i), leaf.shape,
                                                jnp.float32, low, high))
+        if pattern:
+            plain = [f"{tuple(t.shape)}" for t in masking.prunable_leaves(presence)
+                     if not fits(t.shape, pattern[1])]
+            if plain:
+                warnings.warn(f"hf.hyperflows n_m={n_m!r}: kernels {', '.join(plain)} do not "
+                              f"split into groups of {pattern[1]} along their input axis; "
+                              "they keep the plain rule T >= 0.", UserWarning, stacklevel=2)
+            presence = to_pattern(presence)
         return HyperflowsState(
             count=jnp.zeros((), jnp.int32),
             presence=presence,
@@ -194,8 +223,8 @@ def hyperflows(
                                                            grads))
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
-        presence = masking.map_prunable(lambda t, s: t + s.astype(jnp.float32),
-                                        state.presence, steps)
+        presence = to_pattern(masking.map_prunable(lambda t, s: t + s.astype(jnp.float32),
+                                                   state.presence, steps))
         count = optax.safe_increment(state.count)
         density = masking.density_of(masking.map_prunable(lambda t: t >= 0, presence))
         stepped = state._replace(

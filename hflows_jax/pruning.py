@@ -20,7 +20,6 @@ BatchNorm statistics are whatever ``loss_fn`` closes over.
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Any, NamedTuple, Sequence
 
@@ -30,49 +29,17 @@ import numpy as np
 import optax
 
 from hflows_jax import importance, masking
+from hflows_jax.n_m import fits, n_m_mask, parse_n_m
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
 from hflows_jax.structured.channels import ChannelGroups
 
 PyTree = Any
-N_M = re.compile(r"^(\d+):(\d+)$")
-
-
-def parse_n_m(distribution: str) -> tuple[int, int] | None:
-    """``"2:4"`` -> ``(2, 4)``: N kept in every M consecutive input entries; else None."""
-    found = N_M.match(distribution)
-    if found is None:
-        return None
-    n, m = int(found[1]), int(found[2])
-    if not 0 < n < m:
-        raise ValueError(f"N:M sparsity needs 0 < N < M, got {distribution!r}.")
-    return n, m
-
-
-def n_m_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
-    """Keep the ``n`` highest of every ``m`` consecutive entries along the input axis (the
-    second to last: a dense kernel's rows, a conv kernel's input channels), the layout
-    sparse tensor cores run."""
-    x = jnp.moveaxis(scores, -2, -1)
-    groups = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
-    ranks = jnp.argsort(jnp.argsort(-groups, axis=-1), axis=-1)
-    kept = (ranks < n).reshape(x.shape)
-    return jnp.moveaxis(kept, -1, -2)
-
-
-def is_n_m(mask: jax.Array, n: int, m: int) -> bool:
-    """Whether every ``m`` consecutive input entries of ``mask`` keep at most ``n``."""
-    x = jnp.moveaxis(jnp.asarray(mask, jnp.int32), -2, -1)
-    if x.shape[-1] % m:
-        return False
-    return bool(jnp.all(x.reshape(x.shape[:-1] + (-1, m)).sum(-1) <= n))
-
-
 def _n_m_masks(scores: PyTree, n: int, m: int) -> PyTree:
     left_dense = []
 
     def leaf(path, s):
-        if s.ndim < 2 or s.shape[-2] % m:
+        if not fits(s.shape, m):
             left_dense.append(f"{masking.path_name(path)} {tuple(s.shape)}")
             return jnp.ones(s.shape, bool)
         return n_m_mask(s, n, m)

@@ -270,3 +270,48 @@ def test_custom_is_prunable_selects_leaves(injected):
     assert state.presence["layer0"]["kernel"].shape == (6, 8)
     assert np.all((np.asarray(state.presence["layer0"]["kernel"]) >= 0.2)
                   & (np.asarray(state.presence["layer0"]["kernel"]) <= 0.5))
+
+
+def test_n_m_hyperflows_finds_a_two_of_four_teacher():
+    """A student of a 2:4-sparse linear teacher: the masks are exactly 2:4 after init and
+    every step, and the flows move them from random 2:4 masks onto the teacher's support.
+    A pruned weight keeps its value (it gets no task gradient), so its flow says whether
+    that value would help: the student starts with the teacher's signs."""
+    rng = np.random.default_rng(0)
+    support = np.zeros((8, 6), bool)
+    for out in range(6):
+        for g in range(2):
+            support[4 * g + rng.choice(4, 2, replace=False), out] = True
+    teacher = jnp.asarray(np.where(support, rng.choice([-1.0, 1.0], (8, 6)), 0.0))
+    x = jnp.asarray(rng.normal(size=(256, 8)), jnp.float32)
+    loss = lambda p: jnp.mean((x @ p["w"] - x @ teacher) ** 2)  # noqa: E731
+    tx = optax.chain(hf.hyperflows(hf.pressure.constant(0.0), optax.adam(0.02), n_m="2:4"),
+                     optax.adam(0.02))
+    signs = np.where(support, np.asarray(teacher), rng.choice([-1.0, 1.0], (8, 6)))
+    params = {"w": jnp.asarray(np.abs(rng.normal(size=(8, 6))) * 0.5 * signs, jnp.float32)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(hf.apply_masks(params, state))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    assert not np.array_equal(np.asarray(hf.masks(state)["w"]), support)
+    for i in range(600):
+        mask = hf.masks(state)["w"]
+        if i % 50 == 0:
+            groups = np.asarray(mask).T.reshape(6, 2, 4)
+            assert np.all(groups.sum(-1) == 2), i
+        params, state = step(params, state)
+    np.testing.assert_array_equal(np.asarray(hf.masks(state)["w"]), support)
+    assert float(loss(hf.apply_masks(params, state))) < 1e-3
+
+
+def test_n_m_hyperflows_says_what_is_wrong():
+    with pytest.raises(ValueError, match="pattern sets the density"):
+        hf.hyperflows(hf.pressure.trajectory(0.5, 100, 10), n_m="2:4")
+    with pytest.raises(ValueError, match="read like '2:4'"):
+        hf.hyperflows(hf.pressure.constant(0.0), n_m="half")
+    with pytest.warns(UserWarning, match=r"kernels \(3, 8\) do not split"):
+        hf.hyperflows(hf.pressure.constant(0.0), n_m="2:4").init({"w": jnp.ones((3, 8))})

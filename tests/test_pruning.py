@@ -28,7 +28,7 @@ def test_prune_keeps_the_highest_scores_globally_and_n_m():
         nm = hf.prune(params, "loss_preservation", distribution="2:4", loss_fn=loss_fn,
                       batches=batches)
     assert bool(jnp.all(nm["Conv_0"]["kernel"]))  # 2 input channels: left dense
-    assert pruning.is_n_m(nm["Conv_1"]["kernel"], 2, 4)  # 4 input channels
+    assert hf.n_m.is_n_m(nm["Conv_1"]["kernel"], 2, 4)  # 4 input channels
     lp = importance.weight_scores("loss_preservation", params, loss_fn, batches)["Conv_1"]
     groups = np.moveaxis(np.asarray(lp["kernel"]), -2, -1).reshape(-1, 4)
     chosen = np.moveaxis(np.asarray(nm["Conv_1"]["kernel"]), -2, -1).reshape(-1, 4)
