@@ -210,7 +210,7 @@ def plot(fig, result: dict) -> None:
                         [r["after"]["loss"]] + r["train_loss"], marker="o", ms=3,
                         label=r["measure"])
         ax.set_title(f"pruned after {time} epoch(s)", fontsize=9)
-        ax.set_xlabel("epochs after pruning (0: just pruned, eval loss)")
+        ax.set_xlabel("epochs after pruning (0: eval loss when pruned)", fontsize=8)
         ax.set_ylabel("training loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
