@@ -29,7 +29,8 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         pressure off there, channels regrew and cifar10_5k runs ended 3.5 to 4.0 points
         of multiply-adds short of their targets; with one trajectory over both phases,
         0.3 to 2.3 points past them, but on the whole CIFAR-10 4.8 short of 70 % at 62.1 %
-        accuracy, where holding gave 4.1 short at 64.6 %. The pressure is shared by
+        accuracy, where holding gave 4.1 short at 64.6 % (at the default PI gains; at
+        ``pi_gains``, 1.1 short at 63.4 %). The pressure is shared by
         multiply-adds (``pressure_by="macs"``): shared alike, the cifar10_5k runs were 1.2
         and 4.2 points less accurate (docs/RESULTS.md). No regrowth allowance, and the PI
         controller may pull back (signed)."""
