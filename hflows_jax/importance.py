@@ -130,6 +130,7 @@ def filter_scores(name: str, params: PyTree, groups, loss_fn: LossFn | None = No
     (``hf.structured.channel_groups``): its terms summed over the kernel entries that
     write the channel, ``|.|`` on each term or on the sum as the measure says."""
     m = measure(name)
+    groups.check(masking.unwrap_nnx(params))
     t = terms(name, params, loss_fn, batches)
     sums = groups.reduce(jax.tree.map(jnp.abs, t) if m.absolute == "each" else t,
                          side="write")

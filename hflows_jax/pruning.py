@@ -130,6 +130,8 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         if sparsity is None:
             raise ValueError("pass the sparsity (the fraction removed).")
         distributions.check_sparsity(sparsity)
+    if groups is not None:
+        groups.check(params)
     if isinstance(scores, str):
         scores = (importance.weight_scores(scores, params, loss_fn, batches) if groups is None
                   else importance.filter_scores(scores, params, groups, loss_fn, batches))

@@ -51,6 +51,15 @@ def test_prune_says_what_is_wrong(call, match):
         call(params)
 
 
+def test_prune_rejects_another_models_groups():
+    _, params, _, _, groups = problem()
+    other = {**params, "Conv_1": {"kernel": jnp.ones((3, 3, 5, 6))}}
+    with pytest.raises(ValueError, match="params do not match these channel groups"):
+        hf.prune(other, "magnitude", 0.5, groups=groups)
+    with pytest.raises(ValueError, match="one vector per group"):
+        hf.prune(params, {"Conv_0": jnp.ones(4)}, 0.5, groups=groups)
+
+
 def test_channel_pruning_of_a_users_model_exports_smaller_and_identical():
     """Channels by a gradient measure on the Flax MNIST example's CNN, kept through
     fixed_masks, then hf.export: the compact model computes what the masked one does."""
