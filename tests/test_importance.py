@@ -51,8 +51,8 @@ def problem(train_mode: bool = False):
 def explicit_g_and_hg(loss_fn, params, batches):
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     mean_loss = lambda f: sum(loss_fn(unravel(f), b) for b in batches) / len(batches)  # noqa
-    g = jax.grad(mean_loss)(flat)
-    return unravel(g), unravel(jax.hessian(mean_loss)(flat) @ g)
+    g = jax.jit(jax.grad(mean_loss))(flat)
+    return unravel(g), unravel(jax.jit(jax.hessian(mean_loss))(flat) @ g)
 
 
 # The docstring's table, written out: (term from w, g, hg; where |.| goes).
@@ -100,8 +100,8 @@ def test_filter_terms_are_first_order_changes_of_the_loss_and_the_gradient_norm(
 
 
 def check_first_order(params, loss_fn, batches, groups):
-    mean_loss = lambda p: sum(loss_fn(p, b) for b in batches) / len(batches)  # noqa: E731
-    half_norm = lambda p: 0.5 * optax.tree.norm(jax.grad(mean_loss)(p)) ** 2  # noqa: E731
+    mean_loss = jax.jit(lambda p: sum(loss_fn(p, b) for b in batches) / len(batches))
+    half_norm = jax.jit(lambda p: 0.5 * optax.tree.norm(jax.grad(mean_loss)(p)) ** 2)
     increase = importance.filter_scores("loss_increase", params, groups, loss_fn, batches)
     grasp = importance.filter_scores("grasp", params, groups, loss_fn, batches)
     h = 1e-4
