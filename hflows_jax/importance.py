@@ -5,14 +5,14 @@ One family, after Lubana and Dick (2021; official code EkdeepSLubana/flowandprun
 ``θ``, the loss gradient ``g`` and the Hessian-gradient product ``Hg``, and where the
 absolute value is taken::
 
-    name                        term      |.|      filter score (sum over its weights)
-    magnitude                   θ         each     Σ|θ|        (L1, Li et al. 2017)
-    magnitude_squared           θ²        -        Σθ²         (ranks as the paper's ‖θ_f‖₂)
-    loss_increase               -θ·g      -        -Σθ·g       (first-order loss rise on removal)
-    loss_preservation           θ·g       each     Σ|θ·g|      (the paper's loss_based; SNIP)
-    biased_loss_preservation    θ²·g      each     Σ|θ²·g|     (the paper's own measure)
-    grasp                       θ·Hg      -        Σθ·Hg       (GraSP: raises the gradient norm)
-    gradient_norm_preservation  θ·Hg      total    |Σθ·Hg|     (the paper's grad_preserve)
+    name                        term   |.|    filter score (over its weights)
+    magnitude                   θ      each   Σ|θ|      L1 (Li et al. 2017)
+    magnitude_squared           θ²     -      Σθ²       ranks as the paper's ‖θ_f‖₂
+    loss_increase               -θ·g   -      -Σθ·g     first-order loss rise on removal
+    loss_preservation           θ·g    each   Σ|θ·g|    the paper's loss_based; SNIP
+    biased_loss_preservation    θ²·g   each   Σ|θ²·g|   the paper's own measure
+    grasp                       θ·Hg   -      Σθ·Hg     GraSP: raises the gradient norm
+    gradient_norm_preservation  θ·Hg   total  |Σθ·Hg|   the paper's grad_preserve
 
 Higher is kept. ``loss_increase`` is θ·g with the sign that ranks: removing weights ``S``
 changes the loss by ``-Σ_S θ·g`` to first order. ``θ·Hg`` is half the first-order change

@@ -29,12 +29,14 @@ import numpy as np
 import optax
 
 from hflows_jax import importance, masking
-from hflows_jax.n_m import fits, n_m_mask, parse_n_m
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
+from hflows_jax.n_m import fits, n_m_mask, parse_n_m
 from hflows_jax.structured.channels import ChannelGroups
 
 PyTree = Any
+
+
 def _n_m_masks(scores: PyTree, n: int, m: int) -> PyTree:
     left_dense = []
 
@@ -184,10 +186,11 @@ def round_densities(sparsity: float, rounds: int) -> np.ndarray:
 
 
 def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
-           loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
-           distribution: str = "global", groups=None, min_channels: int = 1,
-           min_fraction: float = 0.0, is_prunable: masking.IsPrunable | None = None,
-           ) -> optax.GradientTransformationExtraArgs:
+             loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
+             distribution: str = "global", groups: ChannelGroups | None = None,
+             min_channels: int = 1, min_fraction: float = 0.0,
+             is_prunable: masking.IsPrunable | None = None,
+             ) -> optax.GradientTransformationExtraArgs:
     """Prune by ``measure`` at each of ``steps``, the last reaching ``sparsity``.
 
     Args:
@@ -197,7 +200,8 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
       steps: the update counts (from 1) whose update is the first under each round's
         masks; 0 prunes in ``init``, on the params it is given (at initialization).
       loss_fn, batches: for the measures that read gradients.
-      distribution: ``"global"`` or ``"uniform"`` (and ``"erk"`` for weights).
+      distribution: ``"global"`` or ``"uniform"`` (ERK needs a density known before
+        tracing, and a round's is looked up in the traced step).
       groups: prune whole channels of these groups (``hf.structured.channel_groups``).
       min_channels, min_fraction: with ``groups``, the floor of every group, as
         ``prune``'s (``min_fraction`` of the channels left at each round).
@@ -212,9 +216,7 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
     if steps.size == 0 or steps[0] < 0 or len(set(steps.tolist())) != steps.size:
         raise ValueError(f"steps must be distinct non-negative update counts, got "
                          f"{list(steps)}.")
-    distributions.check_distribution(
-        distribution, ("global", "uniform") if groups is not None else
-        distributions.DISTRIBUTIONS)
+    distributions.check_distribution(distribution, ("global", "uniform"))
     densities = jnp.asarray(round_densities(sparsity, steps.size), jnp.float32)
 
     def one_round(params, masks, kept, density):
@@ -252,9 +254,10 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
         which = jnp.searchsorted(jnp.asarray(steps), count)
         due = (which < steps.size) & (jnp.asarray(steps)[jnp.minimum(which, steps.size - 1)]
                                       == count)
+        density = densities[jnp.minimum(which, steps.size - 1)]
         masks, kept = jax.lax.cond(
             due, lambda: one_round(masking.unwrap_nnx(params), state.masks, state.kept,
-                               densities[jnp.minimum(which, steps.size - 1)]),
+                                   density),
             lambda: (state.masks, state.kept))
         return masking.multiply_masks(updates, masks), RoundsState(count, masks, kept)
 
