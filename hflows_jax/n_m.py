@@ -4,9 +4,11 @@ dense kernel's rows, a conv kernel's input channels), the layout sparse tensor c
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import keystr
 
 N_M = re.compile(r"^(\d+):(\d+)$")
 
@@ -60,3 +62,21 @@ def is_n_m(mask: jax.Array, n: int, m: int) -> bool:
     return bool(jnp.all(x.reshape(x.shape[:-1] + (-1, m)).sum(-1) <= n))
 
 
+def tree_masks(scores, n: int, m: int):
+    """N:M masks for a tree of scores (None off the prunable leaves). A kernel whose input
+    axis ``m`` does not divide stays dense, with a warning naming it."""
+    left_dense = []
+
+    def leaf(path, s):
+        if not fits(s.shape, m):
+            name = keystr(path, simple=True, separator="/")
+            left_dense.append(f"{name} {tuple(s.shape)}")
+            return jnp.ones(s.shape, bool)
+        return n_m_mask(s, n, m)
+
+    masks = jax.tree.map_with_path(lambda p, s: None if s is None else leaf(p, s), scores,
+                                   is_leaf=lambda x: x is None)
+    if left_dense:
+        warnings.warn(f"{n}:{m} sparsity: these layers' input axis is not a multiple of {m}; "
+                      f"they stay dense: {', '.join(left_dense)}.", stacklevel=3)
+    return masks

@@ -20,7 +20,6 @@ BatchNorm statistics are whatever ``loss_fn`` closes over.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -31,27 +30,10 @@ import optax
 from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
-from hflows_jax.n_m import fits, n_m_mask, parse_n_m
+from hflows_jax.n_m import parse_n_m
 from hflows_jax.structured.channels import ChannelGroups
 
 PyTree = Any
-
-
-def _n_m_masks(scores: PyTree, n: int, m: int) -> PyTree:
-    left_dense = []
-
-    def leaf(path, s):
-        if not fits(s.shape, m):
-            left_dense.append(f"{masking.path_name(path)} {tuple(s.shape)}")
-            return jnp.ones(s.shape, bool)
-        return n_m_mask(s, n, m)
-
-    masks = jax.tree.map_with_path(lambda p, s: None if s is None else leaf(p, s), scores,
-                                   is_leaf=lambda x: x is None)
-    if left_dense:
-        warnings.warn(f"{n}:{m} sparsity: these layers' input axis is not a multiple of {m}; "
-                      f"they stay dense: {', '.join(left_dense)}.", stacklevel=3)
-    return masks
 
 
 def check_channel_scores(scores: dict, groups: ChannelGroups) -> None:
@@ -147,8 +129,6 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
                                       scores)
     except ValueError as e:
         raise ValueError(f"scores must be shaped like params: {e}") from None
-    if n_m is not None:
-        return _n_m_masks(scores, *n_m)
     distributions.check_distribution(distribution)
     return distributions.masks_from_scores(scores, sparsity, distribution)
 

@@ -235,3 +235,18 @@ def test_erk_needs_a_concrete_sparsity_under_inject_hyperparams():
     static = optax.inject_hyperparams(hf.baselines.random, static_args="sparsity")(0.9)
     chex.assert_trees_all_equal(hf.masks(static.init(params)),
                                 hf.masks(hf.baselines.random(0.9).init(params)))
+
+
+def test_snip_takes_an_n_m_distribution():
+    """N:M as a distribution of the one-shot baselines: SNIP's 2 highest |W * g| of every
+    4 inputs; the 6-input first layer cannot split into fours and stays dense, loudly."""
+    params, loss, batch = mlp_problem()
+    with pytest.warns(UserWarning, match=r"layer0/kernel \(6, 16\)"):
+        masks = hf.baselines.snip(0.5, loss, [batch], distribution="2:4").init(params).masks
+    assert bool(jnp.all(masks["layer0"]["kernel"])) and masks["layer0"]["bias"] is None
+    mask = np.asarray(masks["layer1"]["kernel"])  # 16 inputs
+    assert hf.n_m.is_n_m(mask, 2, 4) and mask.sum() == mask.size // 2
+    scores = hf.importance.weight_scores("loss_preservation", params, loss, [batch])
+    groups = np.asarray(scores["layer1"]["kernel"]).T.reshape(-1, 4)
+    np.testing.assert_allclose(np.sort(groups[mask.T.reshape(-1, 4)].reshape(-1, 2), axis=1),
+                               np.sort(groups, axis=1)[:, 2:])

@@ -16,9 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hflows_jax import masking
+from hflows_jax import masking, n_m
 
-DISTRIBUTIONS = ("global", "uniform", "erk")
+# "N:M" stands for every pattern such as "2:4" (hflows_jax.n_m).
+DISTRIBUTIONS = ("global", "uniform", "erk", "N:M")
 
 
 def check_sparsity(sparsity: float | jax.Array) -> float | jax.Array:
@@ -31,6 +32,8 @@ def check_sparsity(sparsity: float | jax.Array) -> float | jax.Array:
 
 
 def check_distribution(distribution: str, allowed=DISTRIBUTIONS) -> str:
+    if "N:M" in allowed and n_m.parse_n_m(distribution):
+        return distribution
     if distribution not in allowed:
         raise ValueError(f"Unknown sparsity distribution {distribution!r}: use one of "
                          f"{list(allowed)}.")
@@ -75,7 +78,12 @@ def keep_top(scores: jax.Array, keep: jax.Array | int) -> jax.Array:
 
 
 def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str) -> Any:
-    """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves."""
+    """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves. An N:M
+    ``distribution`` keeps N of every M along each kernel's input axis, whatever
+    ``sparsity`` says (``n_m.tree_masks``)."""
+    pattern = n_m.parse_n_m(distribution)
+    if pattern:
+        return n_m.tree_masks(scores, *pattern)
     leaves = masking.prunable_leaves(scores)
     if distribution == "global":
         flat = jnp.concatenate([s.ravel().astype(jnp.float32) for s in leaves])
