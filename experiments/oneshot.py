@@ -9,8 +9,9 @@ then for each measure of ``hf.importance`` and each sparsity pattern, from the s
 trained params: ``hf.prune`` (gradients on class-balanced batches, ``--per_class``
 examples of each class), the test accuracy right after, and after ``--finetune_epochs``
 with the masks fixed (``hf.fixed_masks``) at a tenth of the dense learning rate, in a
-plain optax loop (``plain_loop``), as a user's own would be. Writes oneshot.json, oneshot.md and
-oneshot.png to --out; the default run takes about 2 minutes on 2 CPU cores.
+plain optax loop (``plain_loop``), as a user's own would be. Writes oneshot.json,
+oneshot.md and oneshot.png to --out; the default run takes about 2 minutes on 2 CPU
+cores.
 """
 
 from __future__ import annotations
