@@ -297,6 +297,9 @@ def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
     assert dhp_method.epoch_reg(782) == pytest.approx(1e-4)
     assert dhp_method.epoch_reg(79) == pytest.approx(1e-4 * 782 / 79)
     assert methods.get("dhp").reg(79, 30 * 79) == pytest.approx(1e-4 * 782 / 79)  # by hand
+    # DHP's ResNet scripts set their own: dhp_resnet20.sh 2e-4, dhp_resnet56.sh 3e-4.
+    assert methods.get("dhp").reg(79, 30 * 79, "resnet20") == pytest.approx(2e-4 * 782 / 79)
+    assert dhp_method.epoch_reg(782, "resnet56") == pytest.approx(3e-4)
     # One epoch of proximal steps without gradient: 0.1 * 1e-4 * 782 off every latent.
     latent = {"latent": jnp.linspace(0.5, 2.0, 8)}
     prox = proximal_l1(dhp_method.search_lr(79), reg=dhp_method.epoch_reg(79))

@@ -49,6 +49,7 @@ class Budget:
     seed: int
     scoring: Scoring
     channel_groups: Callable[[], Any]  # the model's hf.structured.ChannelGroups, built on call
+    model: str = ""  # --model's name, for settings an official script sets per network
 
 
 @dataclasses.dataclass(frozen=True)

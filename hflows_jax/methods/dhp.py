@@ -22,9 +22,10 @@ LR, GAMMA, MOMENTUM, WEIGHT_DECAY = 0.1, 0.1, 0.9, 5e-4
 SEARCH_MILESTONE = 50  # the search's, in epochs (dhp_resnet20.sh: --decay step-50+...)
 FINE_TUNE_MILESTONES = (150 / 300, 225 / 300)  # the fine-tune's (...+step-150-225 of 300)
 HYPERNETWORKS = (DHPVGG, DHPResNet)  # the search's networks
-# --regularization_factor's default (util/option_dhp.py), for every network: DHP has no
-# VGG script; its ResNet-20 script sets 2e-4, ResNet-56's 3e-4 (README).
+# --regularization_factor: its default (util/option_dhp.py) for a network DHP has no script
+# for (VGG); what its ResNet scripts set (dhp_resnet20.sh, dhp_resnet56.sh), by --model.
 REG = 1e-4
+SCRIPT_REG = {"resnet20": 2e-4, "resnet56": 3e-4}
 OFFICIAL_STEPS_PER_EPOCH = 782  # CIFAR-10's 50000 training images at DHP's batch 64
 
 
@@ -42,11 +43,11 @@ def fine_tune_lr(steps: int) -> optax.Schedule:
     return multistep(LR, GAMMA, [int(f * steps) for f in FINE_TUNE_MILESTONES])
 
 
-def epoch_reg(steps_per_epoch: int) -> float:
-    """DHP's reg for a run of ``steps_per_epoch``: its per-step reg times its steps per
-    epoch over ours, so that a latent shrinks by as much an epoch (``REG * lr * 782``,
-    0.0078 at lr 0.1) as in DHP's CIFAR runs, on a data set of any size."""
-    return REG * OFFICIAL_STEPS_PER_EPOCH / steps_per_epoch
+def epoch_reg(steps_per_epoch: int, model: str = "") -> float:
+    """DHP's reg for ``model`` in a run of ``steps_per_epoch``: its per-step reg times its
+    steps per epoch over ours, so that a latent shrinks by as much an epoch (``REG * lr *
+    782``, 0.0078 at lr 0.1) as in DHP's CIFAR runs, on a data set of any size."""
+    return SCRIPT_REG.get(model, REG) * OFFICIAL_STEPS_PER_EPOCH / steps_per_epoch
 
 
 def reaching_reg(steps_per_epoch: int, steps: int, shrink: float) -> float:
@@ -64,14 +65,14 @@ class DHP(ChannelMethod):
     # where DHP's reg falls far short of it (README, "DHP as its authors run it").
     shrink: float | None = None
 
-    def reg(self, steps_per_epoch: int, pruning_steps: int) -> float:
+    def reg(self, steps_per_epoch: int, pruning_steps: int, model: str = "") -> float:
         if self.shrink is None:
-            return epoch_reg(steps_per_epoch)
+            return epoch_reg(steps_per_epoch, model)
         return reaching_reg(steps_per_epoch, pruning_steps, self.shrink)
 
     def pruner(self, b: Budget) -> optax.GradientTransformation:
         return dhp(b.channel_groups(), b.target_sparsity, search_lr(b.steps_per_epoch),
-                   reg=self.reg(b.steps_per_epoch, b.pruning_steps))
+                   reg=self.reg(b.steps_per_epoch, b.pruning_steps, b.model))
 
     def optimizer(self, b: Budget, *weight_links) -> optax.GradientTransformation:
         """DHP's SGD in place of the run's ``weight_links`` (``--lr``'s schedule,
@@ -133,7 +134,8 @@ class DHP(ChannelMethod):
         layer's channels reach a FLOP target."""
         s, warnings = cfg.schedule, super().start_warnings(cfg, steps_per_epoch)
         steps = s.pruning_epochs * steps_per_epoch
-        reach = self.reg(steps_per_epoch, steps) * lr_sum(steps_per_epoch, steps)
+        reach = self.reg(steps_per_epoch, steps, cfg.model.name) * lr_sum(steps_per_epoch,
+                                                                           steps)
         cut = math.erf(reach / math.sqrt(2))  # of the latents, from N(0, 1)
         needed = 1 - math.sqrt(1 - cfg.method.target_sparsity)
         if cut < needed:
