@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import scaffold
 from hflows_jax import graph as graph_lib

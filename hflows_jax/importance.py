@@ -68,7 +68,8 @@ def measure(name: str) -> Measure:
     return MEASURES[name]
 
 
-def _check_batches(loss_fn: LossFn | None, batches: Sequence[Any] | None, name: str):
+def check_loss(name: str, loss_fn: LossFn | None, batches: Sequence[Any] | None) -> None:
+    """A measure that reads gradients needs a loss and batches: say so at once."""
     if loss_fn is None or not batches:
         raise ValueError(f"The {name!r} measure reads the loss gradient: pass loss_fn="
                          "(params, batch) -> scalar and a non-empty list of batches.")
@@ -108,7 +109,7 @@ def terms(name: str, params: PyTree, loss_fn: LossFn | None = None,
     params = masking.unwrap_nnx(params)
     g = hg = jax.tree.map(lambda _: None, params)
     if m.needs:
-        _check_batches(loss_fn, batches, name)
+        check_loss(name, loss_fn, batches)
         g = gradient(loss_fn, params, batches)
         if m.needs == "hessian_gradient":
             hg = hessian_gradient(loss_fn, params, batches, g)

@@ -31,7 +31,7 @@ from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
 from hflows_jax.n_m import parse_n_m
-from hflows_jax.structured.channels import ChannelGroups
+from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
 PyTree = Any
 
@@ -51,21 +51,17 @@ def kept_channels(scores: dict, sparsity, distribution: str, groups: ChannelGrou
     ``floor(min_fraction * n) + 1`` of its ``n`` channels still scored (finite): the seed
     code's ``constrain_ratios`` with 0.05. ``sparsity`` may be traced."""
     def floor(s):
+        """At most the channels still scored: a pruned one (-inf) never comes back."""
         alive = jnp.sum(jnp.isfinite(s))
         least = jnp.maximum(min_channels, jnp.floor(min_fraction * alive).astype(jnp.int32)
                             + (1 if min_fraction else 0))
         return jnp.minimum(least, alive)
 
-    def at_least(s, cutoff):
-        k = floor(s)
-        kth = jnp.sort(s)[s.size - jnp.maximum(k, 1)]  # the k-th highest
-        return s >= jnp.where(k > 0, jnp.minimum(cutoff, kth), cutoff)
-
     if distribution == "global":
         flat = jnp.concatenate([scores[g] for g in groups.sizes])
         keep = jnp.maximum(1, jnp.round((1 - sparsity) * flat.size)).astype(jnp.int32)
         cutoff = jnp.sort(flat)[flat.size - keep]
-        return {g: at_least(s, cutoff) for g, s in scores.items()}
+        return {g: keep_at_least(s, cutoff, floor(s)) for g, s in scores.items()}
     if distribution == "uniform":
         return {g: distributions.keep_top(s, jnp.maximum(
             floor(s), jnp.round((1 - sparsity) * s.size)).astype(jnp.int32))
@@ -188,10 +184,8 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
     """
     distributions.check_sparsity(sparsity)
-    m = importance.measure(measure)
-    if m.needs and (loss_fn is None or not batches):
-        raise ValueError(f"The {measure!r} measure reads the loss gradient: pass loss_fn="
-                         "(params, batch) -> scalar and a non-empty list of batches.")
+    if importance.measure(measure).needs:
+        importance.check_loss(measure, loss_fn, batches)
     steps = np.asarray(sorted(steps), np.int32)
     if steps.size == 0 or steps[0] < 0 or len(set(steps.tolist())) != steps.size:
         raise ValueError(f"steps must be distinct non-negative update counts, got "

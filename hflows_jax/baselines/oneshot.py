@@ -13,13 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
-
-LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> scalar
 
 
 class OneShotState(NamedTuple):
@@ -48,7 +45,7 @@ def _from_scores(score_fn: Callable[[Any], Any], sparsity: float | jax.Array,
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def snip(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
+def snip(sparsity: float | jax.Array, loss_fn: importance.LossFn, batches: Sequence[Any],
          distribution: str = "global", is_prunable: masking.IsPrunable | None = None):
     """SNIP (Lee et al. 2019): keep the largest ``|W * g|`` at initialization.
 
@@ -61,7 +58,7 @@ def snip(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
                         sparsity, distribution, is_prunable)
 
 
-def grasp(sparsity: float | jax.Array, loss_fn: LossFn, batches: Sequence[Any],
+def grasp(sparsity: float | jax.Array, loss_fn: importance.LossFn, batches: Sequence[Any],
           distribution: str = "global", is_prunable: masking.IsPrunable | None = None):
     """GraSP (Wang et al. 2020): keep the largest ``W * (H g)`` at initialization.
 

@@ -34,13 +34,14 @@ def path_of(path: tuple) -> str:
     return keystr(path, simple=True, separator="/")
 
 
-def keep_at_least(scores: jax.Array, cutoff, min_channels: int) -> jax.Array:
+def keep_at_least(scores: jax.Array, cutoff, min_channels: int | jax.Array) -> jax.Array:
     """``scores >= cutoff``, and in any case the ``min_channels`` highest scores (all of a
-    layer with fewer): the channel floor of DHP (``mc``) and of channel Hyperflows."""
-    k = min(min_channels, scores.shape[-1])
-    if k == 0:
-        return scores >= cutoff
-    return scores >= jnp.minimum(cutoff, jnp.sort(scores)[-k])
+    layer with fewer): the channel floor of DHP (``mc``), of channel Hyperflows and of
+    ``hf.prune``'s channels (where it may be traced: a share of the channels left)."""
+    n = scores.shape[-1]
+    k = jnp.minimum(min_channels, n)
+    kth = jnp.sort(scores)[n - jnp.maximum(k, 1)]  # the k-th highest
+    return scores >= jnp.where(k > 0, jnp.minimum(cutoff, kth), cutoff)
 
 
 class Member(NamedTuple):
