@@ -14,12 +14,16 @@ or after k epochs) or in rounds, as Lubana and Dick's code runs it
 pruning step the measure scores the network as it runs, on ``W * M``; what is pruned
 stays pruned. Round k of n prunes to the density whose inverse grows linearly,
 ``1 / d_k = 1 + (k / n) (1 / (1 - s) - 1)`` (the paper's ``p_ratios``). Its gradients
-come from ``loss_fn(params, batch)`` over ``batches`` captured at construction: the
-BatchNorm statistics are whatever ``loss_fn`` closes over.
+come from ``loss_fn(params, batch)`` over ``batches`` captured at construction. To score
+on the loop's current BatchNorm statistics, as the paper does (eval mode), name them in
+``loss_args``: ``prune_at(..., loss_args=("batch_stats",))`` hands
+``tx.update(..., batch_stats=...)``'s value to ``loss_fn(params, batch, batch_stats=...)``
+at every pruning step.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -54,7 +58,7 @@ def kept_channels(scores: dict, sparsity, distribution: str, groups: ChannelGrou
         """At most the channels still scored: a pruned one (-inf) never comes back."""
         alive = jnp.sum(jnp.isfinite(s))
         least = jnp.maximum(min_channels, jnp.floor(min_fraction * alive).astype(jnp.int32)
-                            + (1 if min_fraction else 0))
+                            + (jnp.asarray(min_fraction) > 0))
         return jnp.minimum(least, alive)
 
     if distribution == "global":
@@ -154,10 +158,10 @@ class RoundsState(NamedTuple):
         return self.masks
 
 
-def round_densities(sparsity: float, rounds: int) -> np.ndarray:
+def round_densities(sparsity: float | jax.Array, rounds: int) -> jax.Array:
     """The density after each of ``rounds`` rounds: ``1 / density`` grows linearly from 1
-    to ``1 / (1 - sparsity)``."""
-    k = np.arange(1, rounds + 1)
+    to ``1 / (1 - sparsity)``. ``sparsity`` may be traced (``optax.inject_hyperparams``)."""
+    k = jnp.arange(1, rounds + 1, dtype=jnp.float32)
     return 1.0 / (1.0 + k / rounds * (1.0 / (1.0 - sparsity) - 1.0))
 
 
@@ -166,6 +170,7 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
              distribution: str = "global", groups: ChannelGroups | None = None,
              min_channels: int = 1, min_fraction: float = 0.0,
              is_prunable: masking.IsPrunable | None = None,
+             loss_args: Sequence[str] = (),
              ) -> optax.GradientTransformationExtraArgs:
     """Prune by ``measure`` at each of ``steps``, the last reaching ``sparsity``.
 
@@ -173,15 +178,20 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
       measure: a name of ``hf.importance.MEASURES``.
       sparsity: the final fraction of prunable weights (or, with ``groups``, of channels)
         removed.
-      steps: the update counts (from 1) whose update is the first under each round's
-        masks; 0 prunes in ``init``, on the params it is given (at initialization).
+      steps: the update counts (from 1) that prune: each round's masks hold from the next
+        forward pass on; 0 prunes in ``init``, on the params it is given (at
+        initialization).
       loss_fn, batches: for the measures that read gradients.
-      distribution: ``"global"`` or ``"uniform"`` (ERK needs a density known before
-        tracing, and a round's is looked up in the traced step).
+      distribution: ``"global"``, ``"uniform"``, or with one round an N:M pattern such
+        as ``"2:4"`` (``sparsity`` then ``1 - N/M``). ERK needs a density known before
+        tracing, and a round's is looked up in the traced step.
       groups: prune whole channels of these groups (``hf.structured.channel_groups``).
       min_channels, min_fraction: with ``groups``, the floor of every group, as
         ``prune``'s (``min_fraction`` of the channels left at each round).
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
+      loss_args: names of ``tx.update``'s extra keyword args handed on to ``loss_fn`` at a
+        pruning step (the loop's current BatchNorm statistics, say). A pruning step
+        without them is an error, not a score on something else.
     """
     distributions.check_sparsity(sparsity)
     if importance.measure(measure).needs:
@@ -190,19 +200,39 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
     if steps.size == 0 or steps[0] < 0 or len(set(steps.tolist())) != steps.size:
         raise ValueError(f"steps must be distinct non-negative update counts, got "
                          f"{list(steps)}.")
-    distributions.check_distribution(distribution, ("global", "uniform"))
-    densities = jnp.asarray(round_densities(sparsity, steps.size), jnp.float32)
+    n_m = parse_n_m(distribution)
+    if n_m is not None:
+        if groups is not None or steps.size != 1:
+            raise ValueError(f"{distribution} sparsity is per weight and prunes once: drop "
+                             "groups and pass a single step.")
+        if (masking.is_static_number(sparsity)
+                and abs(sparsity - (1 - n_m[0] / n_m[1])) > 1e-9):
+            raise ValueError(f"{distribution} sparsity removes {1 - n_m[0] / n_m[1]:g} of "
+                             f"the weights; got sparsity={sparsity}.")
+    else:
+        distributions.check_distribution(distribution, ("global", "uniform"))
+    if loss_args and steps[0] == 0:
+        raise ValueError("loss_args come with tx.update, which step 0 (pruning in init) "
+                         "does not see: prune from step 1.")
+    densities = round_densities(sparsity, steps.size)
 
-    def one_round(params, masks, kept, density):
+    def one_round(params, masks, kept, density, extra_args):
         """The masks of one round, scoring the network as it runs (``W * M``)."""
         current = masking.multiply_masks(params, masks)
+        loss = loss_fn
+        if loss_args:
+            missing = sorted(set(loss_args) - set(extra_args))
+            if missing:
+                raise ValueError(f"prune_at scores with loss_args {missing}: pass them to "
+                                 f"tx.update(..., {missing[0]}=...).")
+            loss = functools.partial(loss_fn, **{k: extra_args[k] for k in loss_args})
         if groups is not None:
-            scores = importance.filter_scores(measure, current, groups, loss_fn, batches)
+            scores = importance.filter_scores(measure, current, groups, loss, batches)
             scores = {g: jnp.where(kept[g], s, -jnp.inf) for g, s in scores.items()}
             kept = kept_channels(scores, 1 - density, distribution, groups, min_channels,
                                  min_fraction)
             return groups.expand(kept, params), kept
-        scores = importance.weight_scores(measure, current, loss_fn, batches)
+        scores = importance.weight_scores(measure, current, loss, batches)
         scores = masking.map_prunable(lambda mk, s: jnp.where(mk, s, -jnp.inf), masks,
                                       scores)
         return distributions.masks_from_scores(scores, 1 - density, distribution), kept
@@ -218,11 +248,10 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
             masks = masking.prunable_like(params, is_prunable,
                                           lambda i, p: jnp.ones(p.shape, bool))
         if steps[0] == 0:
-            masks, kept = one_round(params, masks, kept, densities[0])
+            masks, kept = one_round(params, masks, kept, densities[0], {})
         return RoundsState(jnp.zeros((), jnp.int32), masks, kept)
 
     def update(updates, state, params=None, **extra_args):
-        del extra_args
         masking.check_update_args(updates, params, state.masks)
         count = optax.safe_increment(state.count)
         which = jnp.searchsorted(jnp.asarray(steps), count)
@@ -231,8 +260,9 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
         density = densities[jnp.minimum(which, steps.size - 1)]
         masks, kept = jax.lax.cond(
             due, lambda: one_round(masking.unwrap_nnx(params), state.masks, state.kept,
-                                   density),
+                                   density, extra_args),
             lambda: (state.masks, state.kept))
-        return masking.multiply_masks(updates, masks), RoundsState(count, masks, kept)
+        # The pruner contract: this step's update is gated by the masks its gradient saw.
+        return masking.multiply_masks(updates, state.masks), RoundsState(count, masks, kept)
 
     return optax.GradientTransformationExtraArgs(init, update)

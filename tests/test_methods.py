@@ -1,5 +1,7 @@
 """The method registry, and its model and loss hooks reaching the train step and the run."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -11,6 +13,7 @@ import hflows_jax as hf
 from hflows_jax import methods, models
 from hflows_jax.training import Config, TrainState, make_train_step, run
 from tests.helpers import subset_npz
+from tests.test_importance import problem
 
 PENALTY = 0.3
 
@@ -56,7 +59,7 @@ def tempered_method():
 def test_registry_describes_every_method():
     assert list(methods.REGISTRY) == ["hyperflows", "hyperflows_channel", "dhp", "dhp_reach",
                                       "ftwt", "magnitude", "snip", "grasp", "random", "rigl",
-                                      "ste_magnitude"]
+                                      "ste_magnitude", "importance"]
     assert [m.name for m in methods.REGISTRY.values()
             if isinstance(m, methods.PressureMethod)] == ["hyperflows", "hyperflows_channel"]
     assert [m.name for m in methods.REGISTRY.values() if m.target == "flops"] == [
@@ -67,6 +70,7 @@ def test_registry_describes_every_method():
                                                                           "ftwt"]
     assert methods.get("random").distribution(None) == "erk"
     assert methods.get("magnitude").distribution("uniform") == "uniform"
+    assert methods.get("snip").distribution("2:4") == "2:4"
     with pytest.raises(ValueError, match="does not apply to magnitude"):
         methods.get("magnitude").distribution("erk")
     with pytest.raises(ValueError, match="Unknown method 'obd'"):
@@ -107,6 +111,44 @@ def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_np
     lenet = 784 * 15 + 15 + 15 * 5 + 5 + 5 * 10 + 10
     assert report["params_total"] == lenet + 1  # the wrapper's temperature
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_train_step_hands_its_running_statistics_to_a_pruner():
+    """A pruner that scores in eval mode (``prune_at(..., loss_args=("batch_stats",))``)
+    sees the statistics the step starts from, not the model's initial ones."""
+    model, params, loss_fn, batches, _ = problem()
+    variables = model.init(jax.random.key(0), batches[0][0])
+
+    def eval_loss(p, batch, batch_stats):
+        logits = model.apply({"params": p, "batch_stats": batch_stats}, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    stats = jax.tree.map(lambda s: s + jax.random.uniform(jax.random.key(3), s.shape),
+                         variables["batch_stats"])
+    tx = optax.chain(hf.prune_at("loss_preservation", 0.5, [1], loss_fn=eval_loss,
+                                 batches=batches, loss_args=("batch_stats",)),
+                     optax.sgd(0.1))
+    state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
+    step = jax.jit(make_train_step(model, tx, masked=True, axis_name=None))
+    new_state, _ = step(state, *batches[0])
+
+    def oracle(batch_stats):
+        return hf.prune(params, "loss_preservation", 0.5, batches=batches,
+                        loss_fn=functools.partial(eval_loss, batch_stats=batch_stats))
+
+    assert not jax.tree.all(jax.tree.map(jnp.array_equal, oracle(stats),
+                                         oracle(variables["batch_stats"])))
+    chex.assert_trees_all_equal(hf.masks(new_state.opt_state), oracle(stats))
+
+
+def test_importance_prunes_in_rounds_in_the_run(mnist_npz, tmp_path):
+    dataset = subset_npz(mnist_npz, tmp_path / "small.npz", train=64, test=32)
+    report = run(Config().replace(model="lenet300", width=0.05, dataset=dataset,
+                                  method="importance", measure="biased_loss_preservation",
+                                  rounds=2, target_sparsity=0.75, batch_size=16,
+                                  dense_epochs=1, pruning_epochs=1, regrowth_epochs=1,
+                                  augment=False, workdir=str(tmp_path / "run")))
+    assert report["sparsity"] == pytest.approx(0.75, abs=0.01)
 
 
 @pytest.mark.parametrize("controller", methods.CONTROLLERS)

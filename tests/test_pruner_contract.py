@@ -17,7 +17,7 @@ import pytest
 import hflows_jax as hf
 from tests.helpers import classification_batch, xent
 
-METHODS = ["hyperflows", "magnitude", "snip", "grasp", "random", "rigl"]
+METHODS = ["hyperflows", "magnitude", "snip", "grasp", "random", "rigl", "prune_at"]
 X, Y = classification_batch(jax.random.key(0), n=32)
 X2, Y2 = classification_batch(jax.random.key(1), n=32)
 
@@ -63,6 +63,9 @@ def spec(method):
     if method in ("snip", "grasp"):
         factory = getattr(hf.baselines, method)
         return factory, dict(sparsity=0.5, loss_fn=loss, batches=[(X, Y)]), ("loss_fn",)
+    if method == "prune_at":
+        return hf.prune_at, dict(measure="loss_preservation", sparsity=0.5, steps=(0, 2),
+                                 loss_fn=loss, batches=[(X, Y)]), ("loss_fn", "measure")
     if method == "random":
         return hf.baselines.random, dict(sparsity=0.5, distribution="uniform", seed=1), ()
     return hf.baselines.rigl, dict(sparsity=0.5, end_step=10, update_every=1, alpha=0.5,
@@ -192,6 +195,7 @@ NUMERIC_HYPERPARAMS = {
     "grasp": {"sparsity"},
     "random": {"sparsity", "seed"},
     "rigl": {"sparsity", "end_step", "update_every", "alpha", "seed"},
+    "prune_at": {"sparsity", "min_channels", "min_fraction"},
 }
 
 

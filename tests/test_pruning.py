@@ -104,7 +104,7 @@ def test_round_densities_are_the_seed_codes_schedule():
     """flowandprune's main.py: round k prunes p_k = p / (k p + n (1 - p)) of what is left."""
     p, n = 0.9, 5
     ratios = p / (np.arange(1, n + 1) * p + n * (1 - p))
-    np.testing.assert_allclose(pruning.round_densities(p, n), np.cumprod(1 - ratios))
+    np.testing.assert_allclose(pruning.round_densities(p, n), np.cumprod(1 - ratios), rtol=1e-6)
     assert pruning.round_densities(p, n)[-1] == pytest.approx(1 - p)
 
 
@@ -168,6 +168,27 @@ def test_prune_at_says_what_is_wrong():
         hf.prune_at("grasp", 0.5, steps=(0,))
     with pytest.raises(ValueError, match="Unknown importance measure"):
         hf.prune_at("weight", 0.5, steps=(0,))
+    with pytest.raises(ValueError, match="prunes once"):
+        hf.prune_at("magnitude", 0.5, steps=(1, 2), distribution="2:4")
+    with pytest.raises(ValueError, match="step 0"):
+        hf.prune_at("magnitude", 0.5, steps=(0,), loss_args=("batch_stats",))
+    _, params, loss_fn, batches, _ = problem()
+    tx = hf.prune_at("loss_preservation", 0.5, steps=(1,), batches=batches,
+                     loss_fn=lambda p, b, batch_stats: loss_fn(p, b),
+                     loss_args=("batch_stats",))
+    with pytest.raises(ValueError, match=r"pass them to tx.update\(..., batch_stats=...\)"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_prune_at_n_m_once_during_training():
+    _, params, _, _, _ = problem()
+    tx = hf.prune_at("magnitude", 0.5, steps=(2,), distribution="2:4")
+    state = tx.init(params)
+    with pytest.warns(UserWarning, match="stay dense: Conv_0/kernel"):
+        for _ in range(2):
+            _, state = tx.update(params, state, params)
+    kernels = [m for m in jax.tree.leaves(hf.masks(state)) if m.shape[-2] % 4 == 0]
+    assert kernels and all(hf.n_m.is_n_m(m, 2, 4) and m.mean() == 0.5 for m in kernels)
 
 
 def test_channel_floor_keeps_a_fraction_of_every_layer():

@@ -14,6 +14,7 @@ from hflows_jax.methods.ftwt import FTWT
 from hflows_jax.methods.grasp import GraSP
 from hflows_jax.methods.hyperflows import Hyperflows
 from hflows_jax.methods.hyperflows_channel import HyperflowsChannel
+from hflows_jax.methods.importance import Importance
 from hflows_jax.methods.magnitude import Magnitude
 from hflows_jax.methods.random import Random
 from hflows_jax.methods.rigl import RigL
@@ -36,7 +37,7 @@ def get(name: str) -> Method:
 
 
 for _method in (Hyperflows, HyperflowsChannel, DHP, DHPReach, FTWT, Magnitude, SNIP, GraSP,
-                Random, RigL, SteMagnitude):
+                Random, RigL, SteMagnitude, Importance):
     register(_method())
 
 __all__ = ["CONTROLLERS", "REGISTRY", "Budget", "ChannelMethod", "Method", "PressureMethod",

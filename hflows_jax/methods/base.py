@@ -30,6 +30,9 @@ class Scoring:
 
     loss_fn: Callable[[PyTree, Any], jax.Array]  # (params, batch) -> scalar
     batches: Sequence[Any]
+    # (params, batch, batch_stats) -> scalar, BatchNorm in eval mode on the statistics the
+    # train step hands to ``tx.update`` (``batch_stats=``): scores during training.
+    eval_loss_fn: Callable[..., jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Budget:
     scoring: Scoring
     channel_groups: Callable[[], Any]  # the model's hf.structured.ChannelGroups, built on call
     model: str = ""  # --model's name, for settings an official script sets per network
+    measure: str | None = None  # --measure, for the methods whose options hold it
+    rounds: int | None = None  # --rounds, likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,7 @@ class Method:
     # model's "intermediates" collection from the same forward pass. None: none.
     loss_term: Callable[[PyTree, PyTree], jax.Array] | None = None
     controller: str = "trajectory"  # the pressure controller unless --controller says
+    options: tuple[str, ...] = ()  # the method flags only some methods read, that this one does
 
     # --- building the run -----------------------------------------------------------------
 
@@ -169,10 +175,11 @@ class Method:
         """The distribution to build with: the requested one, checked, or the default."""
         if requested is None:
             return self.distributions[0] if self.distributions else None
-        if requested not in self.distributions:
+        try:
+            return hf.baselines.distributions.check_distribution(requested, self.distributions)
+        except ValueError:
             raise ValueError(f"--distribution={requested} does not apply to {self.name}: "
-                             f"it takes {list(self.distributions) or 'none'}.")
-        return requested
+                             f"it takes {list(self.distributions) or 'none'}.") from None
 
     def learning_rates(self, budget: Budget, step: int) -> dict[str, float]:
         """The rates logged for a step of the pruning phase."""

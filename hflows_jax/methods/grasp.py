@@ -9,7 +9,7 @@ from hflows_jax.methods.base import Budget, Method
 
 class GraSP(Method):
     name = "grasp"
-    distributions = ("global", "uniform", "erk")
+    distributions = ("global", "uniform", "erk", "N:M")
     prunes_at_init = True
 
     def pruner(self, b: Budget):

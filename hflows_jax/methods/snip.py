@@ -8,7 +8,7 @@ from hflows_jax.methods.base import Budget, Method
 
 class SNIP(Method):
     name = "snip"
-    distributions = ("global", "uniform", "erk")
+    distributions = ("global", "uniform", "erk", "N:M")
     prunes_at_init = True
 
     def pruner(self, b: Budget):

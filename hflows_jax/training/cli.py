@@ -40,7 +40,8 @@ HELP = {
     "method": "pruner: {methods}",  # the registry as --help is built
     "target_sparsity": "fraction of prunable weights removed at the end (channel methods: "
                        "fraction of multiply-adds removed)",
-    "distribution": "baselines: global, uniform or erk; unset: the method's own",
+    "distribution": "baselines: global, uniform, erk, or N:M such as 2:4 (snip, grasp, "
+                    "importance); unset: the method's own",
     "presence_lr": "Adam learning rate of the presence scores; unset: from the number of "
                    "pruning steps (recipe.presence_regime)",
     "regrowth_allowance": "expected relative density gain of the regrowth phase; the pruning "
@@ -50,6 +51,9 @@ HELP = {
     "controller": "pressure controller: trajectory (the reference's) or pi (PI on the "
                   "log-density error); unset: the method's own (hyperflows: trajectory, "
                   "hyperflows_channel: pi)",
+    "measure": "importance: the score, a name of hf.importance.MEASURES; unset: magnitude",
+    "rounds": "importance: pruning rounds, evenly spread over the pruning epochs, the "
+              "density's inverse growing linearly (hf.prune_at); unset: 1",
     # schedule
     "dense_epochs": "epochs of dense training first, when no --init_checkpoint is given",
     "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense "

@@ -40,6 +40,8 @@ class MethodConfig:
     regrowth_allowance: float = 0.15
     pressure_updates_per_epoch: int | None = None  # None: recipe.presence_regime (~100 in all)
     controller: str | None = None  # trajectory (reference) or pi; None: the method's own
+    measure: str | None = None  # importance: a name of hf.importance.MEASURES
+    rounds: int | None = None  # importance: pruning rounds over the pruning epochs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,8 @@ class Config:
         """Every check of a config's values, in one place; returns the config."""
         # The registries own the names; they are imported here, not at module level,
         # so that this module stays free of jax.
-        from hflows_jax import methods, models
+        from hflows_jax import importance, methods, models
+        from hflows_jax.n_m import parse_n_m
 
         d, m, p, s, r = self.data, self.model, self.method, self.schedule, self.run
         _require(0.0 < p.target_sparsity < 1.0,
@@ -154,7 +157,20 @@ class Config:
         _require(m.kernel_init in models.KERNEL_INITS,
                  f"--kernel_init must be one of {list(models.KERNEL_INITS)}, "
                  f"got {m.kernel_init!r}.")
-        methods.get(p.name).distribution(p.distribution)
+        method = methods.get(p.name)
+        method.distribution(p.distribution)
+        for flag in ("measure", "rounds"):
+            _require(getattr(p, flag) is None or flag in method.options,
+                     f"--{flag} applies to --method="
+                     f"{[m.name for m in methods.REGISTRY.values() if flag in m.options]}, "
+                     f"not {p.name}.")
+        _require(p.rounds is None or p.rounds >= 1, f"--rounds must be >= 1, got {p.rounds}.")
+        if p.measure is not None:
+            importance.measure(p.measure)
+        n_m = parse_n_m(p.distribution or "")
+        _require(n_m is None or abs(p.target_sparsity - (1 - n_m[0] / n_m[1])) < 1e-9,
+                 f"--distribution={p.distribution} removes {1 - n_m[0] / n_m[1]:g} of the "
+                 f"weights: pass --target_sparsity={1 - n_m[0] / n_m[1]:g}." if n_m else "")
         _require(r.keep_checkpoints >= 0,
                  f"--keep_checkpoints must be >= 0, got {r.keep_checkpoints}.")
         _require(r.bn_batches >= 0, f"--bn_batches must be >= 0, got {r.bn_batches}.")

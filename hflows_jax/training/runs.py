@@ -174,10 +174,10 @@ def initial_variables(run: OpenRun) -> tuple[Any, Any]:
 
 def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
             num_batches: int = 4) -> methods.Scoring:
-    """A loss and a few training batches for the scores of at-initialization methods.
-
-    BatchNorm runs in training mode (batch statistics), so no running averages and no
-    device axis are needed.
+    """A loss and a few training batches for the scores of at-initialization methods,
+    BatchNorm in training mode (batch statistics, as at initialization there are no
+    others); and the loss for scores during training, BatchNorm in eval mode on the
+    statistics the train step hands over. Neither needs a device axis.
     """
     model = method.model(build_model(cfg, inputs.data.num_classes, None, jnp.float32),
                          cfg.method.target_sparsity)
@@ -187,7 +187,12 @@ def scoring(cfg: Config, inputs: Inputs, method: methods.Method, batch_stats,
                                 train=True, mutable=["batch_stats"])
         return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
 
-    return methods.Scoring(loss_fn, sample_batches(cfg, inputs, num_batches))
+    def eval_loss_fn(params, batch, batch_stats):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, batch[0],
+                             train=False)
+        return smoothed_cross_entropy(logits, batch[1], cfg.schedule.label_smoothing)
+
+    return methods.Scoring(loss_fn, sample_batches(cfg, inputs, num_batches), eval_loss_fn)
 
 
 def sample_batches(cfg: Config, inputs: Inputs, num_batches: int = 4) -> list:
@@ -223,7 +228,8 @@ def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Modu
         presence_lr=recipe.presence_learning_rate(lr, pruning_steps, spe),
         weight_lr=weight_lr, regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
-        channel_groups=channel_groups, model=cfg.model.name)
+        channel_groups=channel_groups, model=cfg.model.name, measure=p.measure,
+        rounds=p.rounds)
     tx = method.optimizer(budget, optax.add_decayed_weights(s.weight_decay),
                           optax.sgd(weight_lr, momentum=0.9))
     regrowth_from = first_epoch + s.pruning_epochs

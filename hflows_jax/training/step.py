@@ -61,7 +61,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, masked: 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, batch_stats)), grads = grad_fn(effective_params(state, masked))
         grads = _mean(grads, axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # The running statistics before this step, for pruners that score in eval mode.
+        updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                       batch_stats=state.batch_stats)
         new_state = TrainState(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
