@@ -9,7 +9,9 @@ minimally trained, and a late one) every measure of ``hf.importance`` prunes the
 fraction of filters (neurons, for LeNet-300-100) once, ranked globally with every layer
 keeping 5 % of its filters plus one, as the seed code does (``hf.prune`` with the traced
 graph's groups; gradients in eval mode on class-balanced batches), and the pruned model
-trains on for the same epochs (cosine from the same lr). Recorded per run: the loss,
+trains on for the same epochs (cosine from the same lr). Right after pruning, BatchNorm's
+statistics are re-estimated on the pruned network (32 training batches): the running
+ones describe the dense network. Recorded per run: the loss,
 ‖θ‖², θᵀg and ‖g‖² on the scoring batches just before and just after pruning, the
 training loss of every epoch after, and the test accuracy right after pruning and at the
 end. The claims, as checked here:
@@ -118,13 +120,15 @@ def measure(args) -> list[dict]:
             masks = hf.prune(params, name, args.sparsity, groups=groups, loss_fn=loss_fn,
                              batches=scoring, min_fraction=MIN_FRACTION)
             pruned = hf.multiply_masks(params, masks)
+            pruned_stats = loop.reestimated(model, pruned, stats, data, seed=args.seed)
             tx = optax.chain(hf.fixed_masks(masks), optax.sgd(
                 optax.cosine_decay_schedule(setting["lr"], after_steps), momentum=0.9))
-            final, final_stats, _, losses = loop.train(model, pruned, stats, tx, data,
+            final, final_stats, _, losses = loop.train(model, pruned, pruned_stats, tx, data,
                                                        args.after, args.seed + 1000)
             rows.append({"time": time, "measure": name, "before": before,
-                         "after": dynamics(loss_fn, pruned, scoring),
-                         "pruned_accuracy": loop.accuracy(model, pruned, stats, data),
+                         "after": dynamics(loop.eval_loss(model, pruned_stats), pruned,
+                                           scoring),
+                         "pruned_accuracy": loop.accuracy(model, pruned, pruned_stats, data),
                          "train_loss": losses,
                          "final_accuracy": loop.accuracy(model, final, final_stats, data)})
             bar.update()

@@ -13,6 +13,7 @@ import optax
 
 import hflows_jax as hf
 from hflows_jax.data import ArrayDataset, channel_stats, load_dataset, normalize, train_batches
+from hflows_jax.training.step import batch_statistics, mean_statistics
 
 BATCH = 128
 
@@ -64,6 +65,19 @@ def eval_loss(model, stats):
         logits = model.apply(variables(params, stats), batch[0], train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
     return loss
+
+
+def reestimated(model, params, stats, data: Data, batches: int = 32, seed: int = 0) -> dict:
+    """BatchNorm statistics of the network as ``params`` now are (pruned, say), over
+    ``batches`` unaugmented training batches: the running ones describe the network before
+    pruning, and a pruned model evaluated on them can test near chance."""
+    if not stats:
+        return stats
+    step = jax.jit(lambda p, x: batch_statistics(model, variables(p, stats), x))
+    epoch = train_batches(data.raw.x_train, data.raw.y_train, BATCH, seed, 0, data.mean,
+                          data.std, augment=False)
+    return mean_statistics([step(params, x) for _, (x, _) in zip(range(batches), epoch)],
+                           stats)
 
 
 def train(model, params, stats, tx, data: Data, epochs: int, seed: int) -> tuple:

@@ -284,3 +284,38 @@ def test_gradient_flow_claims_follow_the_numbers():
     rows[1]["final_accuracy"] = 0.89  # early |θ·g| now ends below θ²
     rows[6]["after"]["grad_norm2"] = 0.5  # late GraSP lowers the gradient norm
     assert [c["holds"] for c in gradient_flow.claims(rows, (1, 5))] == [True, False, False]
+
+
+def test_plain_loop_reestimates_batchnorm_on_the_pruned_network():
+    """The re-estimated statistics are the mean over the batches of each batch's mean and
+    (biased) variance of BatchNorm's input, written out with numpy."""
+    import flax.linen as nn
+
+    from experiments import plain_loop
+    from hflows_jax.data import ArrayDataset
+    from hflows_jax.models.norm import MOMENTUM
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(5)(x.reshape(len(x), -1))
+            x = nn.BatchNorm(use_running_average=not train, momentum=MOMENTUM)(x)
+            return nn.Dense(3)(x)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2 * plain_loop.BATCH + 7, 4, 4, 1), np.uint8)
+    labels = rng.integers(0, 3, len(images)).astype(np.int32)
+    data = plain_loop.Data(ArrayDataset("toy", images, labels, images[:8], labels[:8], 3),
+                           np.full(1, 100.0), np.full(1, 50.0), augment=True)
+    model = Net()
+    params, stats = plain_loop.init(model, data, seed=0)
+    params = jax.tree.map(lambda p: p * (np.abs(p) > 0.2), params)  # "pruned"
+    got = plain_loop.reestimated(model, params, stats, data, batches=2, seed=3)
+    kernel, bias = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    batches = plain_loop.train_batches(images, labels, plain_loop.BATCH, 3, 0, data.mean,
+                                       data.std, augment=False)  # what it reads: unaugmented
+    hidden = [x.reshape(len(x), -1) @ kernel + bias for _, (x, _) in zip(range(2), batches)]
+    np.testing.assert_allclose(got["BatchNorm_0"]["mean"],
+                               np.mean([h.mean(0) for h in hidden], 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["BatchNorm_0"]["var"],
+                               np.mean([h.var(0) for h in hidden], 0), rtol=1e-4, atol=1e-5)
