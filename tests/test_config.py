@@ -51,6 +51,8 @@ def test_the_config_module_needs_no_jax():
     (dict(method="snip", distribution="2:4"), r"pass --target_sparsity=0\.5"),
     (dict(measure="grasp"), r"--measure applies to --method=\['importance'\], not hyperflows"),
     (dict(method="importance", rounds=0), "--rounds must be >= 1"),
+    (dict(method="importance", distribution="2:4", target_sparsity=0.5, rounds=3),
+     "prunes once: drop --rounds=3"),
     (dict(method="importance", measure="taylor"), "Unknown importance measure 'taylor'"),
     (dict(regrowth_allowance=-0.1), "--regrowth_allowance"),
     (dict(controller="bang_bang"), "--controller must be one of"),

@@ -171,6 +171,8 @@ class Config:
         _require(n_m is None or abs(p.target_sparsity - (1 - n_m[0] / n_m[1])) < 1e-9,
                  f"--distribution={p.distribution} removes {1 - n_m[0] / n_m[1]:g} of the "
                  f"weights: pass --target_sparsity={1 - n_m[0] / n_m[1]:g}." if n_m else "")
+        _require(n_m is None or (p.rounds or 1) == 1,
+                 f"--distribution={p.distribution} prunes once: drop --rounds={p.rounds}.")
         _require(r.keep_checkpoints >= 0,
                  f"--keep_checkpoints must be >= 0, got {r.keep_checkpoints}.")
         _require(r.bn_batches >= 0, f"--bn_batches must be >= 0, got {r.bn_batches}.")
