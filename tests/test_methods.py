@@ -116,7 +116,7 @@ def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_np
 def test_the_train_step_hands_its_running_statistics_to_a_pruner():
     """A pruner that scores in eval mode (``prune_at(..., loss_args=("batch_stats",))``)
     sees the statistics the step starts from, not the model's initial ones."""
-    model, params, loss_fn, batches, _ = problem()
+    model, params, _, batches, _ = problem()
     variables = model.init(jax.random.key(0), batches[0][0])
 
     def eval_loss(p, batch, batch_stats):

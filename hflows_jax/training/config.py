@@ -160,19 +160,20 @@ class Config:
         method = methods.get(p.name)
         method.distribution(p.distribution)
         for flag in ("measure", "rounds"):
+            takers = [x.name for x in methods.REGISTRY.values() if flag in x.options]
             _require(getattr(p, flag) is None or flag in method.options,
-                     f"--{flag} applies to --method="
-                     f"{[m.name for m in methods.REGISTRY.values() if flag in m.options]}, "
-                     f"not {p.name}.")
+                     f"--{flag} applies to --method={takers}, not {p.name}.")
         _require(p.rounds is None or p.rounds >= 1, f"--rounds must be >= 1, got {p.rounds}.")
         if p.measure is not None:
             importance.measure(p.measure)
         n_m = parse_n_m(p.distribution or "")
-        _require(n_m is None or abs(p.target_sparsity - (1 - n_m[0] / n_m[1])) < 1e-9,
-                 f"--distribution={p.distribution} removes {1 - n_m[0] / n_m[1]:g} of the "
-                 f"weights: pass --target_sparsity={1 - n_m[0] / n_m[1]:g}." if n_m else "")
-        _require(n_m is None or (p.rounds or 1) == 1,
-                 f"--distribution={p.distribution} prunes once: drop --rounds={p.rounds}.")
+        if n_m:
+            removed = 1 - n_m[0] / n_m[1]
+            _require(abs(p.target_sparsity - removed) < 1e-9,
+                     f"--distribution={p.distribution} removes {removed:g} of the weights: "
+                     f"pass --target_sparsity={removed:g}.")
+            _require((p.rounds or 1) == 1,
+                     f"--distribution={p.distribution} prunes once: drop --rounds={p.rounds}.")
         _require(r.keep_checkpoints >= 0,
                  f"--keep_checkpoints must be >= 0, got {r.keep_checkpoints}.")
         _require(r.bn_batches >= 0, f"--bn_batches must be >= 0, got {r.bn_batches}.")
