@@ -13,7 +13,7 @@ import optax
 
 import hflows_jax as hf
 from hflows_jax.data import ArrayDataset, channel_stats, load_dataset, normalize, train_batches
-from hflows_jax.training.step import batch_statistics, mean_statistics
+from hflows_jax.training.step import reestimated_statistics
 
 BATCH = 128
 
@@ -73,11 +73,10 @@ def reestimated(model, params, stats, data: Data, batches: int = 32, seed: int =
     pruning, and a pruned model evaluated on them can test near chance."""
     if not stats:
         return stats
-    step = jax.jit(lambda p, x: batch_statistics(model, variables(p, stats), x))
     epoch = train_batches(data.raw.x_train, data.raw.y_train, BATCH, seed, 0, data.mean,
                           data.std, augment=False)
-    return mean_statistics([step(params, x) for _, (x, _) in zip(range(batches), epoch)],
-                           stats)
+    return reestimated_statistics(model, variables(params, stats),
+                                  (x for _, (x, _) in zip(range(batches), epoch)))
 
 
 def train(model, params, stats, tx, data: Data, epochs: int, seed: int) -> tuple:

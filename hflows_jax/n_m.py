@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import keystr
 
+from hflows_jax import masking
+
 N_M = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -22,6 +24,15 @@ def parse_n_m(distribution: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"N:M sparsity needs 0 < N < M, got {distribution!r}.")
     return n, m
+
+
+def check_n_m_sparsity(distribution: str, sparsity) -> None:
+    """An N:M pattern fixes the fraction removed: a static ``sparsity`` must be it."""
+    n, m = parse_n_m(distribution)
+    removed = 1 - n / m
+    if masking.is_static_number(sparsity) and abs(sparsity - removed) > 1e-9:
+        raise ValueError(f"{distribution} sparsity removes {removed:g} of the weights; got "
+                         f"sparsity={sparsity}: pass {removed:g}.")
 
 
 def fits(shape: tuple, m: int) -> bool:

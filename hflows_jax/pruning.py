@@ -34,7 +34,7 @@ import optax
 from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
 from hflows_jax.baselines.oneshot import OneShotState
-from hflows_jax.n_m import parse_n_m
+from hflows_jax.n_m import check_n_m_sparsity, parse_n_m
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
 PyTree = Any
@@ -107,9 +107,8 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
     if n_m is not None:
         if groups is not None:
             raise ValueError("N:M sparsity is per weight: drop groups.")
-        if sparsity is not None and abs(sparsity - (1 - n_m[0] / n_m[1])) > 1e-9:
-            raise ValueError(f"{distribution} sparsity removes {1 - n_m[0] / n_m[1]:g} of "
-                             f"the weights; got sparsity={sparsity}: pass None.")
+        if sparsity is not None:
+            check_n_m_sparsity(distribution, sparsity)
     else:
         if sparsity is None:
             raise ValueError("pass the sparsity (the fraction removed).")
@@ -205,10 +204,7 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
         if groups is not None or steps.size != 1:
             raise ValueError(f"{distribution} sparsity is per weight and prunes once: drop "
                              "groups and pass a single step.")
-        if (masking.is_static_number(sparsity)
-                and abs(sparsity - (1 - n_m[0] / n_m[1])) > 1e-9):
-            raise ValueError(f"{distribution} sparsity removes {1 - n_m[0] / n_m[1]:g} of "
-                             f"the weights; got sparsity={sparsity}.")
+        check_n_m_sparsity(distribution, sparsity)
     else:
         distributions.check_distribution(distribution, ("global", "uniform"))
     if loss_args and steps[0] == 0:

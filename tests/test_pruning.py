@@ -39,7 +39,7 @@ def test_prune_keeps_the_highest_scores_globally_and_n_m():
     (lambda p: hf.prune(p, "magnitude", 1.5), "sparsity must lie in"),
     (lambda p: hf.prune(p, "size", 0.5), "Unknown importance measure 'size'"),
     (lambda p: hf.prune(p, "grasp", 0.5), "pass loss_fn"),
-    (lambda p: hf.prune(p, "magnitude", 0.9, distribution="2:4"), "pass None"),
+    (lambda p: hf.prune(p, "magnitude", 0.9, distribution="2:4"), "pass 0.5"),
     (lambda p: hf.prune(p, "magnitude", distribution="4:2"), "0 < N < M"),
     (lambda p: hf.prune(p, "magnitude", 0.5, distribution="blocks"), "Unknown sparsity"),
     (lambda p: hf.prune(p, {"w": jnp.ones(3)}, 0.5), "shaped like params"),

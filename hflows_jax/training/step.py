@@ -122,6 +122,15 @@ def batch_statistics(model: nn.Module, variables: dict, images: jax.Array) -> di
         new["batch_stats"])
 
 
+def reestimated_statistics(model: nn.Module, variables: dict, image_batches) -> dict:
+    """BatchNorm statistics for the network as ``variables`` now are (pruned, say): the mean
+    of each batch's over ``image_batches``. Running statistics describe the network before
+    its masks last changed."""
+    step = jax.jit(lambda v, x: batch_statistics(model, v, x))
+    return mean_statistics([step(variables, images) for images in image_batches],
+                           variables["batch_stats"])
+
+
 def make_statistics_step(model: nn.Module, masked: bool):
     """``(state, images) -> batch_stats`` of one batch on the weights the network runs on
     (under pmap or shard_map the model's BatchNorm averages over the devices itself)."""

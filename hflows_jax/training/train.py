@@ -32,8 +32,8 @@ from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
 from hflows_jax.training.runs import Inputs, OpenRun, Phase, open_run, starting_variables
 from hflows_jax.training.state import TrainState
-from hflows_jax.training.step import (batch_statistics, make_eval_step, make_statistics_step,
-                                      make_train_step, mean_statistics)
+from hflows_jax.training.step import (make_eval_step, make_statistics_step, make_train_step,
+                                      mean_statistics, reestimated_statistics)
 
 EVAL_BATCH = 1000  # test images per evaluation batch
 TARGET_TOLERANCE = 0.005  # a final sparsity further than this from the target is a miss
@@ -65,11 +65,9 @@ def evaluated_network(run: OpenRun, state: TrainState, epoch: int) -> tuple:
     phase = run.phase_of(epoch)
     model, variables, masks, groups = pruned_network(run, state, phase)
     if phase.masked and run.cfg.run.bn_batches and jax.tree.leaves(variables["batch_stats"]):
-        step = jax.jit(lambda v, x: batch_statistics(model, v, x))
-        stats = [step(variables, images)
-                 for images in statistics_batches(run.cfg, run.inputs, epoch)]
+        batches = statistics_batches(run.cfg, run.inputs, epoch)
         variables = {**variables,
-                     "batch_stats": mean_statistics(stats, variables["batch_stats"])}
+                     "batch_stats": reestimated_statistics(model, variables, batches)}
     return model, variables, masks, groups
 
 
