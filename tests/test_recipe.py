@@ -20,6 +20,20 @@ def test_presence_regime_keeps_the_reference_and_scales_with_length():
         recipe.presence_regime(0)
 
 
+def test_presence_lr_in_regrowth_is_the_references_sixty_epochs_scaled():
+    lr, pruning = 1e-3, 100
+    reference = recipe.presence_learning_rate(lr, pruning, 60 * 391)  # 60 epochs of 391 steps
+    assert float(reference(pruning - 1)) == pytest.approx(lr)
+    for epoch in (0, 1, 49):  # x0.75 an epoch, from the first regrowth step to the last
+        for step in (epoch * 391, epoch * 391 + 390):
+            assert float(reference(pruning + step)) == pytest.approx(lr * 0.75 ** (epoch + 1))
+    assert float(reference(pruning + 50 * 391)) == 0.0  # frozen for the last 10 epochs
+    one_epoch = recipe.presence_learning_rate(lr, pruning, 120)  # two steps a sixtieth
+    assert float(one_epoch(pruning + 3)) == pytest.approx(lr * 0.75 ** 2)
+    assert float(one_epoch(pruning + 99)) == pytest.approx(lr * 0.75 ** 50)
+    assert float(one_epoch(pruning + 100)) == 0.0
+
+
 def test_unreachable_warning_from_the_travel_bound():
     # 0.9 of scores uniform in (0.2, 0.5) need to travel 0.2 + 0.3 * 0.9 = 0.47.
     assert recipe.unreachable_warning(0.9, 1e-3, 470) is None

@@ -225,7 +225,7 @@ def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Modu
         target_sparsity=p.target_sparsity, pruning_steps=pruning_steps,
         regrowth_steps=regrowth_steps, steps_per_epoch=spe,
         controller_period=period, controller=p.controller or method.controller,
-        presence_lr=recipe.presence_learning_rate(lr, pruning_steps, spe),
+        presence_lr=recipe.presence_learning_rate(lr, pruning_steps, regrowth_steps),
         weight_lr=weight_lr, regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
         channel_groups=channel_groups, model=cfg.model.name, measure=p.measure,
