@@ -109,6 +109,9 @@ def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monke
     assert resumed["sparsity"] == whole["sparsity"] > 0.0
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
     assert resumed["test_accuracy"] == whole["test_accuracy"]
+    # A row logs the lr of the step after its epoch: the pruning lr, then the first regrowth
+    # step's (x0.75), then 0: by the regrowth's end the mask is frozen.
+    assert [r["presence_lr"] for r in whole["history"][1:]] == pytest.approx([0.1, 0.075, 0.0])
     # The wall time adds the first process's seconds (to its checkpoint of epoch 2).
     first_process_s = resumed["history"][1]["time_s"]
     assert (first_process_s + 0.8 * second_process_s < resumed["wall_time_s"]
