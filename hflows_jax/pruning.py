@@ -107,8 +107,7 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
     if n_m is not None:
         if groups is not None:
             raise ValueError("N:M sparsity is per weight: drop groups.")
-        if sparsity is not None:
-            check_n_m_sparsity(distribution, sparsity)
+        check_n_m_sparsity(distribution, sparsity)  # None: the pattern's own
     else:
         if sparsity is None:
             raise ValueError("pass the sparsity (the fraction removed).")
