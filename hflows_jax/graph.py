@@ -355,7 +355,7 @@ def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes,
             lifted = []
             for a in ins[-n:]:  # literals into a sub-program become values of their own
                 if isinstance(a, jex.core.Literal):
-                    vid = new_id(jax.core.get_aval(a.val))
+                    vid = new_id(jax.typeof(a.val))
                     const_ids.append(vid)
                     const_vals.append(np.asarray(a.val))
                     a = vid
