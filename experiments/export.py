@@ -16,14 +16,17 @@ last phase, is exported). Writes to --out:
       exported = jax.export.deserialize(open("model.jax", "rb").read())
       logits = exported.call(images)  # uint8, (batch, H, W, C)
 
-  The weights are constants inside. It is exported for the platform this runs on. With
-  ``--bcsr=auto`` (default) its fully connected layers at most 10 to 20 % dense run as BCSR
-  matrices from batch 16 on, on CPU (``hf.export``'s measured choice); BCSR runs there as a
-  custom call that ``import jax.experimental.sparse`` registers, without ``jax.export``'s
+  The weights are constants inside. It is exported for the platform this runs on, and
+  tuned on this machine (``--tune``, ``hf.export(tune=)``): at each batch size of 1, 32
+  and 256 (and up to the next) it runs the fastest of the compact program, its BCSR
+  layers as BCSR, its channel counts padded to multiples of 8, and the masked dense model,
+  as timed here at export, so that no batch size runs slower than dense
+  (``routes`` in export.json). With ``--bcsr=auto`` (default) its fully connected layers
+  at most 10 to 20 % dense may run as BCSR matrices; BCSR runs on CPU as a custom call
+  that ``import jax.experimental.sparse`` registers, without ``jax.export``'s
   compatibility guarantee, so such a file is for a jaxlib like the one that wrote it
-  (``environment`` in export.json).
-  ``--bcsr=off`` writes dense layers only, with the guarantee; ``--bcsr=on`` BCSR for
-  every fully connected layer at every batch size.
+  (``environment`` in export.json). ``--bcsr=off`` writes dense layers only, with the
+  guarantee; ``--bcsr=on`` BCSR for every fully connected layer at every batch size.
 - ``dense.jax``: the same for the masked dense model (the linen model on W * M, eval mode).
 - ``export.json``, ``export.md``, ``export.png``: parameters and multiply-adds of both,
   their test accuracy (through the serialized functions), and latency at batch 1, 32 and
@@ -37,16 +40,16 @@ The models run in float32 whatever the run's compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import scaffold
-from hflows_jax.compact import BCSR_CUSTOM_CALL, BORDERS, export
+from hflows_jax.compact import BCSR_CUSTOM_CALL, BORDERS, export, median_ms
 from hflows_jax.data import normalize
 from hflows_jax.training import Config, open_run, outputs, train
 from hflows_jax.training.checkpoint import checkpoint_dir
@@ -69,7 +72,13 @@ def parse_args(argv=None):
                    help="hf.export's border rule for constant channels")
     p.add_argument("--bcsr", default="auto", choices=tuple(BCSR_CHOICES),
                    help="fully connected layers as BCSR: auto (measured rule), on, off")
-    return scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
+    p.add_argument("--tune", default=",".join(map(str, BATCHES)),
+                   help="batch sizes at which hf.export times its programs (compact, BCSR, "
+                        "padded, dense) here and serves the fastest; 'off': the compact "
+                        "program, BCSR layers by --bcsr")
+    args = scaffold.parse(p, argv, {"repeats": 5, "warmup": 2})
+    args.tune = None if args.tune == "off" else tuple(int(b) for b in args.tune.split(","))
+    return args
 
 
 def restore_last(cfg: Config):
@@ -155,14 +164,8 @@ def test_accuracy(fn, images: np.ndarray, labels: np.ndarray) -> float:
 def latency(fns: dict, images: np.ndarray, batch: int, repeats: int, warmup: int) -> dict:
     """Median milliseconds per call of each function, calls interleaved, each waited for."""
     x = jnp.asarray(np.resize(images, (batch,) + images.shape[1:]))
-    times = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn(x).block_until_ready()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - started)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return median_ms({name: functools.partial(fn, x) for name, fn in fns.items()}, repeats,
+                     warmup)
 
 
 def markdown(result: dict) -> str:
@@ -173,8 +176,8 @@ def markdown(result: dict) -> str:
     bcsr = result["bcsr_layers"]
     bound = (f", {result['mac_bound_speedup_bcsr']:.2f}x with the BCSR layers "
              f"({', '.join(bcsr)}) counting their nonzeros" if bcsr else "")
-    runs = (f"BCSR for {', '.join(bcsr)} from batch {max(result['bcsr_min_batch'], 1)} on"
-            if bcsr else "no BCSR layer")
+    runs = ", ".join(f"{r['program']}{'+bcsr' if r['sparse'] else ''} from batch "
+                     f"{max(r['batch'], 1)}" for r in result["routes"])
     return (f"# export: {result['run']}\n\n"
             f"Params {result['params_dense']} dense, {result['params_compact']} compact; "
             f"MACs per image {result['macs_dense']} dense, {result['macs_compact']} compact "
@@ -224,11 +227,12 @@ def main(argv=None) -> dict:
     run, epoch, state = restore_last(cfg)
     inputs, shape = run.inputs, run.inputs.data.image_shape
     dense, compacted = predict_functions(run, state, epoch)
-    compact, compact_model = compacted(border=args.border, bcsr=BCSR_CHOICES[args.bcsr])
+    compact, compact_model = compacted(border=args.border, bcsr=BCSR_CHOICES[args.bcsr],
+                                       tune=args.tune)
     bcsr_layers = [r.name for r in compact_model.layers if r.bcsr]
     os.makedirs(args.out, exist_ok=True)
     paths = {name: os.path.join(args.out, f"{name}.jax") for name in ("model", "dense")}
-    outputs.atomic_write(paths["model"], serialize(compact, shape, bool(bcsr_layers)))
+    outputs.atomic_write(paths["model"], serialize(compact, shape, compact_model.has_bcsr))
     outputs.atomic_write(paths["dense"], serialize(dense, shape))
     served = {"dense": load(paths["dense"]), "compact": load(paths["model"])}
     loaded = {name: jax.jit(e.call) for name, e in served.items()}
@@ -258,8 +262,8 @@ def main(argv=None) -> dict:
         "test_accuracy_run": report["test_accuracy"],
         "bcsr": args.bcsr,
         "bcsr_layers": bcsr_layers,
-        "bcsr_min_batch": compact_model.min_sparse_batch,
-        "load": LOAD[bool(bcsr_layers)],
+        "routes": [dataclasses.asdict(r) for r in compact_model.routes],
+        "load": LOAD[compact_model.has_bcsr],
         "border": args.border,
         "repeats": args.repeats, "warmup": args.warmup,
         "latency": rows,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.extend as jex
@@ -58,6 +59,11 @@ BCSR_MIN_BATCH = 16
 # jax.experimental.sparse, which a reader of an exported file with BCSR layers needs too.
 BCSR_CUSTOM_CALL = "cpu_csr_sparse_dense_ffi"
 MAX_ROUNDS = 50
+# export(..., tune=): the channel multiple of the "padded" candidate (XLA:CPU's convs run
+# thin odd channel counts slower than wider multiples of 8: experiments.conv_speed).
+PADDED_MULTIPLE = 8
+TUNE_REPEATS = 20  # timed calls per program and batch size, at most ...
+TUNE_SECONDS = 5.0  # ... and about this long in all (at least 3 calls each)
 
 
 def _is_none(x) -> bool:
@@ -321,54 +327,86 @@ class _Analysis:
 # ---------------------------------------------------------------------------------------
 # The compact program.
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """From ``batch`` examples on (up to the next route's), the compact model runs
+    ``program`` (``"compact"``, ``"padded"``: channel counts rounded up to
+    ``PADDED_MULTIPLE``, ``"dense"``: the masked model as traced), its BCSR layers as
+    BCSR matrices when ``sparse``."""
+
+    batch: int
+    program: str = "compact"
+    sparse: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.program + ("+bcsr" if self.sparse else "")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Compact:
     """A compact model: ``compact(x)`` gives ``fn``'s outputs on ``x`` (any batch size).
 
     ``params``: the arrays it runs on (by param path where an array is one, else
-    ``"const/<n>"``); ``macs``/``dense_macs``: multiply-adds per example of the conv and
-    dense layers, compact and as traced; ``groups``: channels kept per coupling group;
-    ``exported()``: a ``jax.export.Exported`` with a symbolic batch size.
+    ``"const/<n>"``; a second program's are prefixed ``"padded:"`` or ``"dense:"``);
+    ``macs``/``dense_macs``: multiply-adds per example of the conv and dense layers,
+    compact and as traced; ``groups``: channels kept per coupling group; ``routes``: which
+    program runs from which batch size on, ``timings`` the measurements that chose them
+    (``export(..., tune=...)``: batch -> program -> median ms); ``exported()``: a
+    ``jax.export.Exported`` with a symbolic batch size.
     """
 
     params: dict
     macs: int
     dense_macs: int
     groups: dict  # group name -> (kept, total)
-    program: tuple = dataclasses.field(repr=False)
+    programs: dict = dataclasses.field(repr=False)  # name -> program
     example: jax.ShapeDtypeStruct = dataclasses.field(repr=False)
-    min_sparse_batch: int = 0
-    has_bcsr: bool = False
+    routes: tuple = (Route(0),)
     layers: tuple = ()  # Layer per conv or dense layer
     params_compact: int = 0  # entries stored (BCSR: its nonzeros; not index arrays)
     params_dense: int = 0  # entries of fn's params and of the arrays it closes over
     params_nonzero: int = 0  # ... that the masks keep
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def has_bcsr(self) -> bool:
+        """Whether some batch size runs BCSR layers (a reader needs jax.experimental.sparse)."""
+        return any(r.sparse for r in self.routes)
 
     @property
     def masked_macs(self) -> int:
         """Multiply-adds per example on the masked model's nonzero kernel entries."""
         return sum(r.masked for r in self.layers)
 
+    def route(self, batch: int) -> Route:
+        """The route a batch of ``batch`` examples takes."""
+        return [r for r in self.routes if r.batch <= batch][-1]
+
     def summary(self) -> str:
-        """A per-layer table of multiply-adds per example."""
+        """A per-layer table of multiply-adds per example, and the routes by batch size."""
         lines = [f"{'layer':<40} {'dense':>12} {'masked':>12} {'compact':>12}"]
         for r in self.layers:
             name = r.name + (" (BCSR)" if r.bcsr else "")
             lines.append(f"{name[:40]:<40} {r.dense:>12} {r.masked:>12} {r.compact:>12}")
         lines.append(f"{'total':<40} {self.dense_macs:>12} {self.masked_macs:>12} "
                      f"{self.macs:>12}")
+        if len(self.routes) > 1 or self.routes[0].name != "compact":
+            lines.append("runs: " + ", ".join(f"{r.name} from batch {max(r.batch, 1)}"
+                                              for r in self.routes))
         return "\n".join(lines)
 
     def forward(self, params: dict, x: jax.Array):
         """``compact(x)`` with the arrays as an argument (for jit, export, sharding)."""
-        run = functools.partial(_run, self.program, params, x)
-        if not self.has_bcsr or self.min_sparse_batch == 0:
-            return run(True)
+        runs = [functools.partial(_run, self.programs[r.program], params, x, r.sparse)
+                for r in self.routes]
         batch = x.shape[0]
+        if len(runs) == 1:
+            return runs[0]()
         if isinstance(batch, int):
-            return run(batch >= self.min_sparse_batch)
-        return lax.cond(jnp.asarray(batch) >= self.min_sparse_batch, lambda: run(True),
-                        lambda: run(False))
+            return runs[self.routes.index(self.route(batch))]()
+        index = sum((jnp.asarray(batch) >= r.batch).astype(jnp.int32) for r in self.routes[1:])
+        return lax.switch(index, runs)  # on the symbolic batch: one branch once it is known
 
     @functools.cached_property
     def _jitted(self):
@@ -467,7 +505,7 @@ def _aligned_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
            border: str = "keep", bcsr: bool | None = None,
-           channel_multiple: int = 1) -> Compact:
+           channel_multiple: int = 1, tune: Sequence[int] | None = None) -> Compact:
     """The compact model of ``fn(params, x)`` under ``masks``.
 
     Args:
@@ -488,6 +526,12 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
         compute 0 and add nothing. Convs with odd channel counts can run slower on
         XLA:CPU than wider ones with multiples of 8 (``experiments.conv_speed``); the
         compact model's ``macs`` count the zeros too.
+      tune: batch sizes to measure at, here, now: at each (and up to the next) the
+        compact model runs the fastest of its programs -- compact with its BCSR layers
+        dense or sparse, channel counts padded to ``PADDED_MULTIPLE``, or the masked dense
+        model -- so that no batch size runs slower than dense (``Compact.routes``,
+        ``Compact.timings``). Timing makes export slower: about 20 calls of each program
+        per batch size. ``None``: the compact program, BCSR layers by ``bcsr``.
 
     Raises:
       ValueError: without masks, for mismatched trees, a bad ``border``.
@@ -498,6 +542,9 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
     if int(channel_multiple) != channel_multiple or channel_multiple < 1:
         raise ValueError(f"channel_multiple must be a positive integer, got "
                          f"{channel_multiple!r}.")
+    if tune is not None and (isinstance(tune, (int, str)) or not tune
+                             or any(int(b) != b or b < 1 for b in tune)):
+        raise ValueError(f"tune must be a sequence of positive batch sizes, got {tune!r}.")
     params = unwrap_nnx(params)
     masks = _aligned_masks(params, unwrap_nnx(masks))
     masked = jax.tree.map(lambda x, m: x if m is None else jnp.where(
@@ -527,7 +574,11 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
     else:
         raise RuntimeError("hf.export: the channel analysis did not settle; please report.")
     zeros = _padding(analysis.keep, int(channel_multiple))
-    return _build(graph, analysis, static, example, bcsr, nonzero, zeros)
+    compact = _build(graph, analysis, static, example, bcsr, nonzero, zeros)
+    if tune is None:
+        return compact
+    return _tune(compact, graph, analysis, static, example, tune, bcsr,
+                 int(channel_multiple), TUNE_REPEATS)
 
 
 def _padding(keep: dict, multiple: int) -> dict:
@@ -575,11 +626,13 @@ def _slice(graph, keep, v, value, zeros: dict | None = None) -> np.ndarray:
 SHAPE_PARAMS = {"reshape": "new_sizes", "broadcast_in_dim": "shape", "iota": "shape"}
 
 
-def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
-    keep = {s: k | zeros[s] for s, k in analysis.keep.items()}
-    names = {v: p for v, p in zip(graph.param_ids, graph.param_paths)}
+def _program(graph, keep, zeros, deltas, static, bcsr, prefix="") -> tuple[dict, list, bool]:
+    """``(arrays, program, has_bcsr)``: the traced program's per-call steps on arrays cut
+    to ``keep`` (``zeros``: kept channels set to 0), with ``deltas`` added to the readers
+    of removed constant channels; array names start with ``prefix``."""
+    names = {v: prefix + p for v, p in zip(graph.param_ids, graph.param_paths)}
     arrays, program = {}, []
-    readers = {r.eqn: r for r in analysis.readers}
+    readers = {r.eqn: r for r in graph.contractions}
     on_cpu = jax.default_backend() == "cpu"
     has_bcsr = False
 
@@ -590,7 +643,7 @@ def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
             return ("v", "x")
         if a in graph.runtime:
             return ("v", a)
-        name = names.get(a, f"const/{a}")
+        name = names.get(a, f"{prefix}const/{a}")
         if name not in arrays:
             arrays[name] = jnp.asarray(_slice(graph, keep, a, static[a], zeros))
         return ("p", name)
@@ -619,9 +672,9 @@ def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
                 graph, keep, eqn.ins[0]).dims[dn.lhs_spec[1]][0]
         ins = [ref(a) for a in eqn.ins]
         step = dict(delta=None, rows=None, sparse=None)
-        if i in analysis.deltas:
-            name = f"delta/{i}"
-            arrays[name] = jnp.asarray(_slice(graph, keep, out, analysis.deltas[i], zeros),
+        if i in deltas:
+            name = f"{prefix}delta/{i}"
+            arrays[name] = jnp.asarray(_slice(graph, keep, out, deltas[i], zeros),
                                        graph.dtypes[out])
             step["delta"] = name
         if r is not None and eqn.name == "dot_general" and _is_dense_layer(graph, eqn, r):
@@ -644,16 +697,27 @@ def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
                     ins[1] = ("lit", None)
         program.append(_Step(eqn, tuple(ins), tuple(params.items()), **step))
     program.append(("outputs", tuple(ref(o) for o in graph.out_ids), graph.out_tree))
+    return arrays, program, has_bcsr
 
+
+def _used(programs) -> set:
+    """The names of the arrays ``programs`` read."""
+    used = set()
+    for program in programs:
+        for step in program[:-1]:
+            used |= {name for kind, name in step.ins if kind == "p"}
+            used |= {n for n in (step.delta, step.rows, step.sparse) if n is not None}
+        used |= {name for kind, name in program[-1][1] if kind == "p"}
+    return used
+
+
+def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
+    keep = {s: k | zeros[s] for s, k in analysis.keep.items()}
+    arrays, program, has_bcsr = _program(graph, keep, zeros, analysis.deltas, static, bcsr)
     layers = _layer_counts(graph, keep, program, arrays, static, has_bcsr and bcsr is not False)
     groups = {name: (int(keep[s].sum()), int(keep[s].size))
               for s, name in graph.group_names().items()}
-    used = {name for step in program if isinstance(step, _Step)
-            for kind, name in step.ins if kind == "p"}
-    used |= {n for step in program if isinstance(step, _Step)
-             for n in (step.delta, step.rows, step.sparse) if n is not None}
-    used |= {name for kind, name in program[-1][1] if kind == "p"}
-    arrays = {k: v for k, v in arrays.items() if k in used}
+    arrays = {k: v for k, v in arrays.items() if k in _used([program])}
     example_spec = jax.ShapeDtypeStruct(example.shape, example.dtype)
     params_stored = sum(math.prod(graph.shapes[v]) for v in graph.param_ids)
     dense_stored = params_stored + sum(math.prod(graph.shapes[v]) for v in graph.const_ids)
@@ -662,10 +726,78 @@ def _build(graph, analysis, static, example, bcsr, nonzero, zeros) -> Compact:
     stored = sum(int(a.nse) if hasattr(a, "nse") else int(np.size(a))
                  for name, a in arrays.items() if name not in twins
                  and (hasattr(a, "nse") or jnp.issubdtype(a.dtype, jnp.floating)))
+    if not has_bcsr:
+        routes = (Route(0),)
+    elif bcsr:
+        routes = (Route(0, sparse=True),)
+    else:  # bcsr=None: the constant rule, until export(..., tune=) measures
+        routes = (Route(0), Route(BCSR_MIN_BATCH, sparse=True))
     return Compact(arrays, sum(r.compact for r in layers), graph.macs(), groups,
-                   tuple(program), example_spec, 0 if bcsr else BCSR_MIN_BATCH, has_bcsr,
-                   layers, stored,
+                   {"compact": tuple(program)}, example_spec, routes, layers, stored,
                    dense_stored, nonzero + dense_stored - params_stored)
+
+
+def _tune(compact: Compact, graph, analysis, static, example, batches, bcsr, multiple,
+          repeats) -> Compact:
+    """``compact`` serving, at each batch size of ``batches`` and up to the next, the
+    fastest of its candidate programs as measured here: compact (its BCSR layers dense
+    and sparse), padded to ``PADDED_MULTIPLE`` channels (where ``multiple`` is 1 and
+    that changes a count), and the masked dense model. So no batch size runs slower than
+    dense, to the measurements' noise."""
+    programs, params = dict(compact.programs), dict(compact.params)
+    sparse = any(step.sparse for step in programs["compact"][:-1])
+    candidates = [Route(0, sparse=s) for s in ((True,) if bcsr and sparse else
+                                               (False, True) if sparse else (False,))]
+    if multiple == 1 and graph.groups:
+        zeros = _padding(analysis.keep, PADDED_MULTIPLE)
+        if any(z.any() for z in zeros.values()):
+            keep = {s: k | zeros[s] for s, k in analysis.keep.items()}
+            arrays, program, _ = _program(graph, keep, zeros, analysis.deltas, static,
+                                          False, "padded:")
+            programs["padded"], params = tuple(program), {**params, **arrays}
+            candidates.append(Route(0, "padded"))
+    keep_all = {s: np.ones(n, bool) for s, n in graph.groups.items()}
+    arrays, program, _ = _program(graph, keep_all, {}, {}, static, False, "dense:")
+    programs["dense"], params = tuple(program), {**params, **arrays}
+    candidates.append(Route(0, "dense"))
+
+    timings, chosen = {}, []
+    for batch in sorted({int(b) for b in batches}):
+        x = jnp.asarray(np.resize(np.asarray(example), (batch,) + example.shape[1:]))
+        runs = {r.name: jax.jit(functools.partial(_run, programs[r.program],
+                                                  sparse=r.sparse)) for r in candidates}
+        ms = median_ms({name: functools.partial(run, params, x) for name, run in runs.items()},
+                       repeats, budget_s=TUNE_SECONDS)
+        timings[batch] = ms
+        best = min(candidates, key=lambda r: ms[r.name])
+        if not chosen or chosen[-1].name != best.name:
+            chosen.append(dataclasses.replace(best, batch=batch if chosen else 0))
+    used = _used(programs[r.program] for r in chosen)
+    return dataclasses.replace(
+        compact, params={k: v for k, v in params.items() if k in used},
+        programs={r.program: programs[r.program] for r in chosen}, routes=tuple(chosen),
+        timings=timings)
+
+
+def median_ms(calls: dict, repeats: int, warmup: int = 2,
+              budget_s: float | None = None) -> dict:
+    """Median milliseconds per call of each of ``calls`` (name -> function of nothing),
+    interleaved, each waited for, after ``warmup`` untimed rounds (compilation, caches).
+    With ``budget_s``, fewer rounds (at least 3) where ``repeats`` would take longer."""
+    times = {name: [] for name in calls}
+    rounds, i = warmup + repeats, 0
+    while i < rounds:
+        started_round = time.perf_counter()
+        for name, call in calls.items():
+            started = time.perf_counter()
+            jax.block_until_ready(call())
+            if i >= warmup:
+                times[name].append(1000 * (time.perf_counter() - started))
+        if budget_s is not None and i == warmup:  # one timed round: how long is a round?
+            rounds = warmup + max(3, min(repeats, int(budget_s / max(
+                time.perf_counter() - started_round, 1e-9))))
+        i += 1
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _is_dense_layer(graph, eqn, r) -> bool:

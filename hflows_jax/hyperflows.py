@@ -95,13 +95,16 @@ def presence_step_size(optimizer: optax.GradientTransformation) -> float | None:
 
 def schedule_warnings(pressure: PressureController,
                       presence_optimizer: optax.GradientTransformation,
-                      presence_init: tuple[float, float] = (0.2, 0.5)) -> list[str]:
+                      presence_init: tuple[float, float] = (0.2, 0.5),
+                      caller: str = "hf.hyperflows",
+                      scores_pruned: float | None = None) -> list[str]:
     """Why this pressure schedule and presence optimizer miss the schedule's target.
 
-    ``recipe.unreachable_warning`` and ``recipe.overshoot_warning`` on the controller's
-    target and steps and the presence optimizer's probed step size; nothing for
+    ``recipe.unreachable_warning`` and ``recipe.overshoot_warning`` on the fraction of
+    scores that must cross zero (``scores_pruned``; default the controller's target) and
+    the controller's steps and the presence optimizer's probed step size; nothing for
     controllers without a target (``constant``, ``exponential``) or optimizers whose step
-    depends on the flows' size (SGD).
+    depends on the flows' size (SGD). ``caller`` opens each message.
     """
     target, steps = pressure.target_sparsity, pressure.total_steps
     low, high = presence_init
@@ -110,18 +113,19 @@ def schedule_warnings(pressure: PressureController,
     step = presence_step_size(presence_optimizer)
     if not step:
         return []
-    args = (target, step, steps, (low, high))
-    fitting = recipe.fitting_presence_lr(target, steps, (low, high))
+    quantile = target if scores_pruned is None else scores_pruned
+    args = (quantile, step, steps, (low, high))
+    fitting = recipe.fitting_presence_lr(quantile, steps, (low, high))
     hint = ""
     if fitting is not None and not math.isclose(fitting, step, rel_tol=0.05):
         hint = (f" hf.recipe.presence_regime({steps}) gives a presence lr of {fitting:.3g}, "
                 "which fits.")
     out = []
     if message := recipe.unreachable_warning(*args):
-        out.append(f"hf.hyperflows: {message} Give the pressure schedule more steps "
+        out.append(f"{caller}: {message} Give the pressure schedule more steps "
                    f"(total_steps) or the presence optimizer a larger learning rate.{hint}")
     if message := recipe.overshoot_warning(*args):
-        out.append(f"hf.hyperflows: {message} Give the pressure schedule more steps "
+        out.append(f"{caller}: {message} Give the pressure schedule more steps "
                    f"(total_steps).{hint}")
     return out
 

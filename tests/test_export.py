@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hflows_jax import compact as compact_lib
 from hflows_jax import models
 from hflows_jax.compact import BCSR_CUSTOM_CALL, BCSR_MIN_BATCH, NO_MASKS, export
 from hflows_jax.masking import multiply_masks
@@ -255,3 +256,48 @@ def test_errors():
         _export(model, params, bad, stats, images)
     with pytest.raises(ValueError, match="border"):
         _export(model, params, masks, stats, images, border="zero")
+
+
+def test_tune_serves_the_measured_fastest_program_per_batch(monkeypatch):
+    """export(tune=...) times every program at each batch size and routes each size to the
+    fastest; the timings are fixed here (dense wins at 1, BCSR at 64) to see the routes
+    run those programs, in-process and served, exactly."""
+    model, params, stats, masks, images = _setup("lenet300", (28, 28, 1))
+    rng = np.random.default_rng(1)
+    masks["Dense_0"]["kernel"] = rng.random((784, 300)) < 0.03
+    faked = {1: {"dense": 1.0, "compact": 2.0, "compact+bcsr": 3.0},
+             64: {"dense": 3.0, "compact": 2.0, "compact+bcsr": 1.0}}
+    seen = []
+
+    def median_ms(calls, repeats, budget_s):
+        seen.append(sorted(calls))
+        return faked[len(seen) == 1 and 1 or 64]
+
+    monkeypatch.setattr(compact_lib, "median_ms", median_ms)
+    compact = _export(model, params, masks, stats, images, tune=(64, 1))
+    assert seen == [["compact", "compact+bcsr", "dense"]] * 2  # no groups: nothing padded
+    assert [r.name for r in compact.routes] == ["dense", "compact+bcsr"]
+    assert [r.batch for r in compact.routes] == [0, 64] and compact.timings == faked
+    batch = rng.normal(size=(65, 28, 28, 1)).astype(np.float32)
+    hlo = {n: jax.jit(compact.forward).lower(compact.params, batch[:n]).as_text()
+           for n in (1, 64)}
+    assert "784x300" in hlo[1] and BCSR_CUSTOM_CALL not in hlo[1]  # the dense kernel
+    assert BCSR_CUSTOM_CALL in hlo[64]
+    served = jax.export.deserialize(compact.exported().serialize())
+    for n in (1, 63, 64, 65):
+        want = _masked_logits(model, params, stats, masks, batch[:n])
+        for got in (compact(batch[:n]), served.call(batch[:n])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_tune_measures_padded_channels_and_rejects_bad_sizes():
+    model, params, stats, masks, images = _setup("lenet5", (28, 28, 1))
+    masks["Conv_0"]["kernel"][..., :3] = False  # 3 of Conv_0's 6 channels stay
+    compact = _export(model, params, masks, stats, images, tune=(2,))
+    assert set(compact.timings[2]) == {"compact", "padded", "dense"}
+    (route,) = compact.routes
+    assert route.name == min(compact.timings[2], key=compact.timings[2].get)
+    _assert_same_logits(compact, model, params, stats, masks, images)
+    for bad in (4, (), (0,), (2.5,)):
+        with pytest.raises(ValueError, match="tune"):
+            _export(model, params, masks, stats, images, tune=bad)

@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
     report = run(cfg)
     out = tmp / "out"
     result = export_experiment.main([f"--workdir={cfg.run.workdir}", f"--out={out}",
-                                     "--quick", "--bcsr=on"])
+                                     "--quick", "--bcsr=on", "--tune=off"])
     return cfg, report, out, result
 
 

@@ -1,6 +1,8 @@
 """Channel Hyperflows: channel flows against autodiff, multiply-adds against hf.export's
 compact models, and a run that lands on its FLOP target and exports smaller."""
 
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
@@ -428,3 +430,57 @@ def test_dhp_and_ftwt_train_on_a_resnet(cifar_npz, tmp_path):
     assert gated["target"] == "flops" and 0 < gated["target_removed"] < 1
     _, _, state = export_experiment.restore_last(gated_cfg)
     assert set(state.params["ResNetBlock_8"]) >= {"Conv_0", "Conv_1", "Gate_0", "Gate_1"}
+
+
+@pytest.mark.parametrize("lr, expected", [
+    (1e-4, "cannot reach"),  # 400 steps travel 0.04; the 29 %-quantile is 0.29 above 0
+    (2e-3, "overshoot"),  # crosses in 144 steps; 400 < 5 * 144
+    (1e-2, None),  # crosses in 29 steps: the landing test's settings
+])
+def test_init_warns_in_a_users_loop_when_the_channel_schedule_misses(lr, expected):
+    """A 50 % multiply-add target is about 29 % of the channels (1 - sqrt(0.5)), a uniform
+    cut's: hf.hyperflows' warnings on that fraction of the channel scores."""
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    pressure = hf.pressure.trajectory(0.5, 400, update_every=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optax.chain(channel_hyperflows(groups, pressure, optax.adam(lr)),
+                    optax.sgd(0.01)).init(params)
+        channel_hyperflows(groups, pressure, optax.adam(lr), warn=False).init(params)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if expected is None:
+        assert messages == []
+    else:
+        (message,) = messages
+        assert message.startswith("hf.structured.channel_hyperflows:") and expected in message
+
+
+def test_round_to_keeps_multiples_of_channels_in_every_layer():
+    """Under a pressure that sends scores below zero, every layer keeps a multiple of
+    ``round_to`` channels (or all), its highest scores, and never fewer than T >= 0."""
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    presence = {g: jnp.linspace(-1.0, 0.5, n) for g, n in groups.sizes.items()}
+    from hflows_jax.structured.channel_hyperflows import kept_channels
+    for round_to in (1, 4):
+        kept = kept_channels(presence, 2, round_to)
+        for g, n in groups.sizes.items():
+            count = int(kept[g].sum())
+            plain = max(int((presence[g] >= 0).sum()), min(2, n))
+            assert count == min(n, -(-plain // round_to) * round_to), (g, round_to)
+            assert kept[g][n - count:].all()  # the highest scores: the last ones
+    # scores start in (0.2, 0.5); 5 steps of 0.06 push about a third below zero
+    tx = channel_hyperflows(groups, hf.pressure.constant(0.06 * groups.total), optax.sgd(1.0),
+                            min_channels=1, round_to=4)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(5):
+        _, state = tx.update(grads, state, params)
+    counts = {g: int(k.sum()) for g, k in hf.channel_masks(state).items()}
+    assert any(c < groups.sizes[g] for g, c in counts.items())
+    assert all(c % 4 == 0 or c == groups.sizes[g] for g, c in counts.items()), counts
+    with pytest.raises(ValueError, match="round_to"):
+        channel_hyperflows(groups, hf.pressure.constant(0.0), round_to=0)

@@ -55,6 +55,7 @@ class Budget:
     model: str = ""  # --model's name, for settings an official script sets per network
     measure: str | None = None  # --measure, for the methods whose options hold it
     rounds: int | None = None  # --rounds, likewise
+    round_to: int | None = None  # --round_to, likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +239,16 @@ class PressureMethod(Method):
         return {**super().readings(opt_state),
                 "pressure": float(hf.pressure_value(opt_state))}
 
+    def scores_pruned(self, target_sparsity: float) -> float:
+        """The fraction of presence scores that must cross zero to reach the target."""
+        return target_sparsity
+
     def start_warnings(self, cfg, steps_per_epoch: int) -> list[str]:
         """A pruning phase too short for the presence scores to reach the target, or so
         short that they overshoot it."""
         p = cfg.method
-        target = recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance)
+        target = self.scores_pruned(
+            recipe.pruning_phase_sparsity(p.target_sparsity, p.regrowth_allowance))
         steps = cfg.schedule.pruning_epochs * steps_per_epoch
         args = (target, presence_settings(cfg, steps_per_epoch)[0], steps)
         remedy = " Give it more pruning epochs."

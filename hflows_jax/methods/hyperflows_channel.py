@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 import hflows_jax as hf
@@ -14,6 +16,7 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
     # once (74 % of the multiply-adds removed for a 50 % target; PI: 55.5 %,
     # docs/RESULTS.md).
     controller = "pi"
+    options = ("round_to",)
     # (kp, ki) of the PI controller. A pressure change flips the channels near zero
     # within one controller period: on the whole CIFAR-10 (narrow VGG-19, 70 % target),
     # log-density moved about 0.75 per unit of g. The PI loop is stable while that gain is
@@ -38,4 +41,10 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
             b.channel_groups(),
             pressure=pressure_controller(b, b.target_sparsity, signed=True, hold=True,
                                          pi_gains=self.pi_gains),
-            presence_optimizer=optax.adam(b.presence_lr), pressure_by="macs", seed=b.seed)
+            presence_optimizer=optax.adam(b.presence_lr), pressure_by="macs", seed=b.seed,
+            round_to=b.round_to or 1,
+            warn=False)  # the run prints its start_warnings, in its flags' words
+
+    def scores_pruned(self, target_sparsity: float) -> float:
+        """A multiply-add target's channels, as a uniform cut removes them."""
+        return 1.0 - math.sqrt(1.0 - target_sparsity)

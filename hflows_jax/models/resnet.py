@@ -1,4 +1,6 @@
-"""CIFAR ResNets (3x3 stem, stride 1, no max-pool), in the shape of the Flax ImageNet example."""
+"""ResNets in the shape of the Flax ImageNet example: CIFAR's stem (3x3, stride 1, no
+max-pool) by default, ImageNet's (7x7 stride 2, 3x3 max-pool stride 2) with
+``imagenet_stem=True``."""
 
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ class ResNet(nn.Module):
     kernel_init: str = "lecun_normal"  # or "he_uniform" (the reference)
     train_bn_scale: bool = True  # False: BatchNorm scale fixed at 1 (the reference)
     zero_init_residual: bool = True  # False: every BatchNorm scale starts at 1 (the reference)
+    imagenet_stem: bool = False  # 7x7 stride 2 and a 3x3 max-pool stride 2: 224x224 images
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -109,7 +112,11 @@ class ResNet(nn.Module):
         norm = batch_norm(train, self.dtype, self.axis_name, self.train_bn_scale)
         filters = max(1, int(self.num_filters * self.width))
         image = x.astype(self.dtype)
-        x = nn.relu(norm(name="bn_init")(conv(filters, (3, 3), name="conv_init")(image)))
+        if self.imagenet_stem:
+            x = conv(filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv_init")(image)
+            x = nn.max_pool(nn.relu(norm(name="bn_init")(x)), (3, 3), (2, 2), "SAME")
+        else:
+            x = nn.relu(norm(name="bn_init")(conv(filters, (3, 3), name="conv_init")(image)))
         if gate is not None:
             x, _ = gate(self, image, x, image.shape[-1])
         gated = {} if gate is None else {"gate": gate}

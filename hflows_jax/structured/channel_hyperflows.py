@@ -28,6 +28,7 @@ pruned weight in Hyperflows.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from hflows_jax import masking
-from hflows_jax.hyperflows import finite_step, weight_flows
+from hflows_jax.hyperflows import finite_step, schedule_warnings, weight_flows
 from hflows_jax.pressure import PressureController
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 
@@ -69,13 +70,21 @@ class ChannelHyperflowsState(NamedTuple):
         return self.skipped
 
 
-def kept_channels(presence: dict, min_channels: int) -> dict:
-    """``T >= 0``, and in every layer at least its ``min_channels`` highest scores.
+def kept_channels(presence: dict, min_channels: int, round_to: int = 1) -> dict:
+    """``T >= 0``, and in every layer at least its ``min_channels`` highest scores; with
+    ``round_to``, its next highest too, up to a multiple of ``round_to`` (or all).
 
     The floor (DHP's ``mc``) keeps a layer from losing every channel, which makes the
-    whole network a constant; at 85 % one such run did (docs/RESULTS.md).
+    whole network a constant; at 85 % one such run did (docs/RESULTS.md). Rounding keeps
+    the channel counts the served model runs fast (Torch-Pruning's ``round_to``), so that
+    the network trained is the one served.
     """
-    return {g: keep_at_least(t, 0.0, min_channels) for g, t in presence.items()}
+    def keep(t):
+        n = t.shape[-1]
+        count = jnp.maximum(jnp.sum(t >= 0), min(min_channels, n))
+        return keep_at_least(t, 0.0, jnp.minimum(n, -(-count // round_to) * round_to))
+
+    return {g: keep(t) for g, t in presence.items()}
 
 
 def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str) -> dict:
@@ -97,6 +106,8 @@ def channel_hyperflows(
     ste_scale: float = 0.25,
     min_channels: int = 4,
     seed: int = 0,
+    warn: bool = True,
+    round_to: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Hyperflows over channels; chain it before the weight optimizer, like ``hf.hyperflows``.
 
@@ -115,7 +126,15 @@ def channel_hyperflows(
       ste_scale: derivative of the step function in the straight-through estimator.
       min_channels: every layer keeps at least this many channels (its highest scores),
         as DHP's ``mc``; 0 for none.
+      round_to: every layer keeps a multiple of this many channels (or all of them): the
+        next highest scores below zero fill the count up. ``hf.export`` then serves these
+        counts as trained (8 suits XLA:CPU's convs: ``experiments.conv_speed``).
       seed: seed of the presence initialization.
+      warn: at ``init``, a ``UserWarning`` if the pressure schedule is likely to miss its
+        target: too short for the presence lr to prune that many channels, or so short
+        that the controller overshoots (``hf.hyperflows``' rule, on the fraction of
+        channels a uniform cut removes for a multiply-add target: ``1 - sqrt(1 - s)``).
+        ``False`` silences it.
     """
     if not isinstance(groups, ChannelGroups):
         raise ValueError("groups must come from hf.structured.channel_groups(model, params, "
@@ -134,12 +153,19 @@ def channel_hyperflows(
         raise ValueError(f"presence_init must be a (low, high) range, got {presence_init!r}.")
     if min_channels < 0:
         raise ValueError(f"min_channels must be >= 0, got {min_channels!r}.")
+    if int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
     presence_optimizer = presence_optimizer or optax.adam(1e-3)
     kept_fraction = groups.flops_fraction if target == "flops" else groups.channels_fraction
 
     def init(params):
         params = masking.unwrap_nnx(params)
         groups.check(params)
+        if warn:
+            for message in schedule_warnings(pressure, presence_optimizer, presence_init,
+                                             "hf.structured.channel_hyperflows",
+                                             channels_to_prune(pressure, target)):
+                warnings.warn(message, UserWarning, stacklevel=2)
         key = jax.random.key(seed)
         presence = {g: jax.random.uniform(jax.random.fold_in(key, i), (n,), jnp.float32,
                                           low, high)
@@ -148,7 +174,7 @@ def channel_hyperflows(
             count=jnp.zeros((), jnp.int32), presence=presence,
             presence_opt_state=presence_optimizer.init(presence), pressure=pressure.init(),
             skipped=jnp.zeros((), jnp.int32), ste_scale=jnp.asarray(ste_scale, jnp.float32),
-            kept=(kept := kept_channels(presence, min_channels)),
+            kept=(kept := kept_channels(presence, min_channels, round_to)),
             masks=groups.expand(kept, params))
 
     def update(grads, state, params=None, **extra_args):
@@ -160,7 +186,7 @@ def channel_hyperflows(
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = jax.tree.map(lambda t, s: t + s.astype(jnp.float32), state.presence, steps)
-        kept = kept_channels(presence, min_channels)
+        kept = kept_channels(presence, min_channels, round_to)
         count = optax.safe_increment(state.count)
         stepped = state._replace(
             count=count, presence=presence, presence_opt_state=presence_opt_state,
@@ -169,6 +195,16 @@ def channel_hyperflows(
         return finite_step(grads, stepped, state, state.masks)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def channels_to_prune(pressure: PressureController, target: str) -> float | None:
+    """The fraction of channels whose scores must cross zero to reach the controller's
+    target: itself for ``target="channels"``; for multiply-adds, that of a uniform cut
+    (a conv's cost goes with its input times its output channels): ``1 - sqrt(1 - s)``."""
+    s = pressure.target_sparsity
+    if s is None or target == "channels":
+        return s
+    return 1.0 - math.sqrt(max(0.0, 1.0 - s))
 
 
 def flops_fraction(groups: ChannelGroups, opt_state: PyTree) -> jax.Array:

@@ -54,6 +54,9 @@ HELP = {
     "measure": "importance: the score, a name of hf.importance.MEASURES; unset: magnitude",
     "rounds": "importance: pruning rounds, evenly spread over the pruning epochs, the "
               "density's inverse growing linearly (hf.prune_at); unset: 1",
+    "round_to": "hyperflows_channel: every layer keeps a multiple of this many channels, "
+                "so that the exported model runs the counts trained (8 suits XLA:CPU); "
+                "unset: 1",
     # schedule
     "dense_epochs": "epochs of dense training first, when no --init_checkpoint is given",
     "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense "

@@ -42,6 +42,7 @@ class MethodConfig:
     controller: str | None = None  # trajectory (reference) or pi; None: the method's own
     measure: str | None = None  # importance: a name of hf.importance.MEASURES
     rounds: int | None = None  # importance: pruning rounds over the pruning epochs
+    round_to: int | None = None  # channel Hyperflows: channels kept per layer, a multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +160,13 @@ class Config:
                  f"got {m.kernel_init!r}.")
         method = methods.get(p.name)
         method.distribution(p.distribution)
-        for flag in ("measure", "rounds"):
+        for flag in ("measure", "rounds", "round_to"):
             takers = [x.name for x in methods.REGISTRY.values() if flag in x.options]
             _require(getattr(p, flag) is None or flag in method.options,
                      f"--{flag} applies to --method={takers}, not {p.name}.")
         _require(p.rounds is None or p.rounds >= 1, f"--rounds must be >= 1, got {p.rounds}.")
+        _require(p.round_to is None or p.round_to >= 1,
+                 f"--round_to must be >= 1, got {p.round_to}.")
         if p.measure is not None:
             importance.measure(p.measure)
         n_m = parse_n_m(p.distribution or "")

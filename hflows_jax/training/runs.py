@@ -229,7 +229,7 @@ def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Modu
         weight_lr=weight_lr, regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
         channel_groups=channel_groups, model=cfg.model.name, measure=p.measure,
-        rounds=p.rounds)
+        rounds=p.rounds, round_to=p.round_to)
     tx = method.optimizer(budget, optax.add_decayed_weights(s.weight_decay),
                           optax.sgd(weight_lr, momentum=0.9))
     regrowth_from = first_epoch + s.pruning_epochs

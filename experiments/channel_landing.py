@@ -1,0 +1,147 @@
+"""Does channel Hyperflows land on its multiply-add target in a user's own loop, and
+does it warn where it will not?
+
+    python -m experiments.channel_landing --npz=../shared/data/mnist.npz --out=docs/results/channel_landing
+    python -m experiments.channel_landing --quick --npz=... --out=/tmp/channel_landing
+
+The Flax Linen MNIST example's CNN (``experiments/user_loops/linen_mnist_hf.py``) in its
+own loop, ``hf.structured.channel_hyperflows`` chained before SGD with a trajectory
+pressure over ``--epochs``, at each presence lr and target of the grid. Each run records
+the UserWarnings ``tx.init`` raised and where it landed (multiply-adds removed, test
+accuracy). Writes channel_landing.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import scaffold
+
+LANDED = 0.02  # within this of the target (fraction of multiply-adds): landed
+
+
+def parse_args(argv=None):
+    p = scaffold.parser("python -m experiments.channel_landing", __doc__,
+                        "workdir/channel_landing", "two lrs, one target, 100 steps")
+    p.add_argument("--npz", required=True, help="MNIST as .npz (x_train, y_train, ...)")
+    p.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1", help="presence lrs")
+    p.add_argument("--targets", default="0.5,0.8", help="fractions of multiply-adds removed")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="cut each run to this many steps")
+    args = scaffold.parse(p, argv, {"lrs": "0.01,0.1", "targets": "0.5", "steps": 100})
+    args.lrs = [float(v) for v in args.lrs.split(",")]
+    args.targets = [float(v) for v in args.targets.split(",")]
+    return args
+
+
+def run(images, labels, test, target: float, lr: float, steps: int, batch: int = 128) -> dict:
+    import hflows_jax as hf
+    from experiments.user_loops.linen_mnist_hf import CNN
+
+    model = CNN()
+    params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
+    groups = hf.structured.channel_groups(lambda p, x: model.apply({"params": p}, x),
+                                          params, jnp.ones((2, 28, 28, 1)))
+    pruner = hf.structured.channel_hyperflows(
+        groups, hf.pressure.trajectory(target, steps, max(1, steps // 100)),
+        presence_optimizer=optax.adam(lr))
+    tx = optax.chain(pruner, optax.sgd(0.1, 0.9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y):
+        def loss(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss)(hf.apply_masks(params, state))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(0)
+    per_epoch = len(images) // batch
+    for i in range(steps):
+        if i % per_epoch == 0:
+            order = rng.permutation(len(images))
+        take = order[(i % per_epoch) * batch:(i % per_epoch + 1) * batch]
+        params, state = step(params, state, images[take], labels[take])
+    kept = float(hf.structured.flops_fraction(groups, state))
+    logits = model.apply({"params": hf.apply_masks(params, state)}, test[0])
+    return {"target": target, "presence_lr": lr, "steps": steps, "removed": 1 - kept,
+            "test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == test[1])),
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)]}
+
+
+def markdown(result: dict) -> str:
+    from hflows_jax.training import outputs
+
+    rows = []
+    for r in result["rows"]:
+        warned = "overshoot" if any("overshoot" in w for w in r["warnings"]) else (
+            "cannot reach" if r["warnings"] else "")
+        miss = r["removed"] - r["target"]
+        rows.append([f"{100 * r['target']:.0f} %", f"{r['presence_lr']:g}", r["steps"],
+                     f"{100 * r['removed']:.1f} %", f"{100 * miss:+.1f}",
+                     f"{100 * r['test_accuracy']:.2f} %", warned or "none"])
+    silent = [r for r in result["rows"] if not r["warnings"]]
+    missed = [r for r in silent if abs(r["removed"] - r["target"]) > LANDED]
+    verdict = (f"{len(silent)} runs raised no warning; "
+               + (f"{len(missed)} of them missed by more than {100 * LANDED:.0f} points."
+                  if missed else f"all landed within {100 * LANDED:.0f} points."))
+    return ("# Channel Hyperflows in a user's loop: warnings and landing\n\n"
+            f"`{result['command']}`\n\n"
+            + outputs.markdown_table(["target removed", "presence lr", "steps", "removed",
+                                      "miss (points)", "test accuracy", "warning at init"],
+                                     rows)
+            + f"\n{verdict}\n")
+
+
+def plot(fig, result: dict) -> None:
+    ax = fig.subplots()
+    for target in sorted({r["target"] for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if r["target"] == target),
+                      key=lambda r: r["presence_lr"])
+        line, = ax.plot([r["presence_lr"] for r in rows], [r["removed"] for r in rows],
+                        "o-", label=f"target {100 * target:.0f} %")
+        ax.axhline(target, color=line.get_color(), ls=":", lw=0.8)
+        for r in rows:
+            if r["warnings"]:
+                ax.plot(r["presence_lr"], r["removed"], "x", color="black", ms=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("presence lr (x: warned at init)")
+    ax.set_ylabel("multiply-adds removed")
+    ax.legend(fontsize=7)
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+
+    from hflows_jax.training import outputs
+
+    args = parse_args(argv)
+    data = np.load(args.npz)
+    images = np.float32(data["x_train"][..., None]) / 255.0
+    labels = np.int32(data["y_train"])
+    test = (jnp.float32(data["x_test"][..., None]) / 255.0, jnp.int32(data["y_test"]))
+    steps = args.steps or args.epochs * (len(images) // 128)
+    grid = [(t, lr) for t in args.targets for lr in args.lrs]
+    rows = [run(images, labels, test, t, lr, steps)
+            for t, lr in tqdm(grid, desc="channel_landing", unit="run")]
+    result = {"command": "python -m experiments.channel_landing " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "rows": rows,
+        "environment": outputs.environment()}
+    scaffold.write_results(args.out, "channel_landing", result, markdown(result),
+                           lambda fig: plot(fig, result))
+    return result
+
+
+if __name__ == "__main__":
+    scaffold.command_line(main)
