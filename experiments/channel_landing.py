@@ -5,10 +5,12 @@ does it warn where it will not?
     python -m experiments.channel_landing --quick --npz=... --out=/tmp/channel_landing
 
 The Flax Linen MNIST example's CNN (``experiments/user_loops/linen_mnist_hf.py``) in its
-own loop, ``hf.structured.channel_hyperflows`` chained before SGD with a trajectory
-pressure over ``--epochs``, at each presence lr and target of the grid. Each run records
-the UserWarnings ``tx.init`` raised and where it landed (multiply-adds removed, test
-accuracy). Writes channel_landing.json, .md and .png.
+own loop, ``hf.structured.channel_hyperflows`` chained before SGD with a pressure
+controller over ``--epochs`` (``trajectory``, the reference's, floored at 0; ``pi``,
+``log_density_pi`` with gains (0.25, 0.25) that may pull back, as the training loop's
+channel method), at each controller, presence lr and target of the grid. Each run
+records the UserWarnings ``tx.init`` raised and where it landed (multiply-adds removed,
+test accuracy). Writes channel_landing.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ def parse_args(argv=None):
     p.add_argument("--npz", required=True, help="MNIST as .npz (x_train, y_train, ...)")
     p.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1", help="presence lrs")
     p.add_argument("--targets", default="0.5,0.8", help="fractions of multiply-adds removed")
+    p.add_argument("--controllers", default="trajectory,pi", help="trajectory and/or pi")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="cut each run to this many steps")
     args = scaffold.parse(p, argv, {"lrs": "0.01,0.1", "targets": "0.5", "steps": 100})
     args.lrs = [float(v) for v in args.lrs.split(",")]
     args.targets = [float(v) for v in args.targets.split(",")]
+    args.controllers = args.controllers.split(",")
+    if set(args.controllers) - {"trajectory", "pi"}:
+        p.error("--controllers: trajectory and/or pi")
     return args
 
 
-def run(images, labels, test, target: float, lr: float, steps: int, batch: int = 128) -> dict:
+def run(images, labels, test, controller: str, target: float, lr: float, steps: int,
+        batch: int = 128) -> dict:
     import hflows_jax as hf
     from experiments.user_loops.linen_mnist_hf import CNN
 
@@ -48,9 +55,12 @@ def run(images, labels, test, target: float, lr: float, steps: int, batch: int =
     params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
     groups = hf.structured.channel_groups(lambda p, x: model.apply({"params": p}, x),
                                           params, jnp.ones((2, 28, 28, 1)))
-    pruner = hf.structured.channel_hyperflows(
-        groups, hf.pressure.trajectory(target, steps, max(1, steps // 100)),
-        presence_optimizer=optax.adam(lr))
+    every = max(1, steps // 100)
+    pressure = (hf.pressure.trajectory(target, steps, every) if controller == "trajectory"
+                else hf.pressure.log_density_pi(target, steps, every, kp=0.25, ki=0.25,
+                                                negative=True))
+    pruner = hf.structured.channel_hyperflows(groups, pressure,
+                                              presence_optimizer=optax.adam(lr))
     tx = optax.chain(pruner, optax.sgd(0.1, 0.9))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -75,7 +85,8 @@ def run(images, labels, test, target: float, lr: float, steps: int, batch: int =
         params, state = step(params, state, images[take], labels[take])
     kept = float(hf.structured.flops_fraction(groups, state))
     logits = model.apply({"params": hf.apply_masks(params, state)}, test[0])
-    return {"target": target, "presence_lr": lr, "steps": steps, "removed": 1 - kept,
+    return {"controller": controller, "target": target, "presence_lr": lr, "steps": steps,
+            "removed": 1 - kept,
             "test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == test[1])),
             "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)]}
 
@@ -85,10 +96,11 @@ def markdown(result: dict) -> str:
 
     rows = []
     for r in result["rows"]:
-        warned = "overshoot" if any("overshoot" in w for w in r["warnings"]) else (
-            "cannot reach" if r["warnings"] else "")
+        warned = ", ".join(key for key in ("cannot reach", "overshoot", "cannot pull back")
+                           if any(key in w for w in r["warnings"]))
         miss = r["removed"] - r["target"]
-        rows.append([f"{100 * r['target']:.0f} %", f"{r['presence_lr']:g}", r["steps"],
+        rows.append([r["controller"], f"{100 * r['target']:.0f} %", f"{r['presence_lr']:g}",
+                     r["steps"],
                      f"{100 * r['removed']:.1f} %", f"{100 * miss:+.1f}",
                      f"{100 * r['test_accuracy']:.2f} %", warned or "none"])
     silent = [r for r in result["rows"] if not r["warnings"]]
@@ -98,7 +110,8 @@ def markdown(result: dict) -> str:
                   if missed else f"all landed within {100 * LANDED:.0f} points."))
     return ("# Channel Hyperflows in a user's loop: warnings and landing\n\n"
             f"`{result['command']}`\n\n"
-            + outputs.markdown_table(["target removed", "presence lr", "steps", "removed",
+            + outputs.markdown_table(["controller", "target removed", "presence lr", "steps",
+                                      "removed",
                                       "miss (points)", "test accuracy", "warning at init"],
                                      rows)
             + f"\n{verdict}\n")
@@ -106,11 +119,13 @@ def markdown(result: dict) -> str:
 
 def plot(fig, result: dict) -> None:
     ax = fig.subplots()
-    for target in sorted({r["target"] for r in result["rows"]}):
-        rows = sorted((r for r in result["rows"] if r["target"] == target),
+    for controller, target in sorted({(r["controller"], r["target"]) for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"]
+                       if (r["controller"], r["target"]) == (controller, target)),
                       key=lambda r: r["presence_lr"])
         line, = ax.plot([r["presence_lr"] for r in rows], [r["removed"] for r in rows],
-                        "o-", label=f"target {100 * target:.0f} %")
+                        "o-" if controller == "pi" else "s--",
+                        label=f"{controller}, target {100 * target:.0f} %")
         ax.axhline(target, color=line.get_color(), ls=":", lw=0.8)
         for r in rows:
             if r["warnings"]:
@@ -132,9 +147,9 @@ def main(argv=None) -> dict:
     labels = np.int32(data["y_train"])
     test = (jnp.float32(data["x_test"][..., None]) / 255.0, jnp.int32(data["y_test"]))
     steps = args.steps or args.epochs * (len(images) // 128)
-    grid = [(t, lr) for t in args.targets for lr in args.lrs]
-    rows = [run(images, labels, test, t, lr, steps)
-            for t, lr in tqdm(grid, desc="channel_landing", unit="run")]
+    grid = [(c, t, lr) for c in args.controllers for t in args.targets for lr in args.lrs]
+    rows = [run(images, labels, test, c, t, lr, steps)
+            for c, t, lr in tqdm(grid, desc="channel_landing", unit="run")]
     result = {"command": "python -m experiments.channel_landing " + " ".join(
         argv if argv is not None else sys.argv[1:]), "rows": rows,
         "environment": outputs.environment()}

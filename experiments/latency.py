@@ -5,14 +5,18 @@
 
 For each model and target, ``hf.export`` builds the pruned model, tuned on this machine
 (``tune=``: at each batch size the fastest of its programs, the masked dense one among
-them), and both are timed at each batch size:
+them, each conv as XLA's conv or as a matmul of its patches), and the dense model the
+same way (every mask 1: its own fastest program, so that a speed-up is the pruning's).
+Each is timed at each batch size beside the plain dense model (the model's function
+jitted as it is: ``plain_dense_ms``, ``speedup_over_plain``):
 
 - ``xla``: in this process, dense and pruned calls interleaved, each waited for; the
   median after a warm-up;
 - ``xla_served``: the same, in a fresh process that loads the two ``jax.export`` files
   (``model.jax``-style: weights inside, batch symbolic), as a server would;
-- ``onnxruntime``: the dense and the compact model converted with ``jax2onnx``, run by
-  ONNX Runtime in a fresh process (``pip install -e ".[deploy]"``; skipped without it).
+- ``onnxruntime``: the dense and the compact program (no route: ONNX Runtime picks its
+  own kernels) converted with ``jax2onnx``, run by ONNX Runtime in a fresh process with
+  as many threads as cores (``pip install -e ".[deploy]"``; skipped without it).
 
 Models: LeNet-300-100 at 98 % of its weights removed (the masks of ``--lenet_run``, a
 finished ``experiments.mnist`` run, else random masks: say which), and full-width VGG-19,
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -161,7 +166,7 @@ def serve(directory: str, batches: tuple, repeats: int, seconds: float) -> dict:
         if plan["bcsr"]:
             from jax.experimental import sparse  # noqa: F401  (registers BCSR's custom call)
         fns = {}
-        for name in ("dense", "pruned"):
+        for name in ("plain", "dense", "pruned"):
             with open(os.path.join(directory, f"{name}.jax"), "rb") as f:
                 fns[name] = jax.jit(jax.export.deserialize(bytearray(f.read())).call)
         out["xla_served"] = {}
@@ -188,12 +193,58 @@ def serve(directory: str, batches: tuple, repeats: int, seconds: float) -> dict:
 
 
 def to_onnx(fn, image_shape: tuple, path: str) -> None:
-    """``fn`` (float32 images -> logits) as an ONNX model with a symbolic batch."""
+    """``fn`` (float32 images -> logits) as an ONNX model with a symbolic batch, through
+    ``jax2onnx`` (``pip install -e ".[deploy]"``), mended where jax2onnx 0.17 writes what
+    ONNX Runtime 1.32 refuses: a max-pool over NHWC as a 4-D pool (its CPU kernel takes
+    2-D ones) becomes transposes around a 2-D pool."""
+    import onnx
     from jax2onnx import to_onnx as convert
 
     model = convert(fn, [("B",) + tuple(image_shape)], model_name="model")
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+    _nhwc_max_pools_as_2d(model)
+    del model.graph.value_info[:]  # shapes stamped before the rewrite: let ORT infer them
+    onnx.save_model(model, path)
+
+
+def _nhwc_max_pools_as_2d(model) -> None:
+    """Unsqueeze, Unsqueeze, MaxPool with kernel (1, kh, kw, 1), Squeeze (what jax2onnx
+    makes of ``lax.reduce_window_max`` on NHWC) -> Transpose, 2-D MaxPool, Transpose."""
+    from onnx import helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    dropped, replaced = set(), {}
+    for n in graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        k = list(a.get("kernel_shape", ()))
+        s = list(a.get("strides", [1] * len(k)))
+        pads = list(a.get("pads", [0] * 2 * len(k)))
+        if (n.op_type != "MaxPool" or len(k) != 4 or (k[0], k[3], s[0], s[3]) != (1, 1, 1, 1)
+                or pads[0] or pads[3] or pads[4] or pads[7]
+                or any(d != 1 for d in a.get("dilations", [1] * 4))):
+            continue
+        inner = producer[n.input[0]]
+        outer = producer[inner.input[0]]
+        (squeeze,) = consumers[n.output[0]]
+        if (inner.op_type, outer.op_type, squeeze.op_type) != ("Unsqueeze", "Unsqueeze",
+                                                               "Squeeze"):
+            continue
+        nchw, pooled = n.name + "_nchw", n.name + "_pooled"
+        pool = dict(kernel_shape=k[1:3], strides=s[1:3])
+        if any(pads):
+            pool["pads"] = [pads[1], pads[2], pads[5], pads[6]]
+        replaced[id(n)] = [
+            helper.make_node("Transpose", [outer.input[0]], [nchw], perm=[0, 3, 1, 2]),
+            helper.make_node("MaxPool", [nchw], [pooled], **pool),
+            helper.make_node("Transpose", [pooled], [squeeze.output[0]], perm=[0, 2, 3, 1])]
+        dropped |= {id(inner), id(outer), id(squeeze)}
+    nodes = [m for n in graph.node if id(n) not in dropped for m in replaced.get(id(n), [n])]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def fresh_process(directory: str, batches: tuple, args) -> dict:
@@ -209,21 +260,36 @@ def fresh_process(directory: str, batches: tuple, args) -> dict:
             for runtime, by_batch in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def measure(name: str, spec: Spec, target: float, args) -> list[dict]:
-    import hflows_jax as hf
-    from hflows_jax.masking import multiply_masks
-
+def network(spec: Spec):
+    """``(fn, params, example)`` of a model with its initial weights (latency depends on
+    the shapes only)."""
     model = spec.build()
     example = jnp.asarray(np.random.default_rng(0).normal(size=(2,) + spec.image_shape),
                           jnp.float32)
     variables = model.init(jax.random.key(0), example[:1])
     rest = {k: v for k, v in variables.items() if k != "params"}
-    params = variables["params"]
     kwargs = {"train": False} if rest else {}
 
     def fn(p, x):
         return model.apply({"params": p, **rest}, x, **kwargs)
 
+    return fn, variables["params"], example
+
+
+def plain_program(compact):
+    """The compact model's own program, no route taken: what ONNX Runtime gets (its
+    kernels are its own)."""
+    from hflows_jax.compact import _run
+
+    return functools.partial(_run, compact.programs["compact"], compact.params, sparse=False)
+
+
+def measure(name: str, spec: Spec, target: float, args, dense_cache: dict) -> list[dict]:
+    import hflows_jax as hf
+    from hflows_jax.compact import median_ms
+    from hflows_jax.masking import multiply_masks
+
+    fn, params, example = network(spec)
     if spec.method == "channels":
         groups = hf.structured.channel_groups(fn, params, example)
         kept, _ = uniform_channels(groups, target)
@@ -231,55 +297,56 @@ def measure(name: str, spec: Spec, target: float, args) -> list[dict]:
         structure = "uniform channel fraction"
     else:
         masks, structure = lenet_masks(params, args.lenet_run, target)
-    batches = spec.batches or args.batches
-    batches = tuple(b for b in args.batches if b in batches) or batches
-    compact = hf.export(fn, params, masks, example, tune=batches)
-    masked = multiply_masks(params, masks)
-    dense = jax.jit(functools.partial(fn, masked))
-    pruned = jax.jit(functools.partial(compact.forward, compact.params))
-    flops_fraction = compact.macs / compact.dense_macs
+    batches = tuple(b for b in args.batches if spec.batches is None or b in spec.batches)
+    pruned = hf.export(fn, params, masks, example, tune=batches)
+    everything = jax.tree.map(lambda m: None if m is None else np.ones(np.shape(m), bool),
+                              masks, is_leaf=lambda m: m is None)
+    if name not in dense_cache:  # the dense model as hf.export serves it: its best program
+        dense_cache[name] = hf.export(fn, params, everything, example, tune=batches)
+    dense = dense_cache[name]
+    functions = {"plain": jax.jit(functools.partial(fn, multiply_masks(params, masks))),
+                 "dense": jax.jit(functools.partial(dense.forward, dense.params)),
+                 "pruned": jax.jit(functools.partial(pruned.forward, pruned.params))}
     base = {"model": name, "width": 1.0, "method": spec.method, "target": target,
-            "structure": structure, "flops_fraction": flops_fraction,
-            "mac_bound": compact.dense_macs / max(compact.macs, 1),
-            "routes": [r.name + f"@{max(r.batch, 1)}" for r in compact.routes]}
-    from hflows_jax.compact import median_ms
-
+            "structure": structure, "flops_fraction": pruned.macs / pruned.dense_macs,
+            "mac_bound": pruned.dense_macs / max(pruned.macs, 1),
+            "routes": [f"{r.name}@{max(r.batch, 1)}" for r in pruned.routes],
+            "dense_routes": [f"{r.name}@{max(r.batch, 1)}" for r in dense.routes]}
     timings = {}
     if "xla" in args.runtimes:
         timings["xla"] = {}
         for b in batches:
             x = jnp.asarray(np.resize(np.asarray(example), (b,) + spec.image_shape))
-            timings["xla"][b] = median_ms({"dense": functools.partial(dense, x),
-                                           "pruned": functools.partial(pruned, x)},
+            timings["xla"][b] = median_ms({k: functools.partial(f, x)
+                                           for k, f in functions.items()},
                                           args.repeats, budget_s=args.seconds)
     served = [r for r in args.runtimes if r != "xla"]
     if served:
         with tempfile.TemporaryDirectory() as directory:
-            spec_b = jax.export.symbolic_shape("b")[0]
-            shape = jax.ShapeDtypeStruct((spec_b,) + spec.image_shape, jnp.float32)
-            with open(os.path.join(directory, "dense.jax"), "wb") as f:
-                f.write(jax.export.export(dense)(shape).serialize())
-            with open(os.path.join(directory, "pruned.jax"), "wb") as f:
-                f.write(compact.exported().serialize())
-            runtimes = list(served)
-            if "onnxruntime" in served:
-                try:
-                    to_onnx(functools.partial(fn, masked), spec.image_shape,
-                            os.path.join(directory, "dense.onnx"))
-                    to_onnx(functools.partial(compact.forward, compact.params),
-                            spec.image_shape, os.path.join(directory, "pruned.onnx"))
-                except ImportError:
-                    print("onnxruntime: skipped (pip install -e '.[deploy]')")
-                    runtimes.remove("onnxruntime")
-            with open(os.path.join(directory, "serve.json"), "w") as f:
-                json.dump({"image_shape": list(spec.image_shape), "runtimes": runtimes,
-                           "bcsr": compact.has_bcsr}, f)
+            (b,) = jax.export.symbolic_shape("b")
+            shape = jax.ShapeDtypeStruct((b,) + spec.image_shape, jnp.float32)
+            files = {"plain": jax.export.export(functions["plain"])(shape),
+                     "dense": dense.exported(), "pruned": pruned.exported()}
+            for key, exported in files.items():
+                with open(os.path.join(directory, f"{key}.jax"), "wb") as out:
+                    out.write(exported.serialize())
+            if "onnxruntime" in served:  # each compact program as built, dense kernels
+                for key, key_masks in (("dense", everything), ("pruned", masks)):
+                    compact = hf.export(fn, params, key_masks, example, bcsr=False)
+                    to_onnx(plain_program(compact), spec.image_shape,
+                            os.path.join(directory, f"{key}.onnx"))
+            with open(os.path.join(directory, "serve.json"), "w") as out:
+                json.dump({"image_shape": list(spec.image_shape), "runtimes": served,
+                           "bcsr": pruned.has_bcsr or dense.has_bcsr}, out)
             timings.update(fresh_process(directory, batches, args))
     rows = []
     for runtime, by_batch in timings.items():
         for b, ms in sorted(by_batch.items()):
             rows.append({**base, "runtime": runtime, "batch": b, "dense_ms": ms["dense"],
-                         "pruned_ms": ms["pruned"], "speedup": ms["dense"] / ms["pruned"]})
+                         "pruned_ms": ms["pruned"], "speedup": ms["dense"] / ms["pruned"],
+                         "plain_dense_ms": ms.get("plain"),
+                         "speedup_over_plain": ms["plain"] / ms["pruned"] if "plain" in ms
+                         else None})
     return rows
 
 
@@ -290,11 +357,14 @@ def markdown(result: dict) -> str:
     from hflows_jax.training import outputs
 
     header = ["model", "method", "removed", "runtime", "batch", "dense ms", "pruned ms",
-              "speed-up", "MAC bound", "of bound"]
+              "speed-up", "MAC bound", "of bound", "plain dense ms", "over plain"]
     rows = [[r["model"], r["method"], f"{100 * (1 - r['flops_fraction']):.1f} %", r["runtime"],
              r["batch"], f"{r['dense_ms']:.3f}", f"{r['pruned_ms']:.3f}",
              f"{r['speedup']:.2f}x", f"{r['mac_bound']:.2f}x",
-             f"{r['speedup'] / r['mac_bound']:.2f}"] for r in result["rows"]]
+             f"{r['speedup'] / r['mac_bound']:.2f}",
+             "" if r["plain_dense_ms"] is None else f"{r['plain_dense_ms']:.3f}",
+             "" if r["speedup_over_plain"] is None else f"{r['speedup_over_plain']:.2f}x"]
+            for r in result["rows"]]
     slower = [r for r in result["rows"] if r["speedup"] < 1]
     verdict = ("No pruned model ran slower than its dense one." if not slower else
                "Slower than dense: " + "; ".join(
@@ -341,17 +411,23 @@ def main(argv=None) -> dict:
     from hflows_jax.training import outputs
     from tqdm import tqdm
 
+    missing = [m for m in ("jax2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if "onnxruntime" in args.runtimes and missing:
+        print(f"onnxruntime: skipped, {' and '.join(missing)} missing "
+              "(pip install -e '.[deploy]')")
+        args.runtimes.remove("onnxruntime")
     specs = _models()
     work = [(name, t) for name in args.models for t in (
         specs[name].targets if specs[name].method == "weights" or not args.targets
         else args.targets)]
-    rows = []
+    rows, dense = [], {}
+    result = {"command": "python -m experiments.latency " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "rows": rows,
+        "environment": outputs.environment()}
     for name, target in tqdm(work, desc="latency", unit="model"):
-        rows.extend(measure(name, specs[name], target, args))
-    result = {"command": "python -m experiments.latency " + " ".join(argv or sys.argv[1:]),
-              "rows": rows, "environment": outputs.environment()}
-    scaffold.write_results(args.out, "latency", result, markdown(result),
-                           lambda fig: plot(fig, result))
+        rows.extend(measure(name, specs[name], target, args, dense))
+        scaffold.write_results(args.out, "latency", result, markdown(result),  # so far
+                               lambda fig: plot(fig, result))
     return result
 
 

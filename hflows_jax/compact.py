@@ -337,10 +337,12 @@ class Route:
     batch: int
     program: str = "compact"
     sparse: bool = False
+    im2col: tuple = ()  # the program's convs (step indices) run as patches times a matrix
 
     @property
     def name(self) -> str:
-        return self.program + ("+bcsr" if self.sparse else "")
+        return (self.program + ("+bcsr" if self.sparse else "")
+                + (f"+im2col({len(self.im2col)})" if self.im2col else ""))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -398,8 +400,8 @@ class Compact:
 
     def forward(self, params: dict, x: jax.Array):
         """``compact(x)`` with the arrays as an argument (for jit, export, sharding)."""
-        runs = [functools.partial(_run, self.programs[r.program], params, x, r.sparse)
-                for r in self.routes]
+        runs = [functools.partial(_run, self.programs[r.program], params, x, r.sparse,
+                                  frozenset(r.im2col)) for r in self.routes]
         batch = x.shape[0]
         if len(runs) == 1:
             return runs[0]()
@@ -449,11 +451,13 @@ def _shape(shape: _Shape, batch) -> tuple:
     return tuple(n * batch ** k if k else n for n, k in shape.dims)
 
 
-def _run(program: tuple, params: dict, x, sparse: bool):
+def _run(program: tuple, params: dict, x, sparse: bool, im2col: frozenset = frozenset(),
+         inputs: dict | None = None):
+    """The program on ``x``; ``inputs``, if given, gets each conv's arguments."""
     env = {"x": x}
     batch = x.shape[0]
     outs = None
-    for step in program:
+    for i, step in enumerate(program):
         if isinstance(step, tuple):  # ("outputs", refs, tree): the last step
             leaves = [env[ref] if kind == "v" else params[ref] if kind == "p" else ref
                       for kind, ref in step[1]]
@@ -472,9 +476,13 @@ def _run(program: tuple, params: dict, x, sparse: bool):
             y = (params[step.sparse] @ flat.T).T
             out = y.reshape(lead + (y.shape[-1],)).astype(kw.get(
                 "preferred_element_type") or data.dtype)
+        elif i in im2col:
+            out = conv_as_matmul(*args, **kw)
         else:
             if step.rows is not None:
                 args[0] = jnp.take(args[0], params[step.rows], axis=-1)
+            if inputs is not None and step.eqn.name == "conv_general_dilated":
+                inputs[i] = (args, kw)
             out = step.eqn.prim.bind(*args, **kw)
         if step.delta is not None:
             out = out + params[step.delta]
@@ -482,6 +490,53 @@ def _run(program: tuple, params: dict, x, sparse: bool):
         for o, val in zip(step.eqn.outs, results):
             env[o] = val
     return outs
+
+
+def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, precision=None, preferred_element_type=None,
+                   **unused):
+    """A 2-D conv (one feature group) as its input's patches times the kernel as a
+    matrix: the same sums, one matmul. XLA:CPU runs some convs far slower than that
+    matmul (512 to 512 channels on a 2x2 image: 13.6 ms against 1.6 ms at batch 1)."""
+    del unused
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    nhwc = lhs.transpose(lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1])
+    ihwo = rhs.transpose(rhs_spec[1], rhs_spec[2], rhs_spec[3], rhs_spec[0])
+    patches = lax.conv_general_dilated_patches(
+        nhwc, ihwo.shape[1:3], window_strides, padding, lhs_dilation, rhs_dilation,
+        ("NHWC", "HWIO", "NHWC"), precision, preferred_element_type)  # features: C major
+    out = jnp.matmul(patches, ihwo.reshape(-1, ihwo.shape[-1]), precision=precision,
+                     preferred_element_type=preferred_element_type)
+    source = {out_spec[0]: 0, out_spec[2]: 1, out_spec[3]: 2, out_spec[1]: 3}
+    return out.transpose([source[axis] for axis in range(4)])
+
+
+def _matmul_convs(program: tuple, params: dict, x, sparse: bool, repeats: int,
+                  verdicts: dict) -> tuple:
+    """The step indices of ``program``'s convs that run faster as ``conv_as_matmul`` on
+    ``x``'s batch, each timed alone on its own input's shape, here (by 10 % at least);
+    ``verdicts`` keeps each shape's answer for the next call."""
+    inputs = {}
+    jax.eval_shape(functools.partial(_run, program, inputs=inputs, sparse=sparse), params, x)
+    faster = []
+    for i, (args, kw) in sorted(inputs.items()):
+        if (program[i].eqn.params["feature_group_count"] != 1
+                or program[i].eqn.params["batch_group_count"] != 1 or args[0].ndim != 4
+                or program[i].ins[1][0] != "p"):
+            continue
+        rhs = params[program[i].ins[1][1]]
+        key = (args[0].shape, args[0].dtype, rhs.shape, repr(sorted(kw.items())))
+        if key not in verdicts:  # a ResNet repeats its blocks' shapes
+            lhs = jax.random.normal(jax.random.key(i), args[0].shape, args[0].dtype)
+            conv = jax.jit(functools.partial(program[i].eqn.prim.bind, **kw))
+            matmul = jax.jit(functools.partial(conv_as_matmul, **kw))
+            ms = median_ms({"conv": functools.partial(conv, lhs, rhs),
+                            "matmul": functools.partial(matmul, lhs, rhs)}, repeats,
+                           budget_s=TUNE_SECONDS / 4)
+            verdicts[key] = ms["matmul"] < 0.9 * ms["conv"]
+        if verdicts[key]:
+            faster.append(i)
+    return tuple(faster)
 
 
 def _aligned_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -761,16 +816,18 @@ def _tune(compact: Compact, graph, analysis, static, example, batches, bcsr, mul
     programs["dense"], params = tuple(program), {**params, **arrays}
     candidates.append(Route(0, "dense"))
 
-    timings, chosen = {}, []
+    timings, chosen, verdicts = {}, [], {}
     for batch in sorted({int(b) for b in batches}):
         x = jnp.asarray(np.resize(np.asarray(example), (batch,) + example.shape[1:]))
-        runs = {r.name: jax.jit(functools.partial(_run, programs[r.program],
-                                                  sparse=r.sparse)) for r in candidates}
+        routes = [dataclasses.replace(r, im2col=_matmul_convs(
+            programs[r.program], params, x, r.sparse, repeats, verdicts)) for r in candidates]
+        runs = {r.name: jax.jit(functools.partial(_run, programs[r.program], sparse=r.sparse,
+                                                  im2col=frozenset(r.im2col))) for r in routes}
         ms = median_ms({name: functools.partial(run, params, x) for name, run in runs.items()},
                        repeats, budget_s=TUNE_SECONDS)
         timings[batch] = ms
-        best = min(candidates, key=lambda r: ms[r.name])
-        if not chosen or chosen[-1].name != best.name:
+        best = min(routes, key=lambda r: ms[r.name])
+        if not chosen or dataclasses.replace(chosen[-1], batch=0) != best:
             chosen.append(dataclasses.replace(best, batch=batch if chosen else 0))
     used = _used(programs[r.program] for r in chosen)
     return dataclasses.replace(

@@ -25,6 +25,9 @@ class PressureController(NamedTuple):
     # init whether its presence optimizer gets there in time; None for open-loop laws.
     target_sparsity: float | None = None
     total_steps: int | None = None
+    # Whether it can pull scores up (a negative pressure) when the masks went past the
+    # trajectory: channel Hyperflows' channels keep dying at zero pressure.
+    pulls_back: bool = False
 
 
 class ConstantPressureState(NamedTuple):
@@ -235,4 +238,5 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
         gamma = jnp.where(step >= end, 0.0, push)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
-    return PressureController(init, update, float(target_sparsity), total_steps)
+    return PressureController(init, update, float(target_sparsity), total_steps,
+                              bool(negative))

@@ -2,6 +2,8 @@
 mode) with dead units and channels removed and constants of dead channels folded forward;
 its shapes and multiply-adds against hand counts (the per-family exporter's, unchanged)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,10 +296,58 @@ def test_tune_measures_padded_channels_and_rejects_bad_sizes():
     model, params, stats, masks, images = _setup("lenet5", (28, 28, 1))
     masks["Conv_0"]["kernel"][..., :3] = False  # 3 of Conv_0's 6 channels stay
     compact = _export(model, params, masks, stats, images, tune=(2,))
-    assert set(compact.timings[2]) == {"compact", "padded", "dense"}
+    assert {name.split("+")[0] for name in compact.timings[2]} == {"compact", "padded",
+                                                                   "dense"}
     (route,) = compact.routes
     assert route.name == min(compact.timings[2], key=compact.timings[2].get)
     _assert_same_logits(compact, model, params, stats, masks, images)
     for bad in (4, (), (0,), (2.5,)):
         with pytest.raises(ValueError, match="tune"):
             _export(model, params, masks, stats, images, tune=bad)
+
+
+@pytest.mark.parametrize("dn, lhs, rhs, strides, padding, lhs_dilation, rhs_dilation", [
+    (("NHWC", "HWIO", "NHWC"), (2, 7, 6, 5), (3, 3, 5, 4), (1, 1), "SAME", (1, 1), (1, 1)),
+    (("NCHW", "OIHW", "NCHW"), (2, 5, 9, 8), (4, 5, 3, 2), (2, 1), ((1, 0), (2, 1)), (1, 1),
+     (2, 1)),
+    (("NHWC", "HWIO", "NHWC"), (1, 4, 4, 3), (3, 3, 3, 2), (1, 1), ((1, 1), (2, 1)), (2, 2),
+     (1, 1)),
+])
+def test_conv_as_matmul_is_the_conv(dn, lhs, rhs, strides, padding, lhs_dilation,
+                                    rhs_dilation):
+    rng = np.random.default_rng(0)
+    x, k = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs, rhs))
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers=dn)
+
+    (eqn,) = jax.make_jaxpr(conv)(x, k).eqns
+    want = np.asarray(conv(x, k))
+    np.testing.assert_allclose(compact_lib.conv_as_matmul(x, k, **eqn.params), want,
+                               rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_tune_runs_the_convs_measured_faster_as_matmuls(monkeypatch):
+    """Each conv is timed alone as a conv and as a matmul of its patches; the route runs
+    the faster (fixed timings here: the matmuls) and stays exact, served too."""
+    model, params, stats, masks, images = _setup("lenet5", (28, 28, 1))
+
+    def median_ms(calls, repeats, budget_s):
+        if set(calls) == {"conv", "matmul"}:
+            return {"conv": 2.0, "matmul": 1.0}
+        return {name: 0.0 if name.startswith("compact+im2col") else 1.0 for name in calls}
+
+    monkeypatch.setattr(compact_lib, "median_ms", median_ms)
+    compact = _export(model, params, masks, stats, images, tune=(4,))
+    (route,) = compact.routes
+    assert route.name == "compact+im2col(2)"  # LeNet-5's two convs
+    as_convs = dataclasses.replace(compact, routes=(dataclasses.replace(route, im2col=()),))
+    dots = [jax.jit(c.forward).lower(c.params, images).as_text().count("dot_general")
+            for c in (compact, as_convs)]
+    assert dots[0] == dots[1] + 2  # (the patches are a convolution with a one-hot kernel)
+    _assert_same_logits(compact, model, params, stats, masks, images)
+    served = jax.export.deserialize(compact.exported().serialize())
+    want = _masked_logits(model, params, stats, masks, images[:3])
+    np.testing.assert_allclose(served.call(images[:3]), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())

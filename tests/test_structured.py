@@ -1,6 +1,7 @@
 """Channel Hyperflows: channel flows against autodiff, multiply-adds against hf.export's
 compact models, and a run that lands on its FLOP target and exports smaller."""
 
+import dataclasses
 import warnings
 
 import chex
@@ -432,18 +433,22 @@ def test_dhp_and_ftwt_train_on_a_resnet(cifar_npz, tmp_path):
     assert set(state.params["ResNetBlock_8"]) >= {"Conv_0", "Conv_1", "Gate_0", "Gate_1"}
 
 
-@pytest.mark.parametrize("lr, expected", [
-    (1e-4, "cannot reach"),  # 400 steps travel 0.04; the 29 %-quantile is 0.29 above 0
-    (2e-3, "overshoot"),  # crosses in 144 steps; 400 < 5 * 144
-    (1e-2, None),  # crosses in 29 steps: the landing test's settings
+@pytest.mark.parametrize("lr, controller, expected", [
+    (1e-4, "pi", "cannot reach"),  # 400 steps travel 0.04; the 29 %-quantile is 0.29 above 0
+    (2e-3, "pi", "overshoot"),  # crosses in 144 steps; 400 < 5 * 144
+    (1e-2, "pi", None),  # crosses in 29 steps
+    (1e-2, "trajectory", "cannot pull back"),  # floored at 0: channels die past the target
 ])
-def test_init_warns_in_a_users_loop_when_the_channel_schedule_misses(lr, expected):
+def test_init_warns_in_a_users_loop_when_the_channel_schedule_misses(lr, controller,
+                                                                     expected):
     """A 50 % multiply-add target is about 29 % of the channels (1 - sqrt(0.5)), a uniform
-    cut's: hf.hyperflows' warnings on that fraction of the channel scores."""
+    cut's: hf.hyperflows' warnings on that fraction of the channel scores, and one for a
+    controller that cannot pull back."""
     shape = (28, 28, 1)
     model, params, _ = _init("lenet5", shape)
     groups = channel_groups(model, params, shape)
-    pressure = hf.pressure.trajectory(0.5, 400, update_every=10)
+    pressure = (hf.pressure.log_density_pi(0.5, 400, 10, kp=0.25, ki=0.25, negative=True)
+                if controller == "pi" else hf.pressure.trajectory(0.5, 400, 10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         optax.chain(channel_hyperflows(groups, pressure, optax.adam(lr)),
@@ -484,3 +489,17 @@ def test_round_to_keeps_multiples_of_channels_in_every_layer():
     assert all(c % 4 == 0 or c == groups.sizes[g] for g, c in counts.items()), counts
     with pytest.raises(ValueError, match="round_to"):
         channel_hyperflows(groups, hf.pressure.constant(0.0), round_to=0)
+
+
+def test_flops_fraction_of_a_model_past_two_billion_multiply_adds():
+    """ResNet-50 at 224x224 has 4.1e9: the count must not pass through int32."""
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    kept = {g: np.arange(n) < n // 2 + 1 for g, n in groups.sizes.items()}
+    scale = 2 ** 16  # LeNet-5's 0.4 M multiply-adds times this: 2.8e10
+    big = dataclasses.replace(
+        groups, dense_macs=groups.dense_macs * scale,
+        layers=tuple((unit * scale, read, written) for unit, read, written in groups.layers))
+    assert big.dense_macs > 2 ** 31
+    assert float(big.flops_fraction(kept)) == pytest.approx(float(groups.flops_fraction(kept)))
