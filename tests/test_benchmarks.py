@@ -319,3 +319,49 @@ def test_plain_loop_reestimates_batchnorm_on_the_pruned_network():
                                np.mean([h.mean(0) for h in hidden], 0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["BatchNorm_0"]["var"],
                                np.mean([h.var(0) for h in hidden], 0), rtol=1e-4, atol=1e-5)
+
+
+def test_latency_rows_per_runtime_and_batch_with_a_fresh_serving_process(tmp_path):
+    from experiments import latency
+
+    result = latency.main(["--models=lenet300", "--batches=1,4", "--runtimes=xla,xla_served",
+                           "--repeats=3", "--seconds=0.05", f"--out={tmp_path}"])
+    rows = result["rows"]
+    assert {(r["runtime"], r["batch"]) for r in rows} == {
+        (rt, b) for rt in ("xla", "xla_served") for b in (1, 4)}
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
+        assert r["mac_bound"] > 1 and r["routes"] and r["structure"].startswith("random")
+    assert json.loads((tmp_path / "latency.json").read_text())["rows"] == rows
+    assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_uniform_channels_land_on_the_multiply_add_target():
+    import jax.numpy as jnp
+
+    import hflows_jax as hf
+    from experiments.latency import uniform_channels
+    from hflows_jax import models
+
+    model = models.create("lenet5", 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    groups = hf.structured.channel_groups(model, params, (28, 28, 1))
+    kept, fraction = uniform_channels(groups, 0.6)
+    assert fraction == pytest.approx(float(groups.flops_fraction(kept)))
+    assert 0.4 <= fraction < 0.45  # the cut just short of the target: 0.4 is not on the grid
+    sizes = groups.sizes
+    fractions = {g: k.sum() / sizes[g] for g, k in kept.items()}
+    assert max(fractions.values()) - min(fractions.values()) < 0.2  # one fraction, rounded
+
+
+def test_channel_landing_records_warnings_and_where_each_run_landed(small_mnist, tmp_path):
+    from experiments import channel_landing
+
+    result = channel_landing.main([f"--npz={small_mnist}", "--lrs=0.1", "--targets=0.5",
+                                   "--steps=6", f"--out={tmp_path}"])
+    assert [(r["controller"], r["steps"]) for r in result["rows"]] == [("trajectory", 6),
+                                                                       ("pi", 6)]
+    trajectory, pi = result["rows"]
+    assert any("cannot pull back" in w for w in trajectory["warnings"])
+    assert not any("cannot pull back" in w for w in pi["warnings"])
+    assert all(0 <= r["removed"] < 1 for r in result["rows"])
