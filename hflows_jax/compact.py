@@ -18,6 +18,10 @@ generated weights) is computed once and stored, sliced. Dense layers whose kerne
 rows of zeros read only the inputs they need; very sparse ones can run as
 ``jax.experimental.sparse.BCSR`` (``bcsr=``), faster on CPU from batch ``BCSR_MIN_BATCH``
 on (measurements below).
+
+``tune=`` replaces such rules by measurements made at export, on the machine that
+exports: per batch size the fastest of the compact, padded and masked dense programs,
+each conv as XLA's conv or as a matmul of its patches (``Route``).
 """
 
 from __future__ import annotations
@@ -332,7 +336,8 @@ class Route:
     """From ``batch`` examples on (up to the next route's), the compact model runs
     ``program`` (``"compact"``, ``"padded"``: channel counts rounded up to
     ``PADDED_MULTIPLE``, ``"dense"``: the masked model as traced), its BCSR layers as
-    BCSR matrices when ``sparse``."""
+    BCSR matrices when ``sparse``, and the convs at the step indices ``im2col`` as
+    ``conv_as_matmul``."""
 
     batch: int
     program: str = "compact"
@@ -585,8 +590,10 @@ def export(fn: Callable, params: PyTree, masks: PyTree, example: jax.Array, *,
         compact model runs the fastest of its programs -- compact with its BCSR layers
         dense or sparse, channel counts padded to ``PADDED_MULTIPLE``, or the masked dense
         model -- so that no batch size runs slower than dense (``Compact.routes``,
-        ``Compact.timings``). Timing makes export slower: about 20 calls of each program
-        per batch size. ``None``: the compact program, BCSR layers by ``bcsr``.
+        ``Compact.timings``); in each, every conv as XLA's conv or as a matmul of its
+        patches (``conv_as_matmul``), as its own timing here says. Timing makes export
+        slower: up to ``TUNE_SECONDS`` per program and batch size, and a quarter of that
+        per conv shape. ``None``: the compact program, BCSR layers by ``bcsr``.
 
     Raises:
       ValueError: without masks, for mismatched trees, a bad ``border``.
