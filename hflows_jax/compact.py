@@ -445,6 +445,7 @@ class _Step:
     delta: str | None = None
     rows: str | None = None  # dense layer: gather these inputs first
     sparse: str | None = None  # dense layer: this BCSR matrix of the transposed kernel
+    outs: tuple | None = None  # where it writes, if not eqn.outs (affine ops folded in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,7 +493,7 @@ def _run(program: tuple, params: dict, x, sparse: bool, im2col: frozenset = froz
         if step.delta is not None:
             out = out + params[step.delta]
         results = out if step.eqn.prim.multiple_results else [out]
-        for o, val in zip(step.eqn.outs, results):
+        for o, val in zip(step.outs or step.eqn.outs, results):
             env[o] = val
     return outs
 
@@ -758,8 +759,89 @@ def _program(graph, keep, zeros, deltas, static, bcsr, prefix="") -> tuple[dict,
                 if bcsr:  # always sparse: the dense kernel is never read
                     ins[1] = ("lit", None)
         program.append(_Step(eqn, tuple(ins), tuple(params.items()), **step))
-    program.append(("outputs", tuple(ref(o) for o in graph.out_ids), graph.out_tree))
-    return arrays, program, has_bcsr
+    outputs = ("outputs", tuple(ref(o) for o in graph.out_ids), graph.out_tree)
+    program = _fold_affine(program, arrays, outputs, graph)
+    return arrays, program + [outputs], has_bcsr
+
+
+AFFINE = ("add", "sub", "mul")
+
+
+def _feature_axes(step: _Step, ndim: int) -> tuple[int, int] | None:
+    """(output axis, kernel axis) of a conv or dense layer's output channels, if its
+    kernel is a stored array; None for other steps."""
+    if step.sparse is not None or len(step.ins) < 2 or step.ins[1][0] != "p":
+        return None
+    params = dict(step.params)
+    if step.eqn.name == "conv_general_dilated":
+        dn = params["dimension_numbers"]
+        return dn.out_spec[1], dn.rhs_spec[0]
+    if step.eqn.name == "dot_general" and params["dimension_numbers"] == (((ndim - 1,), (0,)),
+                                                                          ((), ())):
+        return ndim - 1, 1
+    return None
+
+
+def _fold_affine(program: list, arrays: dict, outputs: tuple, graph) -> list:
+    """``program`` with every add, sub or mul of a stored per-channel array that follows
+    a conv or dense layer folded into its kernel and the bias added to its output
+    (``delta``): BatchNorm and the layer's own bias, as inference runs them. Only where
+    nothing else reads the value in between; ``arrays`` gets the folded arrays."""
+    uses: dict = {}  # value or array -> how many steps read it
+    for step in program + [outputs]:
+        for kind, ref in (step.ins if isinstance(step, _Step) else step[1]):
+            if kind != "lit":
+                uses[kind, ref] = uses.get((kind, ref), 0) + 1
+    folded, open_layers = [], {}  # value -> (index in folded, out axis, kernel axis)
+    for step in program:
+        var = next((ref for kind, ref in step.ins if kind == "v" and ref in open_layers),
+                   None)
+        layer = open_layers.pop(var, None)
+        other = [a for a in step.ins if a != ("v", var)]
+        vector = None
+        if (layer is not None and uses[("v", var)] == 1 and step.eqn.name in AFFINE
+                and len(other) == 1 and other[0][0] == "p"
+                and (step.eqn.name != "sub" or step.ins[0] == ("v", var))):
+            i, axis, kernel_axis = layer
+            vector = np.asarray(arrays[other[0][1]])
+            ndim = len(graph.shapes[var])
+            per_channel = vector.ndim == ndim and all(
+                d == 1 for a, d in enumerate(vector.shape) if a != axis)
+            delta = folded[i].delta
+            if not per_channel or (delta is not None and np.ndim(arrays[delta]) != ndim):
+                vector = None
+        if vector is None:
+            folded.append(step)
+            axes = _feature_axes(step, len(graph.shapes[step.eqn.outs[0]]))
+            if axes is not None:
+                open_layers[step.eqn.outs[0]] = (len(folded) - 1,) + axes
+            continue
+        layer_step = folded[i]
+        out = step.eqn.outs[0]
+        delta = None if layer_step.delta is None else np.asarray(arrays[layer_step.delta])
+        ins = layer_step.ins
+        if step.eqn.name == "mul":
+            kernel = np.asarray(arrays[ins[1][1]])
+            shape = [1] * kernel.ndim
+            shape[kernel_axis] = -1
+            column = np.broadcast_to(vector.reshape(-1), (kernel.shape[kernel_axis],))
+            name = ins[1][1]  # rewritten in place, unless another step reads it too
+            if uses[ins[1]] > 1:
+                name = f"{name}/folded/{out}"
+                uses[("p", name)] = 1
+            arrays[name] = jnp.asarray(kernel * column.reshape(shape), kernel.dtype)
+            ins = (ins[0], ("p", name)) + ins[2:]
+            delta = None if delta is None else delta * vector
+        else:
+            sign = -1 if step.eqn.name == "sub" else 1
+            delta = sign * vector if delta is None else delta + sign * vector
+        name = layer_step.delta or f"{ins[1][1]}/bias"  # the step's own: rewritten in place
+        if delta is not None:
+            arrays[name] = jnp.asarray(delta, graph.dtypes[out])
+        folded[i] = dataclasses.replace(layer_step, ins=ins, outs=(out,),
+                                        delta=None if delta is None else name)
+        open_layers[out] = layer
+    return folded
 
 
 def _used(programs) -> set:

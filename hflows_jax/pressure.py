@@ -28,6 +28,9 @@ class PressureController(NamedTuple):
     # Whether it can pull scores up (a negative pressure) when the masks went past the
     # trajectory: channel Hyperflows' channels keep dying at zero pressure.
     pulls_back: bool = False
+    # Steps the controller goes on holding its target after total_steps; the pressure is
+    # 0 from total_steps + hold_steps on, where a channel budget lands.
+    hold_steps: int = 0
 
 
 class ConstantPressureState(NamedTuple):
@@ -178,7 +181,8 @@ def trajectory(target_sparsity: float, total_steps: int, update_every: int,
         gamma = jnp.where(step >= end, 0.0, new.g ** exponent)
         return new._replace(gamma=gamma.astype(jnp.float32))
 
-    return PressureController(init, update, float(target_sparsity), total_steps)
+    return PressureController(init, update, float(target_sparsity), total_steps,
+                              hold_steps=end - total_steps)
 
 
 class LogDensityPIState(NamedTuple):
@@ -239,4 +243,4 @@ def log_density_pi(target_sparsity: float, total_steps: int, update_every: int,
         return new._replace(gamma=gamma.astype(jnp.float32))
 
     return PressureController(init, update, float(target_sparsity), total_steps,
-                              bool(negative))
+                              bool(negative), end - total_steps)

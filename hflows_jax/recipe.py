@@ -119,6 +119,12 @@ def presence_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int,
     return optax.join_schedules([optax.constant_schedule(lr), regrowth], [pruning_steps])
 
 
+def presence_frozen_from(pruning_steps: int, regrowth_steps: int, reference_epochs: int = 60,
+                         frozen_after: int = 50) -> int:
+    """The first step at which ``presence_learning_rate`` is 0: no mask moves after it."""
+    return pruning_steps + -(-frozen_after * regrowth_steps // reference_epochs)
+
+
 def pruning_phase_sparsity(target_sparsity: float, regrowth_allowance: float) -> float:
     """Sparsity to aim the pruning phase at, so that regrowth lands on ``target_sparsity``.
 

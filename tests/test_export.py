@@ -4,6 +4,7 @@ its shapes and multiply-adds against hand counts (the per-family exporter's, unc
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,8 +102,8 @@ def test_lenet300_dead_units_chains_and_pixels():
     assert compact.macs == 756 * 296 + 296 * 97 + 97 * 10
     assert compact.dense_macs == 784 * 300 + 300 * 100 + 100 * 10
     assert compact.masked_macs == sum(int(m.sum()) for m in (m0, m1, m2))
-    folded = 97 + 10  # the constants' contributions to Dense_1 and the logits
-    assert compact.params_compact == (756 * 296 + 296) + (296 * 97 + 97) + (97 * 10 + 10) + folded
+    # The constants' contributions to Dense_1 and the logits are added to their biases.
+    assert compact.params_compact == (756 * 296 + 296) + (296 * 97 + 97) + (97 * 10 + 10)
     assert compact.params_dense == 266_610  # no arrays closed over
     assert compact.params_nonzero == sum(int(m.sum()) for m in (m0, m1, m2)) + 300 + 100 + 10
     assert not any(r.bcsr for r in compact.layers)  # 70 % dense: no BCSR by default
@@ -112,6 +113,7 @@ def test_lenet300_dead_units_chains_and_pixels():
     assert all(r.bcsr for r in sparse.layers)
     nonzero = sum(int(np.count_nonzero(compact.params[k]))
                   for k in ("Dense_0/kernel/read", "Dense_1/kernel", "Dense_2/kernel"))
+    folded = 97 + 10  # BCSR layers keep the constants' contributions apart from the biases
     assert sparse.params_compact == nonzero + 296 + 97 + 10 + folded
     assert sparse.macs == nonzero
     assert "Dense_1/kernel" not in sparse.params  # only its BCSR matrix is stored
@@ -351,3 +353,39 @@ def test_tune_runs_the_convs_measured_faster_as_matmuls(monkeypatch):
     want = _masked_logits(model, params, stats, masks, images[:3])
     np.testing.assert_allclose(served.call(images[:3]), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
+
+
+def test_batchnorm_and_biases_fold_into_the_layers_before_them():
+    """Inference BatchNorm (sub, mul, add of stored per-channel arrays) and a layer's bias
+    leave no step of their own: the kernel is scaled and one bias added to the layer's
+    output. A conv whose output something else reads as well keeps its BatchNorm steps.
+    The oracle is the model itself."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(16, (3, 3))(x)))
+            y = nn.Conv(8, (3, 3), use_bias=False)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(y)) + y  # y read twice
+            return nn.Dense(10)(x.mean((1, 2)))
+
+    model = Net()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape)
+                                          for a, k in zip(leaves, keys)])
+    variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+    masks = jax.tree.map(lambda a: jnp.ones(a.shape, bool), variables)
+    fn = lambda v, x: model.apply(v, x)  # noqa: E731
+    compact = export(fn, variables, masks, jnp.ones((2, 8, 8, 3)))
+    x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+    want = fn(variables, x)
+    np.testing.assert_allclose(compact(x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    steps = [s.eqn.name for s in compact.programs["compact"][:-1]]
+    assert steps.count("sub") == 1 and steps.count("mul") == 1  # the second BatchNorm's
+    assert steps[:2] == ["conv_general_dilated", "max"]  # bias and BatchNorm folded
+    scale = (variables["params"]["BatchNorm_0"]["scale"]
+             / jnp.sqrt(variables["batch_stats"]["BatchNorm_0"]["var"] + 1e-5))
+    np.testing.assert_allclose(compact.params["params/Conv_0/kernel"],
+                               variables["params"]["Conv_0"]["kernel"] * scale, rtol=1e-5)

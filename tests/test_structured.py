@@ -503,3 +503,64 @@ def test_flops_fraction_of_a_model_past_two_billion_multiply_adds():
         layers=tuple((unit * scale, read, written) for unit, read, written in groups.layers))
     assert big.dense_macs > 2 ** 31
     assert float(big.flops_fraction(kept)) == pytest.approx(float(groups.flops_fraction(kept)))
+
+
+def test_the_channel_budget_lands_where_the_schedule_ends_and_stays():
+    """A pressure far too strong for its controller sends every channel past a 50 %
+    target; the landing shifts the scores onto the cut nearest the target (a brute-force
+    search over every score as the cut is the oracle), and the channels stay after it.
+    Without the landing the run ends where the controller left it."""
+    from hflows_jax.structured.channel_hyperflows import LANDED, kept_channels
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    steps, target = 20, 0.5
+    removed = {}
+    for land in (True, False):
+        tx = channel_hyperflows(groups, hf.pressure.trajectory(target, steps, 1, step_size=50.0),
+                                optax.sgd(1.0), min_channels=1, land=land, warn=False)
+        state, update = tx.init(params), jax.jit(tx.update)
+        for _ in range(steps - 1):
+            _, state = update(grads, state, params)
+        before = state.presence
+        _, state = update(grads, state, params)  # the schedule's last step: the landing
+        removed[land] = 1 - float(flops_fraction(groups, state))
+        if land:
+            _, moved = jax.jit(channel_hyperflows(
+                groups, hf.pressure.trajectory(target, steps, 1, step_size=50.0),
+                optax.sgd(1.0), min_channels=1, land=False, warn=False).update)(
+                grads, state._replace(count=state.count - 1, presence=before), params)
+            scores = np.concatenate([np.asarray(t) for t in moved.presence.values()])
+            cuts = [1 - float(groups.flops_fraction(kept_channels(
+                {g: t - tau for g, t in moved.presence.items()}, 1)))
+                for tau in scores]
+            assert removed[land] == pytest.approx(min(cuts, key=lambda r: abs(r - target)),
+                                                  abs=1e-6)
+            masks = hf.channel_masks(state)
+            for _ in range(3):
+                _, state = update(grads, state, params)
+            chex.assert_trees_all_equal(hf.channel_masks(state), masks)
+    assert abs(removed[True] - target) < LANDED
+    assert abs(removed[False] - target) > 4 * LANDED
+
+
+def test_a_landing_that_cannot_reach_its_target_warns_from_inside_jit():
+    """With every layer's floor at its whole width nothing can be removed: the landing
+    says so at its step, in the user's own jitted loop."""
+    shape = (28, 28, 1)
+    model, params, _ = _init("lenet5", shape)
+    groups = channel_groups(model, params, shape)
+    tx = channel_hyperflows(groups, hf.pressure.trajectory(0.5, 4, 1), optax.sgd(1.0),
+                            min_channels=max(groups.sizes.values()), warn=False)
+    state, update = tx.init(params), jax.jit(tx.update)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 5):
+            _, state = update(grads, state, params)
+            jax.effects_barrier()
+            landed = [str(w.message) for w in caught if "landed at 0.00%" in str(w.message)]
+            assert len(landed) == (step == 4), (step, landed)
+    with pytest.raises(ValueError, match="land_step"):
+        channel_hyperflows(groups, hf.pressure.constant(0.1), land_step=3)

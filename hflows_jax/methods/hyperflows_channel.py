@@ -7,6 +7,7 @@ import math
 import optax
 
 import hflows_jax as hf
+from hflows_jax import recipe
 from hflows_jax.methods.base import Budget, ChannelMethod, PressureMethod, pressure_controller
 
 
@@ -36,13 +37,16 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         ``pi_gains``, 1.1 short at 63.4 %). The pressure is shared by
         multiply-adds (``pressure_by="macs"``): shared alike, the cifar10_5k runs were 1.2
         and 4.2 points less accurate (docs/RESULTS.md). No regrowth allowance, and the PI
-        controller may pull back (signed)."""
+        controller may pull back (signed). The budget lands where the presence lr reaches 0
+        (``recipe.presence_frozen_from``), so the last sixth of the regrowth epochs trains
+        the channels it landed on."""
         return hf.structured.channel_hyperflows(
             b.channel_groups(),
             pressure=pressure_controller(b, b.target_sparsity, signed=True, hold=True,
                                          pi_gains=self.pi_gains),
             presence_optimizer=optax.adam(b.presence_lr), pressure_by="macs", seed=b.seed,
             round_to=b.round_to or 1,
+            land_step=recipe.presence_frozen_from(b.pruning_steps, b.regrowth_steps),
             warn=False)  # the run prints its start_warnings, in its flags' words
 
     def scores_pruned(self, target_sparsity: float) -> float:

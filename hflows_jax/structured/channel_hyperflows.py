@@ -9,7 +9,10 @@ read c (every conv or dense layer's input rows for c), and
 - the controller steers gamma on the fraction of multiply-adds kept (``target="flops"``)
   or of channels kept (``target="channels"``), so its target sparsity is the fraction
   removed;
-- ``grads * M`` goes down the chain.
+- ``grads * M`` goes down the chain;
+- where the pressure schedule ends, the budget lands: every score shifts by the one
+  amount that keeps the fraction nearest the target, and the channels stay as they are
+  from then on (``land``).
 
 Why the reading side. Put a scale ``s_c`` on channel c where every layer reads it: a
 reader computes ``sum_c s_c a_c W[c, :]``, so ``s_c`` and the rows ``W[c, :]`` enter only
@@ -27,12 +30,14 @@ pruned weight in Hyperflows.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hflows_jax import masking
@@ -43,6 +48,7 @@ from hflows_jax.structured.channels import ChannelGroups, keep_at_least
 PyTree = Any
 TARGETS = ("flops", "channels")
 PRESSURE_BY = ("channel", "macs")
+LANDED = 0.02  # a landing further than this from the target (fraction removed) warns
 
 
 class ChannelHyperflowsState(NamedTuple):
@@ -87,6 +93,40 @@ def kept_channels(presence: dict, min_channels: int, round_to: int = 1) -> dict:
     return {g: keep(t) for g, t in presence.items()}
 
 
+def landing_shift(presence: dict, kept_fraction, goal: float, min_channels: int,
+                  round_to: int) -> jax.Array:
+    """The score ``tau`` whose cut ``T >= tau`` (with the floors and rounding) keeps the
+    fraction nearest ``goal``: a bisection over the sorted scores, as the fraction kept
+    falls as ``tau`` rises."""
+    scores = jnp.sort(jnp.concatenate([t.reshape(-1) for t in presence.values()]))
+    n = scores.shape[0]
+
+    def kept_at(i):
+        shifted = {g: t - scores[i] for g, t in presence.items()}
+        return kept_fraction(kept_channels(shifted, min_channels, round_to))
+
+    def halve(_, bounds):  # kept_at(lo) >= goal, or lo == 0
+        lo, hi = bounds
+        mid = (lo + hi + 1) // 2
+        enough = kept_at(mid) >= goal
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, max(1, n.bit_length()), halve, (0, n - 1))
+    up = jnp.minimum(lo + 1, n - 1)
+    closer = jnp.abs(kept_at(up) - goal) < jnp.abs(kept_at(lo) - goal)
+    return scores[jnp.where(closer, up, lo)]
+
+
+def _warn_if_missed(target: float, removed: np.ndarray) -> None:
+    """Host side of the landing (``jax.debug.callback``): numpy only, no JAX call."""
+    removed = min(max(float(np.asarray(removed)), 0.0), 1.0)  # no "-0.00 %"
+    if abs(removed - target) > LANDED:
+        warnings.warn(f"hf.structured.channel_hyperflows: the channel budget landed at "
+                      f"{removed:.2%} removed for a {target:.2%} target: no cut of "
+                      "the scores comes nearer with these floors (min_channels) and "
+                      "round_to.", UserWarning, stacklevel=2)
+
+
 def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str) -> dict:
     """Per group, the pressure on each of its channels; they sum to ``gamma``."""
     if by == "channel":
@@ -108,6 +148,8 @@ def channel_hyperflows(
     seed: int = 0,
     warn: bool = True,
     round_to: int = 1,
+    land: bool = True,
+    land_step: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Hyperflows over channels; chain it before the weight optimizer, like ``hf.hyperflows``.
 
@@ -135,6 +177,14 @@ def channel_hyperflows(
         that the controller overshoots (``hf.hyperflows``' rule, on the fraction of
         channels a uniform cut removes for a multiply-add target: ``1 - sqrt(1 - s)``).
         ``False`` silences it.
+      land: at step ``land_step`` every score shifts by the one amount that brings the
+        fraction removed nearest the controller's target, and from then on scores and
+        channels stay (the weights train on). A controller alone missed by 2 to 50
+        points in a user's loop (docs/results/channel_landing). A landing still further
+        than ``LANDED`` from the target (floors, rounding) warns at that step, from
+        inside ``jit``. Needs a controller with a target.
+      land_step: the step (count of steps applied) to land at; default the end of the
+        pressure schedule, ``total_steps + hold_steps``.
     """
     if not isinstance(groups, ChannelGroups):
         raise ValueError("groups must come from hf.structured.channel_groups(model, params, "
@@ -157,6 +207,27 @@ def channel_hyperflows(
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
     presence_optimizer = presence_optimizer or optax.adam(1e-3)
     kept_fraction = groups.flops_fraction if target == "flops" else groups.channels_fraction
+    goal = pressure.target_sparsity
+    if land and goal is not None:
+        land_step = (pressure.total_steps + pressure.hold_steps if land_step is None
+                     else land_step)
+        if int(land_step) != land_step or land_step < 1:
+            raise ValueError(f"land_step must be a positive integer, got {land_step!r}.")
+    elif land and land_step is not None:
+        raise ValueError("land_step needs a pressure controller with a target sparsity "
+                         "(hf.pressure.trajectory or log_density_pi).")
+    else:
+        land_step = None
+
+    def landed(presence, count):
+        """The scores shifted onto the budget at ``land_step``; unchanged before."""
+        def shift(presence):
+            tau = landing_shift(presence, kept_fraction, 1.0 - goal, min_channels, round_to)
+            presence = {g: t - tau for g, t in presence.items()}
+            removed = 1.0 - kept_fraction(kept_channels(presence, min_channels, round_to))
+            jax.debug.callback(functools.partial(_warn_if_missed, goal), removed)
+            return presence
+        return jax.lax.cond(count == land_step, shift, lambda p: p, presence)
 
     def init(params):
         params = masking.unwrap_nnx(params)
@@ -185,8 +256,11 @@ def channel_hyperflows(
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
         presence = jax.tree.map(lambda t, s: t + s.astype(jnp.float32), state.presence, steps)
-        kept = kept_channels(presence, min_channels, round_to)
         count = optax.safe_increment(state.count)
+        if land_step is not None:  # landed: the channels stay
+            presence = jax.tree.map(lambda new, old: jnp.where(count > land_step, old, new),
+                                    landed(presence, count), state.presence)
+        kept = kept_channels(presence, min_channels, round_to)
         stepped = state._replace(
             count=count, presence=presence, presence_opt_state=presence_opt_state,
             pressure=pressure.update(state.pressure, kept_fraction(kept), count),
@@ -201,18 +275,19 @@ def channel_schedule_warnings(pressure: PressureController,
                               presence_init: tuple[float, float], target: str) -> list[str]:
     """Why this schedule is likely to miss its target: ``hf.hyperflows``' warnings on the
     channels to prune, and a controller with a target that cannot pull back. In a user's
-    loop (the Flax MNIST example's CNN, one epoch) every run under ``trajectory`` ended 2
-    to 40 points past its target: pruned channels keep dying at zero pressure
-    (docs/results/channel_landing)."""
+    loop (the Flax MNIST example's CNN, one epoch) every run under ``trajectory`` ran 2 to
+    40 points past its target before the landing: pruned channels keep dying at zero
+    pressure (docs/results/channel_landing)."""
     out = schedule_warnings(pressure, presence_optimizer, presence_init,
                             "hf.structured.channel_hyperflows",
                             channels_to_prune(pressure, target))
     if pressure.target_sparsity is not None and not pressure.pulls_back:
         out.append("hf.structured.channel_hyperflows: this pressure controller cannot pull "
-                   "back (no negative pressure), and channels keep dying at zero pressure, "
-                   "so runs end past their target (2 to 40 points in "
-                   "docs/results/channel_landing). Use hf.pressure.log_density_pi(..., "
-                   "kp=0.25, ki=0.25, negative=True).")
+                   "back (no negative pressure), and channels keep dying at zero pressure: "
+                   "the mask runs past its target (2 to 40 points in "
+                   "docs/results/channel_landing), and the landing then brings back "
+                   "channels that did not train with the rest. Use "
+                   "hf.pressure.log_density_pi(..., kp=0.25, ki=0.25, negative=True).")
     return out
 
 
