@@ -247,6 +247,7 @@ def test_readme_your_own_model_runs():
     final = hf.finalize(scope["params"], scope["opt_state"])
     _assert_close(compact(scope["x"]), scope["fn"](final, scope["x"]))
     assert isinstance(scope["serialized"], (bytes, bytearray))
+    _assert_close(scope["served"].call(scope["x"]), compact(scope["x"]))
 
 
 def _mlp(n_in=6, hidden=8, n_out=4, seed=0):
