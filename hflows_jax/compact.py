@@ -354,8 +354,10 @@ class Route:
 class Compact:
     """A compact model: ``compact(x)`` gives ``fn``'s outputs on ``x`` (any batch size).
 
-    ``params``: the arrays it runs on (by param path where an array is one, else
-    ``"const/<n>"``; a second program's are prefixed ``"padded:"`` or ``"dense:"``);
+    ``params``: the arrays it runs on (by param path where an array is one, a kernel
+    with the BatchNorm scale after it folded in; ``<kernel path>/bias`` or
+    ``"delta/<n>"`` what is added to a layer's output; else ``"const/<n>"``; a second
+    program's are prefixed ``"padded:"`` or ``"dense:"``);
     ``macs``/``dense_macs``: multiply-adds per example of the conv and dense layers,
     compact and as traced; ``groups``: channels kept per coupling group; ``routes``: which
     program runs from which batch size on, ``timings`` the measurements that chose them
@@ -767,18 +769,16 @@ def _program(graph, keep, zeros, deltas, static, bcsr, prefix="") -> tuple[dict,
 AFFINE = ("add", "sub", "mul")
 
 
-def _feature_axes(step: _Step, ndim: int) -> tuple[int, int] | None:
+def _feature_axes(graph, step: _Step) -> tuple[int, int] | None:
     """(output axis, kernel axis) of a conv or dense layer's output channels, if its
-    kernel is a stored array; None for other steps."""
+    kernel (second operand) is a stored array; None for other steps."""
     if step.sparse is not None or len(step.ins) < 2 or step.ins[1][0] != "p":
         return None
-    params = dict(step.params)
     if step.eqn.name == "conv_general_dilated":
-        dn = params["dimension_numbers"]
+        dn = step.eqn.params["dimension_numbers"]
         return dn.out_spec[1], dn.rhs_spec[0]
-    if step.eqn.name == "dot_general" and params["dimension_numbers"] == (((ndim - 1,), (0,)),
-                                                                          ((), ())):
-        return ndim - 1, 1
+    if step.eqn.name == "dot_general" and _is_dense_contraction(graph, step.eqn):
+        return len(graph.shapes[step.eqn.outs[0]]) - 1, 1
     return None
 
 
@@ -812,7 +812,7 @@ def _fold_affine(program: list, arrays: dict, outputs: tuple, graph) -> list:
                 vector = None
         if vector is None:
             folded.append(step)
-            axes = _feature_axes(step, len(graph.shapes[step.eqn.outs[0]]))
+            axes = _feature_axes(graph, step)
             if axes is not None:
                 open_layers[step.eqn.outs[0]] = (len(folded) - 1,) + axes
             continue
@@ -947,11 +947,16 @@ def median_ms(calls: dict, repeats: int, warmup: int = 2,
 
 
 def _is_dense_layer(graph, eqn, r) -> bool:
+    return r.kernel == 1 and _is_dense_contraction(graph, eqn)
+
+
+def _is_dense_contraction(graph, eqn) -> bool:
+    """``x @ W``: a 2-D second operand contracting its first axis with ``x``'s last."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     kernel = graph.shapes[eqn.ins[1]]
     data = graph.shapes[eqn.ins[0]]
-    return (r.kernel == 1 and len(kernel) == 2 and tuple(rc) == (0,)
-            and tuple(lc) == (len(data) - 1,) and not lb and not rb)
+    return (len(kernel) == 2 and tuple(rc) == (0,) and tuple(lc) == (len(data) - 1,)
+            and not lb and not rb)
 
 
 def _check_batch_untouched(graph, eqn) -> None:

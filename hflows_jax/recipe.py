@@ -100,9 +100,14 @@ def weight_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int) -> 
     return optax.join_schedules([pruning, regrowth], [pruning_steps])
 
 
+# The reference's regrowth: 60 epochs, the presence lr 0 from the 50th on.
+REGROWTH_EPOCHS = 60
+FROZEN_AFTER = 50
+
+
 def presence_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int,
-                           decay: float = 0.75, reference_epochs: int = 60,
-                           frozen_after: int = 50) -> optax.Schedule:
+                           decay: float = 0.75, reference_epochs: int = REGROWTH_EPOCHS,
+                           frozen_after: int = FROZEN_AFTER) -> optax.Schedule:
     """Constant while pruning. Regrowth is the reference's 60 epochs scaled onto
     ``regrowth_steps``: ``* decay`` every sixtieth of them, then 0 from the fiftieth on (the
     mask freezes). Over the reference's own 60 epochs that is ``* 0.75`` an epoch.
@@ -119,8 +124,9 @@ def presence_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int,
     return optax.join_schedules([optax.constant_schedule(lr), regrowth], [pruning_steps])
 
 
-def presence_frozen_from(pruning_steps: int, regrowth_steps: int, reference_epochs: int = 60,
-                         frozen_after: int = 50) -> int:
+def presence_frozen_from(pruning_steps: int, regrowth_steps: int,
+                         reference_epochs: int = REGROWTH_EPOCHS,
+                         frozen_after: int = FROZEN_AFTER) -> int:
     """The first step at which ``presence_learning_rate`` is 0: no mask moves after it."""
     return pruning_steps + -(-frozen_after * regrowth_steps // reference_epochs)
 
