@@ -71,3 +71,15 @@ def interrupt_after_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(Checkpoints, "save", crash)
     return lambda: monkeypatch.setattr(Checkpoints, "save", original_save)
+
+
+def host_devices_xla_flags(n: int) -> str:
+    """XLA_FLAGS for ``n`` simulated CPU devices, each computing on its own thread.
+
+    With XLA:CPU's multi-threaded Eigen pool shared by the simulated devices, a
+    collective can wait on a device whose work is queued behind it: one CI run of the
+    2-device notebook died after 40 s in an all-reduce rendezvous ("only 1 of 2 threads
+    arrived"). Single-threaded Eigen per device is what JAX's authors advise for
+    simulated devices (jax-ml/jax#823) and removed such hangs elsewhere (PyAutoFit#1528).
+    """
+    return f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"

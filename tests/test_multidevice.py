@@ -5,11 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+from tests.helpers import host_devices_xla_flags
+
 
 def test_multidevice_suite_on_two_host_devices():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, HFLOWS_JAX_MULTIDEVICE="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=host_devices_xla_flags(2))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "tests/multidevice"], cwd=root, env=env, capture_output=True,
                             text=True, timeout=1200)

@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import host_devices_xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIMIT_S = 240
 
@@ -49,7 +51,7 @@ def command(npz: pathlib.Path, workdir: pathlib.Path, *extra: str) -> list[str]:
 
 def env(devices: int) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=host_devices_xla_flags(devices))
 
 
 def free_port() -> int:

@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.helpers import host_devices_xla_flags
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "hyperflows_colab.ipynb"
 KERNEL = "hflows_notebook_test"
 
@@ -50,8 +52,7 @@ def test_stored_without_outputs_and_with_full_defaults():
 def kernel_of_this_python(request, tmp_path, monkeypatch):
     """A kernelspec that runs ipykernel in sys.executable, with TINY on and JAX on CPU
     with 1 or 2 host devices (Colab's TPU is one chip; the older TPU runtime had 8)."""
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} " \
-                f"--xla_force_host_platform_device_count={request.param}".strip()
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} {host_devices_xla_flags(request.param)}".strip()
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
