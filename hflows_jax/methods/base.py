@@ -56,6 +56,8 @@ class Budget:
     measure: str | None = None  # --measure, for the methods whose options hold it
     rounds: int | None = None  # --rounds, likewise
     round_to: int | None = None  # --round_to, likewise
+    # --target=latency: the model's hf.structured.LatencyTable, measured or loaded on call
+    latency: Callable[[], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

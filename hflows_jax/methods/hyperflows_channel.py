@@ -17,7 +17,7 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
     # once (74 % of the multiply-adds removed for a 50 % target; PI: 55.5 %,
     # docs/RESULTS.md).
     controller = "pi"
-    options = ("round_to",)
+    options = ("round_to", "target", "target_speedup", "latency_batch", "latency_table")
     # (kp, ki) of the PI controller. A pressure change flips the channels near zero
     # within one controller period: on the whole CIFAR-10 (narrow VGG-19, 70 % target),
     # log-density moved about 0.75 per unit of g. The PI loop is stable while that gain is
@@ -39,12 +39,17 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         and 4.2 points less accurate (docs/RESULTS.md). No regrowth allowance, and the PI
         controller may pull back (signed). The budget lands where the presence lr reaches 0
         (``recipe.presence_frozen_from``), so the last sixth of the regrowth epochs trains
-        the channels it landed on."""
+        the channels it landed on. With ``--target=latency`` the controller steers, and
+        the pressure is shared by, the latency the run's table predicts."""
+        by_latency = b.latency is not None
         return hf.structured.channel_hyperflows(
             b.channel_groups(),
             pressure=pressure_controller(b, b.target_sparsity, signed=True, hold=True,
                                          pi_gains=self.pi_gains),
-            presence_optimizer=optax.adam(b.presence_lr), pressure_by="macs", seed=b.seed,
+            presence_optimizer=optax.adam(b.presence_lr), seed=b.seed,
+            target="latency" if by_latency else "flops",
+            pressure_by="latency" if by_latency else "macs",
+            latency=b.latency() if by_latency else None,
             round_to=b.round_to or 1,
             land_step=recipe.presence_frozen_from(b.pruning_steps, b.regrowth_steps),
             warn=False)  # the run prints its start_warnings, in its flags' words

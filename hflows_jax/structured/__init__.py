@@ -8,7 +8,9 @@ from hflows_jax.structured.channel_hyperflows import (
 )
 from hflows_jax.structured.channels import (ChannelGroups, FixedChannelsState, channel_groups,
                                            fixed_channels)
-from hflows_jax.structured import dhp, ftwt  # noqa: E402  (DHP's and FTWT's pieces)
+from hflows_jax.structured import dhp, ftwt, latency  # noqa: E402  (their pieces)
+from hflows_jax.structured.latency import LatencyTable
 
 __all__ = ["ChannelGroups", "ChannelHyperflowsState", "FixedChannelsState", "channel_groups",
-           "channel_hyperflows", "dhp", "fixed_channels", "flops_fraction", "ftwt"]
+           "channel_hyperflows", "dhp", "fixed_channels", "flops_fraction", "ftwt", "latency",
+           "LatencyTable"]

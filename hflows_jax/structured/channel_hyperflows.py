@@ -44,10 +44,11 @@ from hflows_jax import masking
 from hflows_jax.hyperflows import finite_step, schedule_warnings, weight_flows
 from hflows_jax.pressure import PressureController
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least
+from hflows_jax.structured.latency import LatencyTable
 
 PyTree = Any
-TARGETS = ("flops", "channels")
-PRESSURE_BY = ("channel", "macs")
+TARGETS = ("flops", "channels", "latency")
+PRESSURE_BY = ("channel", "macs", "latency")
 LANDED = 0.02  # a landing further than this from the target (fraction removed) warns
 
 
@@ -127,12 +128,16 @@ def _warn_if_missed(target: float, removed: np.ndarray) -> None:
                       "round_to.", UserWarning, stacklevel=2)
 
 
-def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str) -> dict:
+def pushes(groups: ChannelGroups, kept: dict, gamma: jax.Array, by: str,
+           latency: LatencyTable | None = None) -> dict:
     """Per group, the pressure on each of its channels; they sum to ``gamma``."""
     if by == "channel":
         return {g: gamma / groups.total for g in groups.sizes}
-    cost = groups.marginal_macs(kept)
-    total = sum(n * cost[g] for g, n in groups.sizes.items())
+    if by == "macs":
+        cost = groups.marginal_macs(kept)
+    else:
+        cost = latency.marginal({g: jnp.sum(k) for g, k in kept.items()})
+    total = jnp.maximum(sum(n * cost[g] for g, n in groups.sizes.items()), 1e-30)
     return {g: gamma * cost[g] / total for g in groups.sizes}
 
 
@@ -150,20 +155,23 @@ def channel_hyperflows(
     round_to: int = 1,
     land: bool = True,
     land_step: int | None = None,
+    latency: LatencyTable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Hyperflows over channels; chain it before the weight optimizer, like ``hf.hyperflows``.
 
     Args:
       groups: ``hf.structured.channel_groups(model, params, image_shape)``.
       pressure: a controller from ``hf.pressure``; its target sparsity is the fraction of
-        multiply-adds (``target="flops"``) or channels (``"channels"``) removed.
+        multiply-adds (``target="flops"``), channels (``"channels"``) or measured latency
+        (``"latency"``: ``1 - 1 / speed-up``) removed.
       presence_optimizer: optimizer of the channel scores (default ``optax.adam(1e-3)``).
-      target: what the controller measures, ``"flops"`` or ``"channels"``.
+      target: what the controller measures, ``"flops"``, ``"channels"`` or ``"latency"``
+        (the model's latency as ``latency`` predicts it from the live channel counts).
       pressure_by: how gamma is shared out: ``"channel"``, ``gamma / C`` on every channel;
         ``"macs"``, on each channel in proportion to the multiply-adds one more channel of
         its group costs with the channels kept now (``ChannelGroups.marginal_macs``), so a
-        channel of a layer that costs little is pushed little. Either way the pushes sum
-        to gamma.
+        channel of a layer that costs little is pushed little; ``"latency"``, likewise by
+        the seconds it costs (``LatencyTable.marginal``). The pushes sum to gamma.
       presence_init: T starts uniform in this range (every channel present).
       ste_scale: derivative of the step function in the straight-through estimator.
       min_channels: every layer keeps at least this many channels (its highest scores),
@@ -185,6 +193,9 @@ def channel_hyperflows(
         inside ``jit``. Needs a controller with a target.
       land_step: the step (count of steps applied) to land at; default the end of the
         pressure schedule, ``total_steps + hold_steps``.
+      latency: ``hf.structured.latency.measure(model, params, shape, batch)``, a table of
+        the model's layers' measured latency against their channel counts, for
+        ``target="latency"`` and ``pressure_by="latency"``.
     """
     if not isinstance(groups, ChannelGroups):
         raise ValueError("groups must come from hf.structured.channel_groups(model, params, "
@@ -196,6 +207,16 @@ def channel_hyperflows(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
     if pressure_by not in PRESSURE_BY:
         raise ValueError(f"pressure_by must be one of {PRESSURE_BY}, got {pressure_by!r}.")
+    if "latency" in (target, pressure_by):
+        if not isinstance(latency, LatencyTable):
+            raise ValueError(
+                "target='latency' and pressure_by='latency' need latency="
+                "hf.structured.latency.measure(model, params, input_shape, batch), got "
+                f"{type(latency).__name__}.")
+        if set(latency.points) != set(groups.sizes) or any(
+                latency.points[g][-1] != n for g, n in groups.sizes.items()):
+            raise ValueError("this latency table was measured on another model than these "
+                             "channel groups': measure it on the same model and params.")
     if not (math.isfinite(ste_scale) and ste_scale > 0):
         raise ValueError(f"ste_scale must be positive and finite, got {ste_scale!r}.")
     low, high = presence_init
@@ -206,7 +227,11 @@ def channel_hyperflows(
     if int(round_to) != round_to or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
     presence_optimizer = presence_optimizer or optax.adam(1e-3)
-    kept_fraction = groups.flops_fraction if target == "flops" else groups.channels_fraction
+    kept_fraction = {
+        "flops": groups.flops_fraction, "channels": groups.channels_fraction,
+        "latency": lambda kept: latency.fraction(
+            {g: jnp.sum(k) for g, k in groups.live(kept).items()}),
+    }[target]
     goal = pressure.target_sparsity
     if land and goal is not None:
         land_step = (pressure.total_steps + pressure.hold_steps if land_step is None
@@ -251,7 +276,7 @@ def channel_hyperflows(
         del extra_args
         masking.check_update_args(grads, params, state.masks)
         flows = weight_flows(ste_scale, state.masks, params, grads)
-        push = pushes(groups, state.kept, state.pressure.gamma, pressure_by)
+        push = pushes(groups, state.kept, state.pressure.gamma, pressure_by, latency)
         presence_grads = {g: f + push[g] for g, f in groups.reduce(flows).items()}
         steps, presence_opt_state = presence_optimizer.update(
             presence_grads, state.presence_opt_state, state.presence)
@@ -293,8 +318,9 @@ def channel_schedule_warnings(pressure: PressureController,
 
 def channels_to_prune(pressure: PressureController, target: str) -> float | None:
     """The fraction of channels whose scores must cross zero to reach the controller's
-    target: itself for ``target="channels"``; for multiply-adds, that of a uniform cut
-    (a conv's cost goes with its input times its output channels): ``1 - sqrt(1 - s)``."""
+    target: itself for ``target="channels"``; for multiply-adds (and latency, taken as
+    following them), that of a uniform cut (a conv's cost goes with its input times its
+    output channels): ``1 - sqrt(1 - s)``."""
     s = pressure.target_sparsity
     if s is None or target == "channels":
         return s

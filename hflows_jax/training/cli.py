@@ -57,6 +57,14 @@ HELP = {
     "round_to": "hyperflows_channel: every layer keeps a multiple of this many channels, "
                 "so that the exported model runs the counts trained (8 suits XLA:CPU); "
                 "unset: 1",
+    "target": "hyperflows_channel: what --target_sparsity removes, flops (unset) or "
+              "latency: the exported model's, as a table of its layers measured on this "
+              "machine predicts it (hf.structured.latency)",
+    "target_speedup": "--target=latency: the speed-up asked for; --target_sparsity becomes "
+                      "1 - 1/speedup",
+    "latency_batch": "--target=latency: the batch size the latency is measured at; unset: 1",
+    "latency_table": "--target=latency: a table saved by an earlier run (its workdir's "
+                     "latency_table.json); unset: measured at the run's start and saved there",
     # schedule
     "dense_epochs": "epochs of dense training first, when no --init_checkpoint is given",
     "init_checkpoint": "start from a trained dense model: a run's checkpoints/dense "

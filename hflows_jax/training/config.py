@@ -10,6 +10,7 @@ field is a flag of its own name, except each group's ``name``, which is the grou
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 
@@ -43,6 +44,10 @@ class MethodConfig:
     measure: str | None = None  # importance: a name of hf.importance.MEASURES
     rounds: int | None = None  # importance: pruning rounds over the pruning epochs
     round_to: int | None = None  # channel Hyperflows: channels kept per layer, a multiple
+    target: str | None = None  # channel Hyperflows: "flops" (None) or "latency"
+    target_speedup: float | None = None  # --target=latency: the speed-up asked for
+    latency_batch: int | None = None  # --target=latency: the batch it is measured at (1)
+    latency_table: str | None = None  # --target=latency: a saved table (else measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +133,8 @@ class Config:
         return not self.schedule.dense_only
 
     def validate(self) -> Config:
-        """Every check of a config's values, in one place; returns the config."""
+        """Every check of a config's values, in one place; returns the config, with
+        ``--target_sparsity`` the latency ``--target_speedup`` removes where it is set."""
         # The registries own the names; they are imported here, not at module level,
         # so that this module stays free of jax.
         from hflows_jax import importance, methods, models
@@ -160,13 +166,28 @@ class Config:
                  f"got {m.kernel_init!r}.")
         method = methods.get(p.name)
         method.distribution(p.distribution)
-        for flag in ("measure", "rounds", "round_to"):
+        for flag in ("measure", "rounds", "round_to", "target", "target_speedup",
+                     "latency_batch", "latency_table"):
             takers = [x.name for x in methods.REGISTRY.values() if flag in x.options]
             _require(getattr(p, flag) is None or flag in method.options,
                      f"--{flag} applies to --method={takers}, not {p.name}.")
         _require(p.rounds is None or p.rounds >= 1, f"--rounds must be >= 1, got {p.rounds}.")
         _require(p.round_to is None or p.round_to >= 1,
                  f"--round_to must be >= 1, got {p.round_to}.")
+        _require(p.target in (None, "flops", "latency"),
+                 f"--target must be flops or latency, got {p.target!r}.")
+        latency = p.target == "latency"
+        _require(latency == (p.target_speedup is not None),
+                 "--target=latency takes --target_speedup (e.g. 2: half the dense model's "
+                 "latency), and --target_speedup only --target=latency.")
+        _require(p.target_speedup is None or p.target_speedup > 1,
+                 f"--target_speedup must be above 1, got {p.target_speedup}.")
+        _require(latency or (p.latency_batch is None and p.latency_table is None),
+                 "--latency_batch and --latency_table apply to --target=latency only.")
+        _require(p.latency_batch is None or p.latency_batch >= 1,
+                 f"--latency_batch must be >= 1, got {p.latency_batch}.")
+        _require(p.latency_table is None or os.path.isfile(p.latency_table),
+                 f"--latency_table={p.latency_table}: no such file.")
         if p.measure is not None:
             importance.measure(p.measure)
         n_m = parse_n_m(p.distribution or "")
@@ -191,6 +212,8 @@ class Config:
         _require(p.controller is None or p.controller in methods.CONTROLLERS,
                  f"--controller must be one of {list(methods.CONTROLLERS)}, "
                  f"got {p.controller!r}.")
+        if latency:  # what --target_sparsity counts: the fraction of the latency removed
+            return self.replace(target_sparsity=1.0 - 1.0 / p.target_speedup)
         return self
 
 

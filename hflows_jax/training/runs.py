@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,6 +28,8 @@ from hflows_jax.training.checkpoint import Checkpoints, checkpoint_dir
 from hflows_jax.training.config import Config
 from hflows_jax.training.state import TrainState
 from hflows_jax.training.step import smoothed_cross_entropy
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +116,42 @@ def open_run(cfg: Config, axis_name: str | None = "batch", dtype=None) -> OpenRu
     if cfg.pruned:
         groups = functools.cache(lambda: hf.structured.channel_groups(  # built on first call
             *method.plain(model, params, batch_stats)[:2], shape))
+        latency = None
+        if cfg.method.target == "latency":
+            latency = functools.cache(lambda: latency_table(
+                cfg, *method.plain(model, params, batch_stats)[:2], shape))
         phases += pruning_phases(cfg, spe, method, model,
                                  scoring(cfg, inputs, method, batch_stats),
-                                 first_epoch=len(dense.epochs) + 1, channel_groups=groups)
+                                 first_epoch=len(dense.epochs) + 1, channel_groups=groups,
+                                 latency=latency)
     return OpenRun(cfg, inputs, method, model, params, batch_stats, phases)
+
+
+def latency_table_path(cfg: Config) -> str:
+    return cfg.method.latency_table or os.path.join(cfg.run.workdir, "latency_table.json")
+
+
+def latency_table(cfg: Config, model: nn.Module, params: PyTree, shape: tuple):
+    """The run's table of measured latency (``--target=latency``): ``--latency_table``, or
+    its workdir's, or measured here now and saved there, so that a resumed run steers by
+    the table it started with."""
+    path = latency_table_path(cfg)
+
+    def measured():
+        if not os.path.exists(path):
+            print(f"measuring the latency of {cfg.model.name}'s layers at batch "
+                  f"{cfg.method.latency_batch or 1} (hf.structured.latency.measure)",
+                  flush=True)
+            table = hf.structured.latency.measure(model, params, shape,
+                                                  batch=cfg.method.latency_batch or 1)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            table.save(path)
+    parallel.primary_first(measured)
+    table = hf.structured.LatencyTable.load(path)
+    if table.batch != (cfg.method.latency_batch or 1):
+        raise ValueError(f"{path} was measured at batch {table.batch}, not at "
+                         f"--latency_batch={cfg.method.latency_batch or 1}.")
+    return table
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -214,7 +249,8 @@ def dense_phase(cfg: Config, spe: int, model: nn.Module) -> Phase:
 
 def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Module,
                    score: methods.Scoring, first_epoch: int,
-                   channel_groups: Callable[[], Any]) -> tuple[Phase, ...]:
+                   channel_groups: Callable[[], Any],
+                   latency: Callable[[], Any] | None = None) -> tuple[Phase, ...]:
     """The pruning phase, its regrowth epochs in it; or, where the method retrains
     another network in them (``Method.retraining``), the pruning epochs, then that."""
     s, p = cfg.schedule, cfg.method
@@ -229,7 +265,7 @@ def pruning_phases(cfg: Config, spe: int, method: methods.Method, model: nn.Modu
         weight_lr=weight_lr, regrowth_allowance=p.regrowth_allowance,
         distribution=method.distribution(p.distribution), seed=cfg.run.seed, scoring=score,
         channel_groups=channel_groups, model=cfg.model.name, measure=p.measure,
-        rounds=p.rounds, round_to=p.round_to)
+        rounds=p.rounds, round_to=p.round_to, latency=latency)
     tx = method.optimizer(budget, optax.add_decayed_weights(s.weight_decay),
                           optax.sgd(weight_lr, momentum=0.9))
     regrowth_from = first_epoch + s.pruning_epochs

@@ -25,12 +25,14 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+import hflows_jax as hf
 from hflows_jax.data import normalize, train_batches
 from hflows_jax.flops import forward_macs
 from hflows_jax.training import outputs, parallel, plots
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
-from hflows_jax.training.runs import Inputs, OpenRun, Phase, open_run, starting_variables
+from hflows_jax.training.runs import (Inputs, OpenRun, Phase, latency_table_path, open_run,
+                                      starting_variables)
 from hflows_jax.training.state import TrainState
 from hflows_jax.training.step import (make_eval_step, make_statistics_step, make_train_step,
                                       mean_statistics, reestimated_statistics)
@@ -290,6 +292,13 @@ def missed_target_message(cfg: Config, removed: float, what: str) -> str:
             f"points {side} the {target:.2%} target.")
 
 
+def latency_removed(cfg: Config, groups, opt_state) -> float:
+    """The fraction of the exported model's latency the run's table predicts removed."""
+    table = hf.structured.LatencyTable.load(latency_table_path(cfg))
+    live = groups.live(hf.channel_masks(opt_state))
+    return 1.0 - float(table.fraction({g: jnp.sum(k) for g, k in live.items()}))
+
+
 def final_network(setup: Setup, phase: Phase, state: TrainState) -> tuple:
     """``(model, variables, masks, groups)`` the run ended with (``state``, of its last
     ``phase``): the pruned network, or the dense one of a ``--dense_only`` run."""
@@ -315,6 +324,9 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     if cfg.pruned:
         removed, what = method.removed(network, state.opt_state, lambda: normalize(
             data.x_test, setup.inputs.mean, setup.inputs.std))
+        if cfg.method.target == "latency":
+            removed, what = latency_removed(cfg, network[3], state.opt_state), \
+                "of the predicted latency removed"
     missed_by = missed_target(cfg, removed) if cfg.pruned else None
     warnings = list(setup.warnings)
     if missed_by is not None:
@@ -325,7 +337,8 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         # with --bn_batches: the last phase's final accuracy on the running statistics
         "test_accuracy_running_stats": history[-1].get("test_accuracy_running_stats"),
         "sparsity": sparsity,
-        "target": method.target,  # what target_sparsity counts: weights or flops
+        # what target_sparsity counts: weights, flops or latency
+        "target": cfg.method.target or method.target,
         "target_removed": removed,  # the fraction of it removed (weights: the sparsity)
         "target_missed_by": missed_by,  # final - target when over 0.5 points apart, else None
         "warnings": warnings,
@@ -412,7 +425,7 @@ def describe_devices(cfg: Config) -> str:
 def run(cfg: Config) -> dict:
     """Train the run of ``cfg`` (or resume it) and write its outputs. The process's JAX
     setup (a multi-process run, the compilation cache) is the caller's: ``cli.configure``."""
-    cfg.validate()
+    cfg = cfg.validate()
     r = cfg.run
     if r.num_processes and not jax.distributed.is_initialized():
         raise ValueError("--num_processes needs jax.distributed initialized first: call "
