@@ -128,3 +128,28 @@ def test_tfds_errors_other_than_not_prepared_pass_through(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", broken)
     with pytest.raises(PermissionError, match="not readable"):
         data.load_dataset("mnist")
+
+
+def test_results_name_their_commit_command_and_data_hash(tmp_path):
+    """``outputs.environment``: the commit git reports, and the SHA-256 of every .npz the
+    process read, by an independent hash of the file."""
+    import hashlib
+    import subprocess
+
+    from hflows_jax.training import outputs
+
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "tiny.npz")
+    np.savez(path, x_train=rng.integers(0, 255, (4, 8, 8, 1), np.uint8),
+             y_train=np.arange(4), x_test=rng.integers(0, 255, (2, 8, 8, 1), np.uint8),
+             y_test=np.arange(2))
+    data.load_dataset(f"npz:{path}")
+    env = outputs.environment()
+    with open(path, "rb") as f:
+        assert env["data"][path] == hashlib.sha256(f.read()).hexdigest()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=outputs.REPO, capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one)
+        assert env["commit"] == head.stdout.strip()
+        assert isinstance(env["code_changed"], bool)
+    assert env["command"].startswith("python")

@@ -79,10 +79,17 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                              "copy it again.") from e
 
 
+# Every .npz this process read, for the provenance of what it writes
+# (``outputs.environment``: each file's SHA-256).
+FILES_READ: list[str] = []
+
+
 def load_npz(path: str, name: str | None = None) -> ArrayDataset:
     """Arrays ``x_train, y_train, x_test, y_test`` (uint8 images) from one ``.npz`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dataset=npz:{path}: no such file.")
+    if path not in FILES_READ:
+        FILES_READ.append(path)
     arrays = _read_npz(path)
     split = {}
     for part in ("train", "test"):

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
+import hashlib
 import io
 import json
 import os
 import platform
+import subprocess
+import sys
 from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CODE = ("hflows_jax", "experiments")  # what a result's numbers depend on
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
@@ -50,13 +57,55 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def commit() -> dict:
+    """The git commit of the code, and whether its code differed from it (uncommitted
+    changes under ``CODE``); None outside a git checkout."""
+    head = _git("rev-parse", "HEAD")
+    changed = _git("status", "--porcelain", "--", *CODE)
+    return {"commit": head, "code_changed": bool(changed) if head else None}
+
+
+def command() -> str:
+    """The command line this process runs, as typed: ``python -m module flags``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec else f"python {sys.argv[0]}"
+    return " ".join([program, *sys.argv[1:]])
+
+
+@functools.cache
+def sha256(path: str, mtime: float) -> str:
+    del mtime  # a key only: a file rewritten is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def environment() -> dict:
-    """Where a run or benchmark ran: machine, devices, versions and date."""
+    """Where a run or benchmark ran and from what: machine, devices, versions, date, the
+    git commit (``code_changed`` if the code held uncommitted changes), the command, and
+    the SHA-256 of every data file the process read."""
     import flax
     import jax
     import optax
 
+    from hflows_jax.data.sources import FILES_READ
+
     return {
+        **commit(),
+        "command": command(),
+        "data": {p: sha256(p, os.path.getmtime(p)) for p in FILES_READ if os.path.isfile(p)},
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),

@@ -354,6 +354,7 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         "devices": [str(d) for d in jax.devices()],  # of every process
         "processes": jax.process_count(),
         "config": cfg.flags(),
+        "environment": outputs.environment(),  # commit, command, data hashes, machine
         "history": history,
     }
     if not parallel.is_primary():
