@@ -241,6 +241,10 @@ class _Analysis:
             return prim.bind(*parts, **params)
         if name == "broadcast_in_dim":
             return prim.bind(x, *ins[1:], **params)
+        if name == "gather":  # picked by x (an embedding): wherever x is; else as picked
+            if ins[1] is not None:
+                return jnp.ones(out_shape, jnp.float32)
+            return prim.bind(x, jnp.asarray(self.static[eqn.ins[1]]), **params)
         if name == "sort":  # a sorted position may come from anywhere along the axis
             return jnp.broadcast_to(jnp.max(x, axis=params["dimension"], keepdims=True),
                                     out_shape)
@@ -722,6 +726,11 @@ def _program(graph, keep, zeros, deltas, static, bcsr, prefix="") -> tuple[dict,
             params[SHAPE_PARAMS[eqn.name]] = _compact_shape(graph, keep, out)
             if eqn.name == "reshape":
                 params["dimensions"] = None
+        if eqn.name == "gather":  # slices as wide as the compact axes it takes whole
+            operand = _compact_shape(graph, keep, eqn.ins[0]).dims
+            params["slice_sizes"] = _Shape(tuple(
+                operand[d] if o is not None else (params["slice_sizes"][d], 0)
+                for d, o in enumerate(graph_lib.gathered_axes(eqn, graph.shapes[eqn.ins[0]]))))
         if eqn.name in graph_lib.CUTS or eqn.name == "split":
             _check_batch_untouched(graph, eqn)
         if eqn.name == "slice":  # uncut axes run over their compact sizes

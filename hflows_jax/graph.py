@@ -283,7 +283,8 @@ class Graph:
 
     def group_names(self) -> dict[int, str]:
         """Each group named after the first layer that writes it: its kernel's path without
-        ``/kernel`` (``"Conv_3"``, ``"ResNetBlock_0/Conv_1"``)."""
+        ``/kernel`` (``"Conv_3"``, ``"ResNetBlock_0/Conv_1"``); a group no layer writes
+        (an embedding's features) after the first param that holds it."""
         groups = self.groups
         paths = dict(zip(self.param_ids, self.param_paths))
         names = {}
@@ -294,6 +295,14 @@ class Graph:
                 for _, s in self.factors(c.param, axis):
                     if s in groups and s not in names:
                         name = paths[c.param].rsplit("/", 1)[0]  # a second group: + axis
+                        names[s] = name if name not in names.values() else f"{name}:{axis}"
+        kernels = {c.param for c in self.contractions}
+        for path, v in sorted(zip(self.param_paths, self.param_ids),  # an embedding's
+                              key=lambda pv: pv[1] in kernels):  # table before its readers
+            for axis in range(len(self.shapes[v])):
+                for _, s in self.factors(v, axis):
+                    if s in groups and s not in names:
+                        name = path.rsplit("/", 1)[0]
                         names[s] = name if name not in names.values() else f"{name}:{axis}"
         return {s: names.get(s, f"group_{s}") for s in groups}
 
@@ -610,6 +619,8 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
                     sp.freeze(lo[d], f"{name} at {eqn.where} cuts or reorders it")
                 else:
                     sp.unify(la[d], lo[d])
+    elif name == "gather":
+        _gather(graph, eqn)
     elif name == "iota":
         _fresh(graph, eqn.outs[0])
     elif name == "sort":  # every operand sorted along one axis, the others carried
@@ -644,6 +655,49 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
     for o in eqn.outs:  # ops that write no label of their own (an unused output)
         if o not in graph.labels:
             _fresh(graph, o)
+
+
+def gathered_axes(eqn: Eqn, shape: tuple) -> list:
+    """Per operand axis of a gather, the output axis it is carried whole to, or None
+    where the gather indexes or slices it (an embedding's vocabulary, resized rows)."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map) | set(
+        dn.operand_batching_dims)
+    kept = [d for d in range(len(shape)) if d not in set(dn.collapsed_slice_dims)
+            | set(dn.operand_batching_dims)]
+    out = dict(zip(kept, dn.offset_dims))
+    return [out[d] if d not in indexed and sizes[d] == shape[d] else None
+            for d in range(len(shape))]
+
+
+def _gather(graph: Graph, eqn: Eqn) -> None:
+    """An embedding lookup (``nn.Embed``: a table's rows picked by token ids) or a
+    nearest-neighbour resize (rows of x picked by a constant): the axes taken whole (an
+    embedding's features, x's batch and channels) flow through; those indexed do not.
+    The output's other axes are the indices' (their last axis is the index vector)."""
+    sp, (operand, indices) = graph.spaces, eqn.ins[:2]
+    lo = _fresh(graph, eqn.outs[0])
+    lop, li = graph.labels[operand], graph.labels[indices]
+    dn = eqn.params["dimension_numbers"]
+    batch_out = [d for d in range(len(lo)) if d not in dn.offset_dims]
+    for d, o in zip(range(len(li) - 1), batch_out):
+        sp.unify(li[d], lo[o])
+    per_example = dict(zip(dn.operand_batching_dims, dn.start_indices_batching_dims))
+    for d, o in enumerate(gathered_axes(eqn, graph.shapes[operand])):
+        if o is not None:
+            sp.unify(lop[d], lo[o])
+        elif d in per_example:  # take_along_axis: example i picks from its own row
+            sp.unify(lop[d], lo[batch_out[per_example[d]]])
+        elif graph.strict and any(s == BATCH for _, s in sp.resolve(lop[d])):
+            raise GraphError(f"hf.export cannot take a gather that picks along the batch "
+                             f"axis (at {eqn.where}): fn must treat each example on its own.")
+        else:
+            sp.freeze(lop[d], f"gather at {eqn.where} indexes it")
+    for d in set(range(len(lo))) - set(dn.offset_dims) - set(batch_out):
+        sp.freeze(lo[d], f"gather at {eqn.where} writes it")
+    for o in dn.offset_dims:  # sliced, not carried: the output's own
+        if o not in gathered_axes(eqn, graph.shapes[operand]):
+            sp.freeze(lo[o], f"gather at {eqn.where} slices it")
 
 
 def _label(graph: Graph) -> None:

@@ -77,3 +77,53 @@ def test_bilinear_resize_exports_exactly():
 
     compact, _, _ = _exact(Upsampler(), x, masks_of)
     assert compact.groups["conv0"] == (5, 6)
+
+
+class EmbedLM(nn.Module):
+    """Token ids through nn.Embed (a gather) into a causal block, and an embedding read
+    by a dense layer alone: its features are a channel group."""
+
+    @nn.compact
+    def __call__(self, ids):
+        e = nn.Embed(50, 16, name="tokens")(ids)
+        side = nn.Embed(50, 8, name="side")(ids)
+        x = e + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(
+            nn.LayerNorm()(e), mask=nn.make_causal_mask(ids))
+        return nn.Dense(5, name="head")(nn.LayerNorm()(x)) + nn.Dense(5, name="mix")(side)
+
+
+def test_an_embedding_lookup_traces_and_its_unread_features_go():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 8)), jnp.int32)
+
+    def masks_of(params):
+        masks = _random_masks(params, 3)
+        masks["mix"]["kernel"][2, :] = False  # side's feature 2 is read by nobody
+        return masks
+
+    compact, params, fn = _exact(EmbedLM(), ids, masks_of)
+    assert compact.groups["side"] == (7, 8)
+    assert compact.params["side/embedding"].shape == (50, 7)
+    groups = hf.structured.channel_groups(fn, params, ids)
+    assert groups.sizes["side"] == 8 and "tokens" not in groups.sizes  # under LayerNorm
+    np.testing.assert_allclose(np.asarray(compact(jnp.concatenate([ids, ids]))[2:]),
+                               np.asarray(compact(ids)), rtol=1e-6)
+
+
+class NearestUpsampler(Upsampler):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), name="conv0")(x))
+        x = jax.image.resize(x, (x.shape[0], 16, 16, x.shape[-1]), "nearest")
+        return nn.Conv(3, (3, 3), name="conv1")(x)
+
+
+def test_nearest_resize_passes_channels_through():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+
+    def masks_of(params):
+        masks = _random_masks(params, 4)
+        masks["conv1"]["kernel"][:, :, 1, :] = False
+        return masks
+
+    compact, _, _ = _exact(NearestUpsampler(), x, masks_of)
+    assert compact.groups["conv0"] == (5, 6)
