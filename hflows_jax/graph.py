@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -87,12 +88,33 @@ class Eqn:
         return self.prim.name
 
 
-def _where(source_info) -> str:
+UNKNOWN_PLACE = "an unknown place"
+LIBRARIES = (os.sep + "site-packages" + os.sep, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _where(source_info, outer: str = UNKNOWN_PLACE) -> str:
+    """The user's line an op comes from: its own, unless it has none or it lies in a
+    library (an op inside ``jnp.where``'s jitted body), then its caller's (``outer``)."""
     try:
         from jax._src import source_info_util  # no public way to name a user's line
-        return source_info_util.summarize(source_info) or "an unknown place"
+        where = source_info_util.summarize(source_info)
     except Exception:  # noqa: BLE001  (a location is a courtesy, never a failure)
-        return "an unknown place"
+        where = None
+    if not where or (outer != UNKNOWN_PLACE and any(lib in where for lib in LIBRARIES)):
+        return outer
+    return where
+
+
+# What to do about an op the graph cannot take, by the construct it comes from.
+ADVICE = {
+    "scan": "A loop over layers (nn.scan, lax.scan) is traced once for all its steps; "
+            "stack the blocks with a Python loop over modules instead.",
+    "while": "A loop (lax.fori_loop, while_loop) is traced once for all its steps; write "
+             "its steps out in Python, or compute it outside fn.",
+    "cond": "A branch on a value (lax.cond, lax.switch) picks its layers at run time; "
+            "select with jnp.where, or compute it outside fn.",
+}
+DEFAULT_ADVICE = "Compute it outside fn, or ask for it to be supported."
 
 
 def _sub_jaxpr(eqn):
@@ -339,7 +361,8 @@ def contraction_macs(graph: Graph, c: Contraction, shape_of) -> int:
 # ---------------------------------------------------------------------------------------
 # Tracing.
 
-def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes, dtypes):
+def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes, dtypes,
+             outer: str = UNKNOWN_PLACE):
     """Append ``jaxpr``'s equations to ``eqns`` with fresh value ids, inlining calls."""
     env = {}
 
@@ -370,14 +393,15 @@ def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes,
                     a = vid
                 lifted.append(a)
             outs = _flatten(sub, sub_consts, lifted, new_id, eqns, const_ids, const_vals,
-                            shapes, dtypes)
+                            shapes, dtypes, _where(eqn.source_info, outer))
             for var, vid in zip(eqn.outvars, outs):
                 bind(var, vid)
             continue
         outs = [new_id(v.aval) for v in eqn.outvars]
         for var, vid in zip(eqn.outvars, outs):
             bind(var, vid)
-        eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _where(eqn.source_info)))
+        eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params),
+                        _where(eqn.source_info, outer)))
     return [read(a) for a in jaxpr.outvars]
 
 
@@ -650,8 +674,7 @@ def _label_eqn(graph: Graph, eqn: Eqn) -> None:
     else:
         raise GraphError(
             f"hf.export cannot take `{name}` (at {eqn.where}): the traced graph does not "
-            "know how channels flow through it. Compute it outside fn, or ask for it to be "
-            "supported.")
+            f"know how channels flow through it. {ADVICE.get(name, DEFAULT_ADVICE)}")
     for o in eqn.outs:  # ops that write no label of their own (an unused output)
         if o not in graph.labels:
             _fresh(graph, o)

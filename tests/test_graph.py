@@ -127,3 +127,33 @@ def test_nearest_resize_passes_channels_through():
 
     compact, _, _ = _exact(NearestUpsampler(), x, masks_of)
     assert compact.groups["conv0"] == (5, 6)
+
+
+class ScannedBlocks(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return nn.relu(nn.Dense(6)(h)), None
+
+        x = nn.Dense(6)(x)
+        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)()(x, None)  # the line the error must name
+        return nn.Dense(2)(x)
+
+
+def test_an_op_the_graph_cannot_take_names_the_users_line_and_fits_the_advice():
+    x = jnp.ones((2, 4))
+    model = ScannedBlocks()
+    params = model.init(jax.random.key(0), x)["params"]
+    try:
+        graph_lib.trace(lambda p, x: model.apply({"params": p}, x), params, x)
+    except graph_lib.GraphError as e:
+        message = str(e)
+    else:
+        raise AssertionError("nn.scan traced: this test must move on to its export")
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
+                if "the line the error must name" in text)
+    assert f"test_graph.py:{line - 1}" in message or f"test_graph.py:{line}" in message, message
+    assert "Python loop" in message
