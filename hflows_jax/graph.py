@@ -550,10 +550,17 @@ def _conv(graph: Graph, eqn: Eqn) -> None:
     elif _is_depthwise(graph, eqn):  # channel c in is channel c out
         sp.unify(ll[dn.lhs_spec[1]], lr[dn.rhs_spec[0]])
         sp.unify(lr[dn.rhs_spec[0]], lo[dn.out_spec[1]])
-    else:
-        why = "a grouped conv (other than depthwise with multiplier 1) reads it"
-        for f in (ll[dn.lhs_spec[1]], lr[dn.rhs_spec[1]], lr[dn.rhs_spec[0]], lo[dn.out_spec[1]]):
-            sp.freeze(f, why)
+    else:  # channel g * Cg + c is channel c of group g: pruned in every group alike
+        why = f"the groups of a grouped conv ({eqn.where})"
+        per_in = graph.shapes[rhs][dn.rhs_spec[1]]
+        per_out = graph.shapes[rhs][dn.rhs_spec[0]] // groups
+        ins, outs = (groups, sp.new(groups)), (groups, sp.new(groups))
+        sp.freeze((ins, outs), why)
+        read, written = (per_in, sp.new(per_in)), (per_out, sp.new(per_out))
+        sp.unify(ll[dn.lhs_spec[1]], (ins, read))
+        sp.unify(lr[dn.rhs_spec[1]], (read,))
+        sp.unify(lr[dn.rhs_spec[0]], (outs, written))
+        sp.unify(lo[dn.out_spec[1]], (outs, written))
     for labels, spec in ((ll, dn.lhs_spec), (lr, dn.rhs_spec), (lo, dn.out_spec)):
         for d in spec[2:]:
             sp.freeze(labels[d], "a spatial axis of a conv")

@@ -157,3 +157,31 @@ def test_an_op_the_graph_cannot_take_names_the_users_line_and_fits_the_advice():
                 if "the line the error must name" in text)
     assert f"test_graph.py:{line - 1}" in message or f"test_graph.py:{line}" in message, message
     assert "Python loop" in message
+
+
+class GroupedBlock(nn.Module):
+    """A ResNeXt-style bottleneck: a 1x1 conv, a 3x3 conv in 4 groups, a 1x1 conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (1, 1), name="reduce")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), feature_group_count=4, name="grouped")(x))
+        x = nn.relu(nn.Conv(8, (1, 1), name="expand")(x))
+        return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
+
+
+def test_a_grouped_conv_loses_the_same_channels_in_every_group():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+
+    def masks_of(params):
+        masks = _random_masks(params, 5, density=0.9)
+        masks["grouped"]["kernel"][:, :, 1, :] = False  # input channel 1 of every group
+        masks["expand"]["kernel"][:, :, 2::4, :] = False  # output channel 2 of every group
+        return masks
+
+    compact, params, fn = _exact(GroupedBlock(), x, masks_of)
+    kernel = compact.params["grouped/kernel"]
+    assert kernel.shape == (3, 3, 3, 12), kernel.shape  # 4 groups of 3 in, 4 of 3 out
+    assert compact.params["reduce/kernel"].shape[-1] == 12
+    groups = hf.structured.channel_groups(fn, params, x)
+    assert sorted(groups.sizes.values()) == [4, 4, 8]  # per group alike; expand's 8
