@@ -507,8 +507,8 @@ def _reshape(graph: Graph, operand: int, out: int) -> None:
 
 
 def _split_factors(sp: Spaces, labels: tuple, sizes: tuple) -> tuple:
-    """Labels for axes of ``sizes`` made of the factors of ``labels`` in order, or fresh
-    frozen ones where a factor would have to be split."""
+    """Labels for axes of ``sizes`` made of the factors of ``labels`` in order, a factor
+    split in two where an axis ends inside it (and it may be); else fresh frozen ones."""
     factors = [f for label in labels for f in sp.resolve(label)]
     out, k = [], 0
     for n in sizes:
@@ -516,10 +516,21 @@ def _split_factors(sp: Spaces, labels: tuple, sizes: tuple) -> tuple:
             out.append(((1, sp.new(1)),))
             continue
         take, prod = [], 1
-        while k < len(factors) and prod < n and prod * factors[k][0] <= n:
-            prod *= factors[k][0]
-            take.append(factors[k])
-            k += 1
+        while k < len(factors) and prod < n:
+            size, s = factors[k]
+            part = n // prod
+            if prod * size <= n:
+                prod *= size
+                take.append(factors[k])
+                k += 1
+            elif n % prod == 0 and size % part == 0 and s != BATCH and s not in sp.frozen:
+                # a space cut into blocks (GroupNorm's groups): its channel c is channel
+                # c % (size / part) of block c // (size / part)
+                pieces = ((part, sp.new(part)), (size // part, sp.new(size // part)))
+                sp.expand[s] = pieces
+                factors[k:k + 1] = list(pieces)
+            else:
+                break
         if prod != n:
             break
         out.append(tuple(take))

@@ -308,8 +308,9 @@ def test_a_grouped_conv_and_bfloat16_kernels_keep_their_layers():
     bf16 = lambda p, x: Net(jnp.bfloat16).apply({"params": p}, x)  # noqa: E731
     dense, masked = forward_macs(bf16, params, x, masks)
     assert dense - masked == 36 * 9 * 3 * 2  # Conv_0's two dead filters, 6x6 positions
-    assert hf.structured.channel_groups(bf16, params, x).sizes == {}  # a grouped conv
-    # reads Conv_0: its channels stay whole. A bfloat16 VGG names its groups by layer, and
+    # the grouped conv reads Conv_0 in 2 groups of 4: channel c of every group goes alike
+    assert hf.structured.channel_groups(bf16, params, x).sizes == {"Conv_0": 4, "Conv_1": 4}
+    # A bfloat16 VGG names its groups by layer, and
     # a kernel's members are its input axes: the reading side.
     vgg = models.VGG(layers=(8, "M", 16), num_classes=3, dtype=jnp.bfloat16)
     v = vgg.init(jax.random.key(0), x)

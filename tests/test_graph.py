@@ -185,3 +185,28 @@ def test_a_grouped_conv_loses_the_same_channels_in_every_group():
     assert compact.params["reduce/kernel"].shape[-1] == 12
     groups = hf.structured.channel_groups(fn, params, x)
     assert sorted(groups.sizes.values()) == [4, 4, 8]  # per group alike; expand's 8
+
+
+class GroupNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="c0")(x)
+        x = nn.relu(nn.GroupNorm(num_groups=4)(x))
+        x = nn.relu(nn.Conv(8, (3, 3), name="c1")(x))
+        return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
+
+
+def test_a_groupnorm_loses_whole_groups():
+    """GroupNorm normalizes within each group of 4 channels: a group unread after it goes
+    whole (the conv before it loses 4 filters); a single channel of it stays."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+
+    def masks_of(params):
+        masks = _random_masks(params, 6, density=0.9)
+        masks["c1"]["kernel"][:, :, 8:12, :] = False  # group 2, whole
+        masks["c1"]["kernel"][:, :, 1, :] = False  # one channel of group 0: it stays
+        return masks
+
+    compact, params, fn = _exact(GroupNormNet(), x, masks_of)
+    assert compact.params["c0/kernel"].shape[-1] == 12
+    assert hf.structured.channel_groups(fn, params, x).sizes["c0"] == 4
