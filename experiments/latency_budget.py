@@ -86,7 +86,9 @@ def measure_table(args) -> None:
 
 
 def timed(cfg: Config, table: hf.structured.LatencyTable, repeats: int) -> dict:
-    """The run's exported model against the dense export, by batch size."""
+    """The run's exported model against the dense export, by batch size. The dense
+    model's weights are the run's initial ones: a latency depends on the shapes only, and
+    the pruned weights' zero rows would be dropped from it too."""
     opened, epoch, state = export_tools.restore_last(cfg)
     model, variables, masks, groups = train.evaluated_network(opened, state, epoch)
 
@@ -97,7 +99,8 @@ def timed(cfg: Config, table: hf.structured.LatencyTable, repeats: int) -> dict:
     every = jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), masks,
                          is_leaf=lambda m: m is None)
     pruned = hf.export(logits, variables["params"], masks, example, bcsr=False)
-    dense = hf.export(logits, variables["params"], every, example, bcsr=False)
+    # the dense model: the run's initial weights (no zero rows for the export to drop)
+    dense = hf.export(logits, opened.params, every, example, bcsr=False)
     images = np.random.default_rng(0).normal(size=(max(BATCHES),) + example.shape[1:])
     speedups = {}
     for b in BATCHES:
