@@ -94,10 +94,12 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         dense, with a warning).
       groups: prune whole channels of these groups (``hf.structured.channel_groups``);
         masks zero the rows that read a pruned channel, as ``hf.export`` expects.
-      loss_fn, batches: ``loss_fn(params, batch) -> scalar`` over ``batches``, for a
-        named measure that reads gradients (BatchNorm in eval mode: ``hf.importance``).
-      min_channels, min_fraction: with ``groups``, every group keeps at least
-        ``min_channels``, and ``floor(min_fraction * n) + 1`` of its ``n`` channels (the
+      loss_fn: ``loss_fn(params, batch) -> scalar``, for a named measure that reads
+        gradients (BatchNorm in eval mode: ``hf.importance``).
+      batches: the batches ``loss_fn`` is taken over.
+      min_channels: with ``groups``, every group keeps at least ``min_channels``.
+      min_fraction: with ``groups``, every group also keeps
+        ``floor(min_fraction * n) + 1`` of its ``n`` channels (the
         seed code's floor is ``min_fraction=0.05``): a global ranking of unnormalized
         scores would otherwise empty whole layers.
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
@@ -179,13 +181,14 @@ def prune_at(measure: str, sparsity: float, steps: Sequence[int], *,
       steps: the update counts (from 1) that prune: each round's masks hold from the next
         forward pass on; 0 prunes in ``init``, on the params it is given (at
         initialization).
-      loss_fn, batches: for the measures that read gradients.
+      loss_fn: for the measures that read gradients, as ``prune``'s.
+      batches: the batches ``loss_fn`` is taken over.
       distribution: ``"global"``, ``"uniform"``, or with one round an N:M pattern such
         as ``"2:4"`` (``sparsity`` then ``1 - N/M``). ERK needs a density known before
         tracing, and a round's is looked up in the traced step.
       groups: prune whole channels of these groups (``hf.structured.channel_groups``).
-      min_channels, min_fraction: with ``groups``, the floor of every group, as
-        ``prune``'s (``min_fraction`` of the channels left at each round).
+      min_channels: with ``groups``, the floor of every group, as ``prune``'s.
+      min_fraction: likewise, of the channels left at each round.
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
       loss_args: names of ``tx.update``'s extra keyword args handed on to ``loss_fn`` at a
         pruning step (the loop's current BatchNorm statistics, say). A pruning step

@@ -229,16 +229,15 @@ def test_an_op_the_graph_cannot_take_is_named_with_its_line():
         hf.export(fn, params, {"w": np.ones((4, 3), bool)}, np.ones((2, 4), np.float32))
 
 
-def test_readme_your_own_model_runs():
-    """README's "Your own model" code, executed as written."""
+def test_guide_your_own_model_runs():
+    """The "Your own model" guide's code, executed as written."""
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Your own model", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    guide = pathlib.Path(__file__).parents[1] / "docs" / "guides" / "your-own-model.md"
+    (code,) = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
     scope = {}
-    exec(compile(code, "README.md (Your own model)", "exec"), scope)  # noqa: S102
+    exec(compile(code, str(guide), "exec"), scope)  # noqa: S102
     compact, groups = scope["compact"], scope["groups"]
     assert groups.sizes == {"Conv_0": 32, "Conv_1": 64, "Dense_0": 256}
     assert 0 < compact.macs < compact.dense_macs

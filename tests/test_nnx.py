@@ -1,7 +1,8 @@
-"""Flax NNX: README's NNX code block, run as it stands, and the helpers on the NNX trees it
+"""Flax NNX: the NNX guide's code block, run as it stands, and the helpers on the NNX trees it
 leaves behind (``nnx.Optimizer.opt_state``, ``nnx.state(model, nnx.Param)``).
 
-The README trains a model with BatchNorm and Dropout through ``hf.nnx.masked_value_and_grad``
+The guide (docs/guides/nnx.md) trains a model with BatchNorm and Dropout through
+``hf.nnx.masked_value_and_grad``
 (the model runs on ``W * M``, gradients taken with respect to ``W * M``) to a target
 sparsity.
 """
@@ -21,14 +22,14 @@ from flax import nnx
 
 import hflows_jax as hf
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "nnx.md"
 TARGET = 0.9
 STEPS = 300  # the whole pruning phase: the run ends as the pressure drops to 0
 
 
-def readme_nnx_code() -> str:
-    """The first python block of README's "Flax NNX" section."""
-    section = README.read_text().split("## Flax NNX\n", 1)[1].split("\n## ", 1)[0]
+def guide_nnx_code() -> str:
+    """The first python block of the NNX guide's "Flax NNX" section."""
+    section = GUIDE.read_text().split("## Flax NNX\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -52,11 +53,11 @@ def loss_on(model, x, y):
 
 @pytest.fixture(scope="module")
 def readme_run():
-    """README's NNX block, run as it stands; its namespace and the warnings it raised."""
+    """The guide's NNX block, run as it stands; its namespace and the warnings it raised."""
     namespace = {"__name__": "readme_nnx"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        exec(compile(readme_nnx_code(), str(README), "exec"), namespace)
+        exec(compile(guide_nnx_code(), str(GUIDE), "exec"), namespace)
     namespace["warnings"] = [w for w in caught if issubclass(w.category, UserWarning)]
     return namespace
 
@@ -65,7 +66,7 @@ KERNELS = ("hidden", "out")
 
 
 def eval_forward(params, masks, bn, x):
-    """The README's Net in eval mode on W * M, written out: the oracle."""
+    """The guide's Net in eval mode on W * M, written out: the oracle."""
     def kernel(name):
         return params[name]["kernel"][...] * masks[name]["kernel"]
     h = x @ kernel("hidden") + params["hidden"]["bias"][...]
@@ -87,8 +88,8 @@ def test_readme_run_reaches_the_target_silently_and_evaluates_the_masked_model(r
     sizes = {"hidden/kernel": 8 * 32, "out/kernel": 32 * 3}
     weighted = sum(layers[k] * n for k, n in sizes.items()) / sum(sizes.values())
     np.testing.assert_allclose(weighted, float(sparsity), rtol=1e-6)
-    # The README's last line zeroed the pruned weights: the model is the pruned network,
-    # and the README's masked evaluation agrees with it and with the oracle.
+    # The guide's last line zeroed the pruned weights: the model is the pruned network,
+    # and the guide's masked evaluation agrees with it and with the oracle.
     masks = hf.masks(opt.opt_state)
     params = nnx.state(model, nnx.Param)
     for name in KERNELS:
@@ -110,13 +111,13 @@ def test_readme_run_reaches_the_target_silently_and_evaluates_the_masked_model(r
 
 
 def short_run(steps=100):
-    """The README's model and step after ``steps`` of its training steps: part of each
+    """The guide's model and step after ``steps`` of its training steps: part of each
     kernel pruned, the pruned weights still in ``W``."""
     namespace = {"__name__": "readme_nnx"}
-    code = readme_nnx_code().split("\nx = jax.random.normal")[0]  # up to the data
+    code = guide_nnx_code().split("\nx = jax.random.normal")[0]  # up to the data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(code, str(README), "exec"), namespace)
+        exec(compile(code, str(GUIDE), "exec"), namespace)
     model, opt = namespace["model"], namespace["opt"]
     x, y = data()
     for _ in range(steps):
@@ -134,7 +135,7 @@ def trained():
 
 def test_masked_swaps_w_times_m_in_and_w_back_and_keeps_batchnorm_updates(trained):
     model, opt, (x, y) = trained
-    model = nnx.clone(model)  # train mode, as the README's training left it
+    model = nnx.clone(model)  # train mode, as the guide's training left it
     params = nnx.state(model, nnx.Param)
     weights = jax.tree.map(lambda v: np.asarray(v), nnx.to_pure_dict(params))
     masks = hf.masks(opt.opt_state)
