@@ -49,7 +49,7 @@ def unreachable_warning(target_sparsity: float, presence_lr: float, pruning_step
     that start uniform in ``presence_init``, the s-quantile of that range must cross zero.
     This is not a hard bound: while the pressure rises fast, Adam's second-moment average
     lags the growing gradient and its step exceeds the lr, and such a run may overshoot
-    instead (docs/RESULTS.md, "The library in a user's loop": 100 steps at lr 3.5e-3, a
+    instead (docs/journal.md, "The library in a user's loop": 100 steps at lr 3.5e-3, a
     travel of 0.35 for 0.47 needed, ended at 96.9 % for a 90 % target).
     """
     needed = _distance_to_cross(target_sparsity, presence_init)
@@ -115,7 +115,7 @@ def presence_learning_rate(lr: float, pruning_steps: int, regrowth_steps: int,
     Decayed by whole epochs instead, a one-epoch regrowth kept ``0.75 lr`` to its last step:
     channel masks flipped at almost every step, and the network ended on channels it had
     not trained with (ResNet-20 x0.5 on CIFAR-10: 68.7 % against 73.9 % scaled,
-    docs/RESULTS.md)."""
+    docs/journal.md)."""
 
     def regrowth(step):
         part = step * reference_epochs // max(regrowth_steps, 1)

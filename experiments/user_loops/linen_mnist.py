@@ -1,7 +1,7 @@
 """A Flax Linen MNIST training script in the shape of the Flax examples' mnist/train.py
 (CNN, TrainState, apply_model / update_model / train_epoch, SGD with momentum), written
 from its description. ``linen_mnist_hf.py`` is this file with Hyperflows in; the diff
-between the two is what a user changes (docs/RESULTS.md)."""
+between the two is what a user changes (docs/journal.md)."""
 
 import types
 

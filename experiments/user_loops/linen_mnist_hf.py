@@ -1,5 +1,5 @@
 """``linen_mnist.py`` with Hyperflows in: the diff between the two is what a user of the
-Flax Linen MNIST example changes (docs/RESULTS.md)."""
+Flax Linen MNIST example changes (docs/journal.md)."""
 
 import types
 

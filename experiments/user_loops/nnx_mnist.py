@@ -2,7 +2,7 @@
 with Dropout, nnx.Optimizer with AdamW, nnx.MultiMetric, 1200 steps of 32 images, eval
 every 200), written from its description, with a BatchNorm after the first convolution
 so that the model keeps statistics. ``nnx_mnist_hf.py`` is this file with Hyperflows in;
-the diff between the two is what a user changes (docs/RESULTS.md)."""
+the diff between the two is what a user changes (docs/journal.md)."""
 
 import types
 from functools import partial

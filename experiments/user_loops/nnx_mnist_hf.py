@@ -1,5 +1,5 @@
 """``nnx_mnist.py`` with Hyperflows in: the diff between the two is what a user of the
-Flax NNX MNIST tutorial changes (docs/RESULTS.md)."""
+Flax NNX MNIST tutorial changes (docs/journal.md)."""
 
 import types
 from functools import partial

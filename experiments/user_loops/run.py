@@ -7,7 +7,7 @@ For each framework: the diff between the plain script and its Hyperflows version
 or changed lines, the module docstring left out), a run of the Hyperflows version with
 its settings (no warning expected), and the same version with a schedule too short for
 its target (a warning expected at init); ``--plain`` also runs the plain scripts. The
-numbers go to docs/RESULTS.md by hand.
+numbers go to docs/journal.md by hand.
 """
 
 import argparse

@@ -15,7 +15,7 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
     name = "hyperflows_channel"
     # With trajectory, one raised pressure period sent every weak channel across zero at
     # once (74 % of the multiply-adds removed for a 50 % target; PI: 55.5 %,
-    # docs/RESULTS.md).
+    # docs/journal.md).
     controller = "pi"
     options = ("round_to", "target", "target_speedup", "latency_batch", "latency_table")
     # (kp, ki) of the PI controller. A pressure change flips the channels near zero
@@ -36,7 +36,7 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         accuracy, where holding gave 4.1 short at 64.6 % (at the default PI gains; at
         ``pi_gains``, 1.1 short at 63.4 %). The pressure is shared by
         multiply-adds (``pressure_by="macs"``): shared alike, the cifar10_5k runs were 1.2
-        and 4.2 points less accurate (docs/RESULTS.md). No regrowth allowance, and the PI
+        and 4.2 points less accurate (docs/journal.md). No regrowth allowance, and the PI
         controller may pull back (signed). The budget lands where the presence lr reaches 0
         (``recipe.presence_frozen_from``), so the last sixth of the regrowth epochs trains
         the channels it landed on. With ``--target=latency`` the controller steers, and

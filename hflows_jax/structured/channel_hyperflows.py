@@ -82,7 +82,7 @@ def kept_channels(presence: dict, min_channels: int, round_to: int = 1) -> dict:
     ``round_to``, its next highest too, up to a multiple of ``round_to`` (or all).
 
     The floor (DHP's ``mc``) keeps a layer from losing every channel, which makes the
-    whole network a constant; at 85 % one such run did (docs/RESULTS.md). Rounding keeps
+    whole network a constant; at 85 % one such run did (docs/journal.md). Rounding keeps
     the channel counts the served model runs fast (Torch-Pruning's ``round_to``), so that
     the network trained is the one served.
     """

@@ -22,7 +22,7 @@ _MNIST_RECIPE = dict(model="lenet300", lr=0.05, weight_decay=0.0, label_smoothin
 
 # The reference's choices on BatchNorm nets (METHOD.md section 8): He-uniform kernels,
 # BatchNorm scale fixed at 1, no zero-init of a block's last BatchNorm. They beat Flax's
-# defaults in all 4 probe pairs on cifar10_5k (docs/RESULTS.md), so experiments.cifar
+# defaults in all 4 probe pairs on cifar10_5k (docs/journal.md), so experiments.cifar
 # uses them; "cifar_flax" keeps Flax's defaults for comparison.
 _REFERENCE_MODEL = dict(kernel_init="he_uniform", train_bn_scale=False,
                         zero_init_residual=False)
@@ -55,7 +55,7 @@ _COMPARE_CIFAR_SHORT = Config(
 # the dense-first methods, then 20 pruning epochs (1580 steps: presence lr and controller
 # period from recipe.presence_regime) and 5 regrowth epochs. In this regime the regrowth
 # phase regrows little: with the default allowance of 0.15, 7 of 8 probe runs ended 0.66
-# to 0.81 points above a 95 % target; with 0.03, within 0.3 points (docs/RESULTS.md).
+# to 0.81 points above a 95 % target; with 0.03, within 0.3 points (docs/journal.md).
 _COMPARE_CIFAR = Config(
     data=DataConfig(dataset=f"npz:{SHARED_DATA}/cifar10_5k.npz", batch_size=64),
     model=ModelConfig(name="vgg19", width=0.125, **_REFERENCE_MODEL),
@@ -69,7 +69,7 @@ _COMPARE_CIFAR = Config(
 # presence lr 3.5e-3, as on cifar10_5k, and a controller decision every 39 steps) and 1
 # regrowth epoch: 8 epochs, 8 to 12 minutes a run on 2 CPU cores (an epoch trains in 60
 # s at about 840 images/s, in 85 s with another developer's runs on the cores; an
-# evaluation on the 10000 test images takes 5 s; docs/RESULTS.md). The test accuracy is
+# evaluation on the 10000 test images takes 5 s; docs/journal.md). The test accuracy is
 # measured at the end of each phase only (eval_every), not after every epoch. The
 # regrowth allowance is cifar10_5k's: its 395 regrowth steps and these 781 are both
 # short.
