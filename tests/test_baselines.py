@@ -61,6 +61,7 @@ def test_snip_scores_match_the_closed_form():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grasp_hessian_gradient_product_matches_explicit_hessian_and_finite_differences():
     params, loss, batch = mlp_problem()
     hg = hf.importance.hessian_gradient(loss, params, [batch])

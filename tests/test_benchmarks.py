@@ -30,6 +30,7 @@ def user_cache(tmp_path, monkeypatch):
     jax.config.update("jax_compilation_cache_dir", before)
 
 
+@pytest.mark.slow
 def test_compare_writes_rows_and_reuses_finished_runs(small_mnist, tmp_path, user_cache):
     argv = ["--setting=mnist", f"--dataset={small_mnist}", "--methods=hyperflows,magnitude",
             "--sparsities=0.9", "--seeds=1", f"--out={tmp_path}"]
@@ -79,6 +80,7 @@ def test_power_fit_recovers_a_known_law():
     assert (q0, -q1, -q2) == pytest.approx((1.0, 0.5, 0.1))
 
 
+@pytest.mark.slow
 def test_pressure_law_tiny_sweep(mnist_npz, tmp_path):
     result = pressure_law.main([f"--dataset=npz:{mnist_npz}", "--train_examples=1024",
                                 "--points=4", "--epochs=3", "--dense_epochs=1",
@@ -95,6 +97,7 @@ def test_pressure_law_tiny_sweep(mnist_npz, tmp_path):
     assert (tmp_path / "pressure_law.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_overhead_counts_state_bytes_exactly(tmp_path):
     row = overhead.measure("lenet300", steps=2, warmup=1)
     params, prunable = 266610, 784 * 300 + 300 * 100 + 100 * 10
@@ -108,6 +111,7 @@ def test_overhead_counts_state_bytes_exactly(tmp_path):
     assert row["ratio"] == pytest.approx(row["hyperflows_step_s"] / row["dense_step_s"])
 
 
+@pytest.mark.slow
 def test_graph_speed_times_every_stage_and_counts_macs(tmp_path):
     result = graph_speed.main(["--quick", "--models=lenet300_mnist", f"--out={tmp_path}"])
     (row,) = result["rows"]
@@ -175,6 +179,7 @@ def test_pressure_law_with_one_epoch_reports_no_settling(mnist_npz, tmp_path):
     assert "n/a (one epoch)" in (tmp_path / "pressure_law.md").read_text()
 
 
+@pytest.mark.slow
 def test_pressure_law_on_a_batchnorm_net(cifar_npz, tmp_path):
     """The cifar10_5k setting: a BatchNorm conv net, its running statistics in evaluation."""
     result = pressure_law.main(["--setting=cifar10_5k", f"--dataset=npz:{cifar_npz}",
@@ -192,8 +197,9 @@ def test_pressure_law_on_a_batchnorm_net(cifar_npz, tmp_path):
     assert "resnet20 x0.25" in (tmp_path / "pressure_law.md").read_text()
 
 
+@pytest.mark.slow
 def test_structured_rows_in_the_issue_shape(cifar_npz, tmp_path):
-    small = subset_npz(cifar_npz, tmp_path / "small_cifar.npz", train=512, test=128)
+    small = subset_npz(cifar_npz, tmp_path / "small_cifar.npz", train=256, test=64)
     result = structured.main(["--quick", f"--dataset={small}", f"--out={tmp_path}",
                               "--repeats=3"])
     on_disk = json.loads((tmp_path / "structured.json").read_text())
@@ -240,6 +246,7 @@ def test_conv_speed_times_every_traced_conv_cut_and_rounded(tmp_path):
     assert (tmp_path / "conv_speed.md").read_text().startswith("# conv_speed: lenet5")
 
 
+@pytest.mark.slow
 def test_oneshot_prunes_every_pattern_from_one_trained_model(small_mnist, tmp_path):
     result = oneshot.main(["--quick", f"--dataset={small_mnist}", "--per_class=8",
                            "--measures=magnitude_squared,loss_increase", f"--out={tmp_path}"])
@@ -254,6 +261,7 @@ def test_oneshot_prunes_every_pattern_from_one_trained_model(small_mnist, tmp_pa
     assert (tmp_path / "oneshot.md").read_text().startswith("# oneshot: lenet300")
 
 
+@pytest.mark.slow
 def test_gradient_flow_runs_and_judges_the_claims(small_mnist, tmp_path):
     result = gradient_flow.main(["--quick", f"--dataset={small_mnist}", "--per_class=8",
                                  "--measures=grasp,gradient_norm_preservation",
@@ -321,6 +329,7 @@ def test_plain_loop_reestimates_batchnorm_on_the_pruned_network():
                                np.mean([h.var(0) for h in hidden], 0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_latency_rows_per_runtime_and_batch_with_a_fresh_serving_process(tmp_path):
     from experiments import latency
 
@@ -354,6 +363,7 @@ def test_uniform_channels_land_on_the_multiply_add_target():
     assert max(fractions.values()) - min(fractions.values()) < 0.2  # one fraction, rounded
 
 
+@pytest.mark.slow
 def test_channel_landing_records_warnings_and_where_each_run_landed(small_mnist, tmp_path):
     from experiments import channel_landing
 

@@ -70,6 +70,7 @@ class NnxCNN(nnx.Module):
         return self.linear2(x)
 
 
+@pytest.mark.slow
 def test_nnx_cnn_with_batchnorm_and_dropout():
     model = NnxCNN(nnx.Rngs(0))
     model.eval()
@@ -190,6 +191,7 @@ class TinyViT(nn.Module):
         return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
 
 
+@pytest.mark.slow
 def test_vit_mlp_units_and_attention_heads_are_groups():
     model = TinyViT()
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))

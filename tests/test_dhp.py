@@ -114,6 +114,7 @@ def _perturbed(tree, seed, scale):
                                         for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_exports():
     model = DHPVGG(**SMALL_VGG)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
@@ -150,6 +151,7 @@ def test_plain_vgg_is_the_hypernetwork_model_with_the_zeroed_channels_cut_and_ex
     np.testing.assert_allclose(compact(x), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dhp_resnet_shares_a_latent_per_stage_and_cuts_to_the_plain_resnet():
     """DHP's ResNet (``resnet_dhp_share.py``): the stem, every block's second conv and the
     projection write their stage's stream from one latent; each block's first conv has
@@ -257,6 +259,7 @@ def test_dhp_search_stops_at_its_flops_target_and_then_freezes():
         np.testing.assert_array_equal(on, state[1].kept[f"Conv_{i}"])
 
 
+@pytest.mark.slow
 def test_the_search_runs_unmasked_so_a_latent_at_zero_comes_back():
     """DHP's search trains on the latents as they are (``DHP.masked`` is False): a latent
     entry the proximal step drove to 0, below the threshold, so masked as pruned, still
@@ -330,6 +333,7 @@ def test_dhp_reg_is_officials_per_epoch_and_its_schedules_are_its_multistep():
         cfg.replace(pruning_epochs=60), 79))  # 0.47: 36 %
 
 
+@pytest.mark.slow
 def test_a_dhp_run_searches_then_fine_tunes_the_plain_pruned_vgg_and_resumes(
         cifar_npz, tmp_path, monkeypatch):
     """One search epoch (``dhp_reach``: the reg that lets it stop at the target),

@@ -49,6 +49,7 @@ def test_readme_is_short_starts_with_its_two_commands_and_links_what_exists():
         assert (ROOT / link).exists(), link
 
 
+@pytest.mark.slow
 def test_readme_code_prunes_and_exports():
     scope = run_blocks(README, {})
     assert abs(float(hf.sparsity(scope["opt_state"])) - 0.9) < 0.02
@@ -101,6 +102,7 @@ CONTEXT = {"getting-started.md": _mlp_context, "importance.md": _cnn_context,
            "structured.md": _structured_context}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", sorted(CONTEXT))
 def test_guide_code_runs(page):
     path = GUIDES / page
@@ -110,6 +112,21 @@ def test_guide_code_runs(page):
         assert float(hf.sparsity(scope["opt_state"])) == 0.0  # nothing pruned at step 0
     if page == "structured.md":
         assert scope["compact"].macs == scope["compact"].dense_macs  # nothing pruned yet
+
+
+def test_the_overshoot_table_is_what_the_warning_computes():
+    """getting-started.md's table of the steps below which a schedule overshoots."""
+    from hflows_jax import recipe
+
+    text = (GUIDES / "getting-started.md").read_text()
+    rows = re.findall(r"\| (\d+) % \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", text)
+    assert len(rows) == 3
+    for target, *steps in rows:
+        for lr, n in zip((1e-3, 3e-3, 1e-2, 3e-2), steps):
+            fewer, enough = int(n) - 1, int(n) + 1
+            assert recipe.overshoot_warning(int(target) / 100, lr, fewer) is not None or \
+                recipe.unreachable_warning(int(target) / 100, lr, fewer) is not None
+            assert recipe.overshoot_warning(int(target) / 100, lr, enough) is None
 
 
 def test_every_guide_with_code_is_run_by_a_test():

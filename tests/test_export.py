@@ -79,6 +79,7 @@ def _layers(compact):
     return {r.name: r for r in compact.layers}
 
 
+@pytest.mark.slow
 def test_lenet300_dead_units_chains_and_pixels():
     model, params, stats, masks, images = _setup("lenet300", (28, 28, 1))
     m0, m1, m2 = (masks[f"Dense_{i}"]["kernel"] for i in range(3))
@@ -119,6 +120,7 @@ def test_lenet300_dead_units_chains_and_pixels():
     assert "Dense_1/kernel" not in sparse.params  # only its BCSR matrix is stored
 
 
+@pytest.mark.slow
 def test_lenet300_bcsr_from_a_batch_size_on():
     """bcsr=None on CPU: a layer 3 % dense runs as BCSR from BCSR_MIN_BATCH images on,
     in-process (static batch) and through jax.export (one lax.cond on the symbolic batch)."""
@@ -162,6 +164,7 @@ def _is_uniform(delta):
     return np.abs(delta - delta[:, :1, :1, :]).max() < 1e-6 * np.abs(delta).max()
 
 
+@pytest.mark.slow
 def test_vgg_dead_channels_behind_batchnorm():
     shape = (32, 32, 3)
     model, params, stats, masks, images = _setup("vgg19", shape, seed=2, width=0.125)
@@ -200,6 +203,7 @@ def test_vgg_dead_channels_behind_batchnorm():
     assert np.isfinite(want).all()
 
 
+@pytest.mark.slow
 def test_resnet20_residual_channels():
     shape = (16, 16, 3)
     model, params, stats, masks, images = _setup("resnet20", shape, seed=3, width=0.25,
@@ -262,6 +266,7 @@ def test_errors():
         _export(model, params, masks, stats, images, border="zero")
 
 
+@pytest.mark.slow
 def test_tune_serves_the_measured_fastest_program_per_batch(monkeypatch):
     """export(tune=...) times every program at each batch size and routes each size to the
     fastest; the timings are fixed here (dense wins at 1, BCSR at 64) to see the routes
@@ -355,6 +360,7 @@ def test_tune_runs_the_convs_measured_faster_as_matmuls(monkeypatch):
                                atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_batchnorm_and_biases_fold_into_the_layers_before_them():
     """Inference BatchNorm (sub, mul, add of stored per-channel arrays) and a layer's bias
     leave no step of their own: the kernel is scaled and one bias added to the layer's

@@ -54,6 +54,7 @@ def exported(tmp_path_factory):
     return cfg, report, out, result
 
 
+@pytest.mark.slow
 def test_export_json_holds_counts_accuracy_and_latency(exported):
     cfg, report, out, result = exported
     assert report["sparsity"] > 0.3, "the tiny run should prune"
@@ -132,6 +133,7 @@ def test_model_jax_loads_in_a_process_with_jax_alone(exported):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_dense_only_run_is_a_one_line_error(tmp_path):
     cfg = tiny_config(tmp_path, "dense_only", dense_only=True)
     run(cfg)

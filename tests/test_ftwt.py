@@ -48,6 +48,7 @@ def _model_and_variables(seed=0):
     return model, x, {"params": params, "batch_stats": variables["batch_stats"]}
 
 
+@pytest.mark.slow
 def test_decoupled_gating_loss_reaches_only_the_heads_and_the_task_loss_not_them():
     model, x, variables = _model_and_variables()
     y = jnp.arange(6) % 3
@@ -89,6 +90,7 @@ def test_executed_flops_are_counted_per_input():
     assert 0 < np.mean([m.mean() for m in on]) < 1
 
 
+@pytest.mark.slow
 def test_calibrated_threshold_has_the_target_masks_execute_the_flops_target():
     model, _, variables = _model_and_variables()
     batches = [jax.random.normal(jax.random.key(k), (8, 8, 8, 3)) for k in (2, 3)]
@@ -188,6 +190,7 @@ def test_ftwt_errors():
         to_ftwt(models.ResNet50(num_classes=3), 0.5)
 
 
+@pytest.mark.slow
 def test_resnet_gates_every_conv_the_second_before_the_add_and_counts_per_input():
     """FTWT's ResNet: a head on the stem and on both convs of every block; the block's
     output is relu(residual + second conv's output * its mask); the multiply-adds by hand,

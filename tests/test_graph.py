@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import hflows_jax as hf
 from hflows_jax import graph as graph_lib
@@ -51,6 +52,7 @@ def _exact(model, x, masks_of):
     return compact, params, fn
 
 
+@pytest.mark.slow
 def test_causal_attention_traces_and_exports_exactly():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 4)), jnp.float32)
 

@@ -60,6 +60,7 @@ def check_against_oracle(params, task_loss, steps=3):
     return state
 
 
+@pytest.mark.slow
 def test_update_matches_autodiff_oracle_on_mlp():
     params = mlp_params(jax.random.key(0))
     x, y = classification_batch(jax.random.key(1))
@@ -67,6 +68,7 @@ def test_update_matches_autodiff_oracle_on_mlp():
     assert int(state.count) == 4
 
 
+@pytest.mark.slow
 def test_update_matches_autodiff_oracle_on_conv_net():
     model = TinyConvNet()
     x = jax.random.normal(jax.random.key(2), (8, 6, 6, 2))
@@ -144,6 +146,7 @@ def test_pressure_alone_removes_weights():
     assert float(hf.sparsity(state)) == 1.0
 
 
+@pytest.mark.slow
 def test_higher_constant_pressure_gives_higher_sparsity():
     params = mlp_params(jax.random.key(7), sizes=(6, 32, 3))
     x, y = classification_batch(jax.random.key(8), n=128)
@@ -186,6 +189,7 @@ def test_masks_set_by_hand_through_presence():
     chex.assert_trees_all_equal(effective["layer1"], params["layer1"])
 
 
+@pytest.mark.slow
 def test_non_finite_gradients_skip_the_step():
     params = mlp_params(jax.random.key(5))
     tx = hf.hyperflows(hf.pressure.trajectory(0.5, 10, 1), presence_optimizer=optax.adam(0.1))

@@ -67,6 +67,7 @@ TABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(importance.MEASURES))
 def test_every_measure_matches_its_formula_on_an_explicit_hessian(name):
     """Weight scores and filter scores (a filter: the kernel entries writing a channel,
@@ -88,6 +89,7 @@ def test_every_measure_matches_its_formula_on_an_explicit_hessian(name):
         np.testing.assert_allclose(filters[conv], want, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_filter_terms_are_first_order_changes_of_the_loss_and_the_gradient_norm():
     """Scaling filter f by (1 + h): the loss moves by h Σ_f θ·g and ½‖g‖² by h Σ_f θ·Hg
     (central finite differences), so removing it (h = -1) moves them by -Σ_f θ·g

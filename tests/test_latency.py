@@ -51,6 +51,7 @@ def test_seconds_interpolate_the_table_by_hand():
     assert float(grad["b"]) == pytest.approx(2 * 3.0 / 5)
 
 
+@pytest.mark.slow
 def test_measure_times_every_layer_on_its_groups_grid(measured, tmp_path):
     model, params, table = measured
     groups = channel_groups(model, params, SHAPE)
@@ -74,6 +75,7 @@ def test_measure_times_every_layer_on_its_groups_grid(measured, tmp_path):
     assert float(again.seconds(half)) == pytest.approx(float(table.seconds(half)))
 
 
+@pytest.mark.slow
 def test_channel_hyperflows_lands_on_a_latency_target(measured):
     """Pressure shared by marginal latency, the controller on the predicted latency, and
     the landing on it: the fraction of the predicted latency removed is the target's."""

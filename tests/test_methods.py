@@ -77,6 +77,7 @@ def test_registry_describes_every_method():
         methods.get("obd")
 
 
+@pytest.mark.slow
 def test_model_and_loss_hooks_reach_the_train_step(tempered_method):
     model = tempered_method.model(models.create("lenet300", 3, width=0.05), 0.9)
     x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
@@ -101,6 +102,7 @@ def test_model_and_loss_hooks_reach_the_train_step(tempered_method):
     chex.assert_trees_all_close(new_state.params, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_npz, tmp_path):
     dataset = subset_npz(mnist_npz, tmp_path / "small.npz", train=64, test=32)
     report = run(Config().replace(model="lenet300", width=0.05, dataset=dataset,
@@ -113,6 +115,7 @@ def test_the_run_builds_the_model_through_the_registry(tempered_method, mnist_np
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.slow
 def test_the_train_step_hands_its_running_statistics_to_a_pruner():
     """A pruner that scores in eval mode (``prune_at(..., loss_args=("batch_stats",))``)
     sees the statistics the step starts from, not the model's initial ones."""
@@ -141,6 +144,7 @@ def test_the_train_step_hands_its_running_statistics_to_a_pruner():
     chex.assert_trees_all_equal(hf.masks(new_state.opt_state), oracle(stats))
 
 
+@pytest.mark.slow
 def test_importance_prunes_in_rounds_in_the_run(mnist_npz, tmp_path):
     dataset = subset_npz(mnist_npz, tmp_path / "small.npz", train=64, test=32)
     report = run(Config().replace(model="lenet300", width=0.05, dataset=dataset,

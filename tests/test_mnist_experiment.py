@@ -16,6 +16,7 @@ from tests.helpers import subset_npz
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_default_run_lands_on_target_with_accuracy(mnist_npz, tmp_path):
     """The trajectory controller lands within 0.3 points of 98 % on real MNIST."""
     report = mnist.main([f"--dataset=npz:{mnist_npz}", f"--workdir={tmp_path}"])
@@ -31,6 +32,7 @@ def test_default_run_lands_on_target_with_accuracy(mnist_npz, tmp_path):
     assert phases.count("pruning") == 40 and phases.count("regrowth") == 10
 
 
+@pytest.mark.slow
 def test_tiny_run_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         report = mnist.main(["--dense_epochs=1", "--pruning_epochs=2", "--regrowth_epochs=1",
@@ -51,6 +53,7 @@ def test_bad_flags_raise_clear_errors(flags, error, message, tmp_path):
         mnist.main(flags + [f"--workdir={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped_and_exits_130(mnist_npz, tmp_path):
     """A real SIGINT after the first epoch: one line on stderr, no traceback. The child
     sets Python's SIGINT handler itself, in case the test runs where SIGINT is ignored

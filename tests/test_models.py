@@ -38,6 +38,7 @@ def test_parameter_counts_and_output_shapes(name):
     assert logits100.shape == (2, 100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_every_conv_and_dense_kernel_is_prunable_by_default(name):
     variables, _ = abstract_variables(name)
@@ -59,6 +60,7 @@ def test_width_multiplier_shrinks_the_model():
     assert count(half) < 0.3 * count(full)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg19", "resnet50"])
 def test_full_size_forward_pass(name):
     model = models.create(name, 10)
@@ -71,6 +73,7 @@ def test_full_size_forward_pass(name):
         variables["batch_stats"])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
     model = models.create("resnet20", 10, width=0.25, dtype=jnp.bfloat16)
     x = jnp.zeros((2,) + CIFAR)
@@ -84,6 +87,7 @@ def test_unknown_model_lists_the_known_ones():
         models.create("alexnet", 10)
 
 
+@pytest.mark.slow
 def test_reference_recipe_options_bn_scale_and_he_uniform():
     x = jnp.ones((4, 32, 32, 3))
     frozen = models.create("resnet20", 10, width=0.25, train_bn_scale=False,

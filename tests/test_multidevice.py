@@ -5,9 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import host_devices_xla_flags
 
 
+@pytest.mark.slow
 def test_multidevice_suite_on_two_host_devices():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, HFLOWS_JAX_MULTIDEVICE="1",

@@ -120,6 +120,7 @@ def one_process(tiny_npz, tmp_path_factory) -> tuple[pathlib.Path, float]:
     return workdir, time.time() - started
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_two_devices(tiny_npz, one_process, tmp_path):
     reference, one_s = one_process
     started = time.time()
@@ -134,6 +135,7 @@ def test_two_processes_train_as_one_process_with_two_devices(tiny_npz, one_proce
     assert "2 devices" in outs[0] and "in 2 process(es)" in outs[0]
 
 
+@pytest.mark.slow
 def test_two_processes_killed_mid_run_resume_to_the_same_result(tiny_npz, one_process,
                                                                 tmp_path):
     procs = start_two_processes(tiny_npz, tmp_path, free_port())

@@ -260,6 +260,7 @@ def test_is_prunable_sees_the_paths_of_layer_sparsity():
     assert hf.masks(opt.opt_state)["out"]["kernel"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "snip"])
 def test_baseline_pruners_under_nnx_optimizer(method):
     x, y = data()

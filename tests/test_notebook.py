@@ -68,6 +68,7 @@ def kernel_of_this_python(request, tmp_path, monkeypatch):
     return KERNEL, request.param
 
 
+@pytest.mark.slow
 def test_tiny_notebook_runs_and_prunes_to_target(kernel_of_this_python):
     kernel, n_devices = kernel_of_this_python
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -119,6 +119,7 @@ def chain_run(request):
     return params, state, steps
 
 
+@pytest.mark.slow
 def test_jitted_update_passes_grads_times_masks_down_the_chain(chain_run):
     for _, state, grads, updates in chain_run[2]:
         want = jax.tree.map(lambda g: -0.5 * g, gated(grads, state))

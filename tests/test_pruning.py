@@ -59,6 +59,7 @@ def test_prune_rejects_another_models_groups():
         hf.prune(params, {"Conv_0": jnp.ones(4)}, 0.5, groups=groups)
 
 
+@pytest.mark.slow
 def test_channel_pruning_of_a_users_model_exports_smaller_and_identical():
     """Channels by a gradient measure on the Flax MNIST example's CNN, kept through
     fixed_masks, then hf.export: the compact model computes what the masked one does."""
@@ -145,6 +146,7 @@ def test_prune_at_rounds_keep_the_top_of_what_is_left():
     assert float(hf.sparsity(state)) == pytest.approx(0.8, abs=1 / total)
 
 
+@pytest.mark.slow
 def test_prune_at_channels_in_rounds_by_a_gradient_measure():
     _, params, loss_fn, batches, groups = problem()
     tx = optax.chain(hf.prune_at("loss_preservation", 0.5, steps=(2, 4), loss_fn=loss_fn,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import hflows_jax as hf
 from hflows_jax import models
@@ -42,6 +43,7 @@ def test_batch_statistics_are_the_batch_mean_and_variance():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_mask_jump_reads_chance_on_running_statistics_and_recovers_on_fresh_ones():
     model = models.VGG(layers=(16, "M", 32), num_classes=4)
     x, y = _data(512, 0)

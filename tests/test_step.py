@@ -23,6 +23,7 @@ def setup(tx):
     return model, state, x, y
 
 
+@pytest.mark.slow
 def test_train_step_differentiates_the_loss_at_the_masked_weights():
     tx = optax.chain(hf.baselines.random(0.7, "uniform"), optax.sgd(0.1))
     model, state, x, y = setup(tx)

@@ -43,6 +43,7 @@ def _random_kept(groups, seed, p=0.6):
     return kept
 
 
+@pytest.mark.slow
 def test_channel_flows_are_the_derivative_of_the_loss_by_a_channel_scale():
     """The flow of channel c is ste_scale * dL/ds_c, where s_c scales c at the input of
     every layer that reads it, with s at the masks: for kept channels and for pruned
@@ -108,6 +109,7 @@ def test_macs_of_kept_channels_equal_the_exported_compact_model(name, shape, kwa
     assert float(groups.macs(dead)) == compact.macs < float(groups.macs(kept))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, width", [("vgg19", 0.125), ("resnet20", 0.5)])
 def test_channel_multiple_pads_with_zero_channels_and_changes_no_output(name, width):
     """``hf.export(..., channel_multiple=8)``: every group's compact count rounded up to a
@@ -157,6 +159,7 @@ def test_a_resnet_stream_is_one_group_with_every_layer_that_reads_it():
     assert compact.macs == float(groups.macs(one_off))
 
 
+@pytest.mark.slow
 def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
     shape = (28, 28, 1)
     model, params, _ = _init("lenet5", shape)
@@ -197,6 +200,7 @@ def test_channel_hyperflows_lands_on_a_flops_target_and_exports_smaller():
     np.testing.assert_allclose(compact(x[:16]), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_layer_keeps_its_floor_of_channels():
     """Under a pressure that drives every score below zero, each layer keeps exactly its
     ``min_channels`` highest scores (all of a layer with fewer)."""
@@ -272,6 +276,7 @@ def _channel_pruner(name):
         apply(p), y).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hyperflows_channel", "dhp"])
 def test_channel_pruners_keep_the_pruner_contract_where_it_applies(name):
     """State, helpers, jit, abstract init and MultiSteps, as tests/test_pruner_contract.py
@@ -317,6 +322,7 @@ def test_channel_pruners_keep_the_pruner_contract_where_it_applies(name):
     chex.assert_trees_all_equal(hf.masks(m_state), hf.masks(want_state))
 
 
+@pytest.mark.slow
 def test_channel_hyperflows_on_a_mobilenet_v2_block():
     """Channel groups traced from a user's function (the Linen MNIST CNN: README's "Your own
     model", tests/test_compact.py): channel Hyperflows prunes them, and the exported model's
@@ -403,6 +409,7 @@ def test_pressure_by_macs_pushes_each_channel_by_what_it_costs():
         channel_hyperflows(groups, hf.pressure.constant(0.0), pressure_by="flops")
 
 
+@pytest.mark.slow
 def test_dhp_and_ftwt_train_on_a_resnet(cifar_npz, tmp_path):
     """The loop's glue on a basic-block ResNet: DHP searches its hypernetwork ResNet, then
     fine-tunes the plain pruned one; FTWT takes over a plain ResNet's weights, keeping
@@ -505,6 +512,7 @@ def test_flops_fraction_of_a_model_past_two_billion_multiply_adds():
     assert float(big.flops_fraction(kept)) == pytest.approx(float(groups.flops_fraction(kept)))
 
 
+@pytest.mark.slow
 def test_the_channel_budget_lands_where_the_schedule_ends_and_stays():
     """A pressure far too strong for its controller sends every channel past a 50 %
     target; the landing shifts the scores onto the cut nearest the target (a brute-force

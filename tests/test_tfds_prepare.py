@@ -136,6 +136,7 @@ def assert_loaded(loaded: dict, generated, run: int) -> None:
     assert int(loaded[f"num_classes_{run}"]) == 10
 
 
+@pytest.mark.slow
 def test_first_use_prepares_then_reads_prepared_data(prepared):
     _, data_dir, generated, stdout, loaded = prepared
     assert "error" not in loaded, loaded.get("error")

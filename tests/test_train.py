@@ -40,6 +40,7 @@ def check_outputs(workdir, report, epochs):
     assert (workdir / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_one_step_run_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
         report = run(config(dataset="cifar10", dense_epochs=0, pruning_epochs=1,
@@ -48,6 +49,7 @@ def test_one_step_run_on_mock_tfds(tmp_path):
     assert report["history"][0]["phase"] == "pruning"
 
 
+@pytest.mark.slow
 def test_two_epoch_run_on_npz_arrays(small_cifar, tmp_path):
     report = run(config(dataset=small_cifar, dense_epochs=1, pruning_epochs=1,
                         regrowth_epochs=0, workdir=str(tmp_path), **TINY))
@@ -62,6 +64,7 @@ def test_two_epoch_run_on_npz_arrays(small_cifar, tmp_path):
     assert report["test_accuracy_running_stats"] == pruning["test_accuracy_running_stats"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude", "snip", "grasp", "random", "rigl"])
 def test_baseline_methods_run_end_to_end_on_target(method, small_cifar, tmp_path):
     report = run(config(model="lenet5", dataset=small_cifar, method=method, batch_size=16,
@@ -73,6 +76,7 @@ def test_baseline_methods_run_end_to_end_on_target(method, small_cifar, tmp_path
                                                        "regrowth"]
 
 
+@pytest.mark.slow
 def test_dense_only_baseline_run(small_cifar, tmp_path):
     report = run(config(dataset=small_cifar, dense_only=True, dense_epochs=1,
                         workdir=str(tmp_path), **TINY))
@@ -90,6 +94,7 @@ def final_state(workdir):
     return ocp.StandardCheckpointer().restore(path)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monkeypatch):
     cfg = dict(dataset=small_cifar, dense_epochs=1, pruning_epochs=2, regrowth_epochs=1,
                target_sparsity=0.5, presence_lr=0.1, **TINY)
@@ -121,6 +126,7 @@ def test_interrupted_run_resumes_to_the_same_result(small_cifar, tmp_path, monke
         run(config(workdir=str(tmp_path / "resumed"), **{**cfg, "target_sparsity": 0.9}))
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_so_and_leaves_its_outputs(small_cifar, tmp_path,
                                                                  capsys):
     cfg = config(model="lenet5", dataset=small_cifar, batch_size=16, dense_epochs=0,
@@ -140,6 +146,7 @@ def test_rerunning_a_finished_run_says_so_and_leaves_its_outputs(small_cifar, tm
         assert (tmp_path / name).read_bytes() == data, name
 
 
+@pytest.mark.slow
 def test_steps_with_non_finite_gradients_are_reported(small_cifar, tmp_path, capsys):
     """A learning rate of 1e30 turns the weights non-finite in the dense epoch; every
     Hyperflows step after it sees non-finite gradients and is skipped, and says so."""
@@ -155,6 +162,7 @@ def test_steps_with_non_finite_gradients_are_reported(small_cifar, tmp_path, cap
     assert on_disk["skipped_steps"] == report["skipped_steps"]
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_prune_says_so_at_start_and_in_its_report(small_cifar, tmp_path,
                                                                       capsys):
     report = run(config(model="lenet5", dataset=small_cifar, batch_size=16, dense_epochs=0,

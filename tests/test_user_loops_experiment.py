@@ -15,6 +15,7 @@ def test_at_most_15_changed_lines(plain, pruned):
     assert 0 < run.changed_lines(plain, pruned) <= 15
 
 
+@pytest.mark.slow
 def test_nnx_tutorial_with_hyperflows_trains_and_warns_for_a_short_schedule(mnist_npz,
                                                                             tmp_path):
     npz = subset_npz(mnist_npz, tmp_path / "mnist.npz", train=256, test=64).split(":", 1)[1]
