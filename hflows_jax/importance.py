@@ -153,3 +153,67 @@ def class_balanced(images: np.ndarray, labels: np.ndarray, per_class: int,
         picked.append(rng.choice(where, per_class, replace=False))
     order = np.concatenate(picked)
     return np.asarray(images)[order], labels[order]
+
+
+def input_norms(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,
+                inputs: Sequence[Any]) -> PyTree:
+    """Per kernel of a traced conv or dense layer, the L2 norm of each of its input
+    features over every example and position of ``inputs`` (Wanda's ``‖X_j‖``), shaped to
+    broadcast against the kernel (size 1 off its input axes); None on other leaves.
+
+    ``fn(params, x)`` is the model in eval mode; ``inputs`` its input batches (or
+    ``(x, y)`` batches: their first entry). A kernel read by several layers sums them."""
+    from hflows_jax import graph as graph_lib  # the traced program: which input each reads
+
+    params = masking.unwrap_nnx(params)
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in inputs]
+    if not batches:
+        raise ValueError("input_norms needs at least one input batch.")
+    graph = graph_lib.trace(fn, params, jnp.asarray(batches[0]), strict=False)
+    readers = {c.eqn: c for c in graph.contractions if c.param is not None}
+
+    @jax.jit
+    def squares(params, x):
+        env = dict(zip(graph.param_ids, jax.tree.leaves(params)))
+        env.update(zip(graph.const_ids, graph.consts))
+        env[graph.x_id] = x
+        sums = {}
+        for i, eqn in enumerate(graph.eqns):
+            args = [env[a] if isinstance(a, int) else a.val for a in eqn.ins]
+            outs = eqn.prim.bind(*args, **eqn.params)
+            for o, v in zip(eqn.outs, outs if eqn.prim.multiple_results else [outs]):
+                env[o] = v
+            c = readers.get(i)
+            if c is None:
+                continue
+            data = jnp.square(args[c.data].astype(jnp.float32))
+            sq = jnp.sum(data, axis=tuple(d for d in range(data.ndim)
+                                          if d not in c.data_axes))
+            # sq's axes: the data axes in increasing order; the kernel reads them as
+            # read_axes, pairwise; broadcast to the kernel in its own axis order
+            by_read = sorted(zip(c.read_axes, c.data_axes))
+            sq = jnp.transpose(sq, [sorted(c.data_axes).index(d) for _, d in by_read])
+            shape = [1] * len(graph.shapes[c.param])
+            for (r, _), n in zip(by_read, sq.shape):
+                shape[r] = n
+            sums[c.param] = sums.get(c.param, 0.0) + sq.reshape(shape)
+        return sums
+
+    total = None
+    for x in batches:
+        sums = squares(params, jnp.asarray(x))
+        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+    norms = [jnp.sqrt(total[v]) if v in total else None for v in graph.param_ids]
+    return jax.tree.unflatten(jax.tree.structure(params), norms)
+
+
+def wanda_scores(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,
+                 inputs: Sequence[Any]) -> PyTree:
+    """Wanda (Sun et al., 2023): ``|W| * ‖X_j‖``, each weight's magnitude times the norm
+    of the input feature it reads (``input_norms``), compared per output unit
+    (``distribution="per_output"``) as the paper does. A kernel no traced layer reads
+    (an embedding table) scores by magnitude alone."""
+    params = masking.unwrap_nnx(params)
+    norms = input_norms(fn, params, inputs)
+    return jax.tree.map(lambda w, n: jnp.abs(w.astype(jnp.float32)) * (1.0 if n is None else n),
+                        params, norms, is_leaf=lambda x: x is None)

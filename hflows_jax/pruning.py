@@ -78,18 +78,22 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
           distribution: str = "global", groups: ChannelGroups | None = None,
           loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
           min_channels: int = 1, min_fraction: float = 0.0,
-          is_prunable: masking.IsPrunable | None = None) -> PyTree:
+          is_prunable: masking.IsPrunable | None = None, fn=None) -> PyTree:
     """Masks that keep the highest ``scores`` of ``params``.
 
     Args:
       params: the model's params (linen dict or ``nnx.State``), trained or fresh.
       scores: a tree shaped like ``params`` (weights), a dict of one vector per group
         (channels, ``importance.filter_scores``), or a measure's name
-        (``importance.MEASURES``), computed here from ``loss_fn`` and ``batches``.
+        (``importance.MEASURES``), computed here from ``loss_fn`` and ``batches``; or
+        ``"wanda"``: ``|W|`` times its input feature's norm over ``batches`` of inputs
+        through ``fn`` (``importance.wanda_scores``; weights only), with
+        ``distribution="per_output"`` as Wanda compares.
       sparsity: the fraction removed: of the prunable weights, or with ``groups`` of the
         channels. With an N:M ``distribution``, None (it is ``1 - N/M``).
       distribution: ``"global"`` (one ranking), ``"uniform"`` (every layer alike),
-        ``"erk"`` (weights only), or ``"N:M"`` such as ``"2:4"`` (weights only: N kept in
+        ``"erk"`` (weights only), ``"per_output"`` (every output unit of every layer
+        alike, weights only), or ``"N:M"`` such as ``"2:4"`` (weights only: N kept in
         every M consecutive input entries; layers whose input axis M does not divide stay
         dense, with a warning).
       groups: prune whole channels of these groups (``hf.structured.channel_groups``);
@@ -103,6 +107,7 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         seed code's floor is ``min_fraction=0.05``): a global ranking of unnormalized
         scores would otherwise empty whole layers.
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
+      fn: ``fn(params, x)``, the model in eval mode, for ``"wanda"``.
     """
     params = masking.unwrap_nnx(params)
     n_m = parse_n_m(distribution)
@@ -116,7 +121,12 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         distributions.check_sparsity(sparsity)
     if groups is not None:
         groups.check(params)
-    if isinstance(scores, str):
+    if scores == "wanda":
+        if groups is not None or fn is None or not batches:
+            raise ValueError("'wanda' scores weights from their inputs: pass fn(params, x) "
+                             "and batches of inputs, and no groups.")
+        scores = importance.wanda_scores(fn, params, batches)
+    elif isinstance(scores, str):
         scores = (importance.weight_scores(scores, params, loss_fn, batches) if groups is None
                   else importance.filter_scores(scores, params, groups, loss_fn, batches))
     if groups is not None:

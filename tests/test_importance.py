@@ -136,3 +136,35 @@ def test_class_balanced_draws_per_class_or_says_why_not():
     assert sorted(np.bincount(y)) == [3, 3, 3] and np.all(labels[x] == y)
     with pytest.raises(ValueError, match="class 1 has 3 examples"):
         importance.class_balanced(images, labels, 4)
+
+
+def test_wanda_is_magnitude_times_the_input_norm_compared_per_output():
+    """Wanda's scores by hand (numpy: each layer's inputs over every example and token),
+    and its masks: every output unit keeps its own top half; 2:4 on the same scores."""
+    rng = np.random.default_rng(0)
+    params = {"up": {"kernel": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)},
+              "down": {"kernel": jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)}}
+
+    def fn(p, x):  # tokens: (batch, positions, features)
+        return jax.nn.relu(x @ p["up"]["kernel"]) @ p["down"]["kernel"]
+
+    inputs = [jnp.asarray(rng.normal(size=(3, 5, 8)) * rng.uniform(0.1, 3, 8), jnp.float32)
+              for _ in range(2)]
+    x = np.concatenate([np.asarray(b).reshape(-1, 8) for b in inputs])
+    hidden = np.maximum(x @ np.asarray(params["up"]["kernel"]), 0)
+    want = {"up": np.abs(params["up"]["kernel"]) * np.linalg.norm(x, axis=0)[:, None],
+            "down": np.abs(params["down"]["kernel"]) * np.linalg.norm(hidden, axis=0)[:, None]}
+    scores = hf.importance.wanda_scores(fn, params, [(b, None) for b in inputs])
+    for name in want:
+        np.testing.assert_allclose(scores[name]["kernel"], want[name], rtol=1e-5)
+    masks = hf.prune(params, "wanda", 0.5, fn=fn, batches=inputs, distribution="per_output")
+    for name, s in want.items():
+        top = np.argsort(-s, axis=0)[: s.shape[0] // 2]
+        expected = np.zeros(s.shape, bool)
+        np.put_along_axis(expected, top, True, axis=0)
+        np.testing.assert_array_equal(masks[name]["kernel"], expected)
+    nm = hf.prune(params, "wanda", fn=fn, batches=inputs, distribution="2:4")
+    blocks = np.asarray(nm["up"]["kernel"]).reshape(2, 4, 12)
+    assert (blocks.sum(axis=1) == 2).all()
+    with pytest.raises(ValueError, match="pass fn"):
+        hf.prune(params, "wanda", 0.5, batches=inputs)

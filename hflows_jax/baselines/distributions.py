@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from hflows_jax import masking, n_m
 
 # "N:M" stands for every pattern such as "2:4" (hflows_jax.n_m).
-DISTRIBUTIONS = ("global", "uniform", "erk", "N:M")
+DISTRIBUTIONS = ("global", "uniform", "erk", "per_output", "N:M")
 
 
 def check_sparsity(sparsity: float | jax.Array) -> float | jax.Array:
@@ -77,6 +77,15 @@ def keep_top(scores: jax.Array, keep: jax.Array | int) -> jax.Array:
     return (ranks < keep).reshape(scores.shape)
 
 
+def keep_top_per_output(scores: jax.Array, density) -> jax.Array:
+    """In each output unit (the kernel's last axis), the ``density`` of its inputs with
+    the highest scores (rounded; ties by position)."""
+    cols = scores.reshape(-1, scores.shape[-1])
+    keep = jnp.round(density * cols.shape[0]).astype(jnp.int32)
+    ranks = jnp.argsort(jnp.argsort(-cols, axis=0, stable=True), axis=0)
+    return (ranks < keep).reshape(scores.shape)
+
+
 def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str) -> Any:
     """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves. An N:M
     ``distribution`` keeps N of every M along each kernel's input axis, whatever
@@ -85,6 +94,8 @@ def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: st
     if pattern:
         return n_m.tree_masks(scores, *pattern)
     leaves = masking.prunable_leaves(scores)
+    if distribution == "per_output":  # Wanda's comparison group: each output unit alike
+        return masking.map_prunable(lambda s: keep_top_per_output(s, 1.0 - sparsity), scores)
     if distribution == "global":
         flat = jnp.concatenate([s.ravel().astype(jnp.float32) for s in leaves])
         keep = jnp.round((1.0 - sparsity) * flat.size).astype(jnp.int32)
