@@ -24,7 +24,7 @@ at every pruning step.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,8 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
           distribution: str = "global", groups: ChannelGroups | None = None,
           loss_fn: importance.LossFn | None = None, batches: Sequence[Any] | None = None,
           min_channels: int = 1, min_fraction: float = 0.0,
-          is_prunable: masking.IsPrunable | None = None, fn=None) -> PyTree:
+          is_prunable: masking.IsPrunable | None = None,
+          fn: Callable[[PyTree, Any], Any] | None = None) -> PyTree:
     """Masks that keep the highest ``scores`` of ``params``.
 
     Args:
