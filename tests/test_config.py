@@ -115,6 +115,7 @@ def test_help_gives_every_flag_a_line_and_its_default(monkeypatch):
     assert helps["--dataset"][1] == "mnist" and helps["--augment"][1] == "false"
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.cifar", "--model=alexnet",
                              f"--workdir={tmp_path}"], capture_output=True, text=True)

@@ -112,6 +112,7 @@ def test_serialized_models_match_the_in_process_ones(exported):
         images[:3]).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_model_jax_loads_in_a_process_with_jax_alone(exported):
     """The served file needs no hflows_jax: a fresh process with the imports export.json
     names (jax, and jax.experimental.sparse for BCSR layers) runs it."""

@@ -111,6 +111,7 @@ def test_channel_hyperflows_lands_on_a_latency_target(measured):
     assert abs(removed - target) < 0.05, removed
 
 
+@pytest.mark.slow
 def test_a_latency_budget_needs_its_table_from_the_same_model(measured):
     model, params, table = measured
     groups = channel_groups(model, params, SHAPE)

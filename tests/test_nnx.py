@@ -306,6 +306,7 @@ def test_mismatched_trees_still_fail_clearly(trained):
         hf.sparsity(plain.opt_state)
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_load_flax_nnx():
     code = "import sys, hflows_jax; print('flax.nnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -151,6 +151,7 @@ def test_first_use_prepares_then_reads_prepared_data(prepared):
         assert_loaded(loaded, generated, run)
 
 
+@pytest.mark.slow
 def test_prepared_data_is_read_without_tensorflow(prepared):
     tmp_path, data_dir, generated, _, _ = prepared
     _, loaded = run_child(tmp_path, data_dir, uninstalled="tensorflow")
@@ -159,6 +160,7 @@ def test_prepared_data_is_read_without_tensorflow(prepared):
     assert_loaded(loaded, generated, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["tensorflow", "importlib_resources"])
 def test_without_tensorflow_the_error_names_the_prepare_extra(tmp_path, module):
     _, loaded = run_child(tmp_path, tmp_path / "tfds", uninstalled=module)
