@@ -5,12 +5,14 @@ import json
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import (compare, conv_speed, gradient_flow, graph_speed, oneshot, overhead,
-                         pressure_law, scaffold, structured)
-from hflows_jax import recipe
+from experiments import (bench, compare, conv_speed, gradient_flow, graph_speed, oneshot,
+                         overhead, pressure_law, scaffold, structured)
+import hflows_jax as hf
+from hflows_jax import models, recipe
 from hflows_jax.training import presets
 from tests.helpers import subset_npz
 
@@ -375,3 +377,23 @@ def test_channel_landing_records_warnings_and_where_each_run_landed(small_mnist,
     assert any("cannot pull back" in w for w in trajectory["warnings"])
     assert not any("cannot pull back" in w for w in pi["warnings"])
     assert all(0 <= r["removed"] < 1 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_bench_times_the_dense_and_the_hyperflows_step(tmp_path):
+    result = bench.main(["--tiny", "--peak_tflops=2", f"--out={tmp_path}"])
+    (row,) = result["rows"]
+    assert (row["model"], row["width"], row["batch"], row["dtype"]) == ("vgg19", 0.0625, 8,
+                                                                       "float32")
+    macs, _ = hf.flops.forward_macs(models.create("vgg19", 10, width=0.0625),
+                                    models.create("vgg19", 10, width=0.0625).init(
+                                        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"],
+                                    (32, 32, 3))
+    assert row["forward_macs"] == macs
+    for key in ("dense", "hyperflows"):
+        r = row[key]
+        assert r["images_per_s"] == pytest.approx(8 / r["step_s"])
+        assert r["tflops"] == pytest.approx(6 * macs * 8 / r["step_s"] / 1e12)
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / 2)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]
+    assert "hyperflows / dense" in (tmp_path / "bench.md").read_text()
