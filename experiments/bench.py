@@ -94,14 +94,7 @@ def measure(name: str, width: float, batch: int, dtype: str, steps: int, warmup:
         jax.block_until_ready(state)
         compile_s[key] = time.perf_counter() - started
         runs[key] = [state, step]
-    times = {k: [] for k in runs}
-    for i in range(warmup + steps):
-        for key, r in runs.items():  # interleaved: both see the same machine state
-            started = time.perf_counter()
-            r[0], _ = r[1](r[0], x, y)
-            jax.block_until_ready(r[0])
-            if i >= warmup:
-                times[key].append(time.perf_counter() - started)
+    times = scaffold.step_times(runs, (x, y), steps, warmup)
     row = {"model": name, "width": width, "batch": batch, "dtype": dtype,
            "forward_macs": int(macs), "timed_steps": steps}
     for key in runs:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -63,14 +62,7 @@ def measure(name: str, steps: int, warmup: int) -> dict:
     for key, tx, masked in (("dense", sgd, False), ("hyperflows", hf_tx, True)):
         state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
         runs[key] = [state, jax.jit(make_train_step(model, tx, masked, axis_name=None))]
-    times = {k: [] for k in runs}
-    for i in range(warmup + steps):
-        for key, r in runs.items():  # interleaved: both see the same machine state
-            started = time.perf_counter()
-            r[0], _ = r[1](r[0], x, y)
-            jax.block_until_ready(r[0])
-            if i >= warmup:
-                times[key].append(time.perf_counter() - started)
+    times = scaffold.step_times(runs, (x, y), steps, warmup)
     num_params = sum(p.size for p in jax.tree.leaves(params))
     dense_s, hf_s = statistics.median(times["dense"]), statistics.median(times["hyperflows"])
     return {"model": name, "batch_size": batch, "timed_steps": steps,

@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from typing import Any, Callable
+
+import jax
 
 from hflows_jax.training import Config, cli, outputs
 
@@ -51,6 +54,21 @@ def write_results(out: str, name: str, result: dict, markdown: str,
     fig.tight_layout()
     outputs.write_figure(os.path.join(out, f"{name}.png"), fig)
     print(markdown)
+
+
+def step_times(runs: dict, batch: tuple, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per train step of each run (name -> ``[state, step]``, the state updated in
+    place), their steps interleaved so that all see the same machine state, one wait per
+    step, after ``warmup`` untimed rounds."""
+    times = {k: [] for k in runs}
+    for i in range(warmup + steps):
+        for key, r in runs.items():
+            started = time.perf_counter()
+            r[0], _ = r[1](r[0], *batch)
+            jax.block_until_ready(r[0])
+            if i >= warmup:
+                times[key].append(time.perf_counter() - started)
+    return times
 
 
 def command_line(main: Callable[[], Any]) -> None:
