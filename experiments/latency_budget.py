@@ -108,8 +108,8 @@ def timed(cfg: Config, table: hf.structured.LatencyTable, repeats: int) -> dict:
         ms = hf.compact.median_ms({"dense": lambda: dense(x), "pruned": lambda: pruned(x)},
                                   repeats, warmup=3)
         speedups[b] = ms["dense"] / ms["pruned"]
-    live = groups.live(hf.channel_masks(state.opt_state))
-    predicted = 1.0 / float(table.fraction({g: jnp.sum(k) for g, k in live.items()}))
+    counts = groups.live_counts(hf.channel_masks(state.opt_state))
+    predicted = 1.0 / float(table.fraction(counts))
     return {"flops_fraction": pruned.macs / pruned.dense_macs, "predicted": predicted,
             "speedup": speedups}
 

@@ -724,7 +724,8 @@ def _gather(graph: Graph, eqn: Eqn) -> None:
     for d, o in zip(range(len(li) - 1), batch_out):
         sp.unify(li[d], lo[o])
     per_example = dict(zip(dn.operand_batching_dims, dn.start_indices_batching_dims))
-    for d, o in enumerate(gathered_axes(eqn, graph.shapes[operand])):
+    carried = gathered_axes(eqn, graph.shapes[operand])
+    for d, o in enumerate(carried):
         if o is not None:
             sp.unify(lop[d], lo[o])
         elif d in per_example:  # take_along_axis: example i picks from its own row
@@ -737,7 +738,7 @@ def _gather(graph: Graph, eqn: Eqn) -> None:
     for d in set(range(len(lo))) - set(dn.offset_dims) - set(batch_out):
         sp.freeze(lo[d], f"gather at {eqn.where} writes it")
     for o in dn.offset_dims:  # sliced, not carried: the output's own
-        if o not in gathered_axes(eqn, graph.shapes[operand]):
+        if o not in carried:
             sp.freeze(lo[o], f"gather at {eqn.where} slices it")
 
 

@@ -229,8 +229,7 @@ def channel_hyperflows(
     presence_optimizer = presence_optimizer or optax.adam(1e-3)
     kept_fraction = {
         "flops": groups.flops_fraction, "channels": groups.channels_fraction,
-        "latency": lambda kept: latency.fraction(
-            {g: jnp.sum(k) for g, k in groups.live(kept).items()}),
+        "latency": lambda kept: latency.fraction(groups.live_counts(kept)),
     }[target]
     goal = pressure.target_sparsity
     if land and goal is not None:

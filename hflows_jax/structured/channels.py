@@ -123,10 +123,15 @@ class ChannelGroups:
                                      start=jnp.ones((), jnp.float32))
                     for unit, read, written in self.layers), jnp.zeros((), jnp.float32))
 
+    def live_counts(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per group, how many of its ``kept`` channels the compact model computes
+        (``live``): what its multiply-adds and its latency are counted on."""
+        return {g: jnp.sum(v) for g, v in self.live(kept).items()}
+
     def macs(self, kept: dict[str, jax.Array]) -> jax.Array:
         """Multiply-adds per example with only the ``kept`` channels (bool per group),
-        counting the live ones (``live``)."""
-        return self.macs_of_counts({g: jnp.sum(v) for g, v in self.live(kept).items()})
+        counting the live ones (``live_counts``)."""
+        return self.macs_of_counts(self.live_counts(kept))
 
     def marginal_macs(self, kept: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per group, the multiply-adds one more kept channel of it would add (every layer

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 from typing import Any, Callable
 
 import jax
@@ -113,16 +111,6 @@ def machine() -> str:
     return f"{device.platform} {device.device_kind}, {platform.processor() or platform.machine()}"
 
 
-def _time(fn: Callable, args: list, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(fn: Any, params: PyTree, example: Any, batch: int = 1,
             grid: tuple[float, ...] = GRID, repeats: int = 20,
             calibrate: tuple[float, ...] = CALIBRATE,
@@ -141,6 +129,9 @@ def measure(fn: Any, params: PyTree, example: Any, batch: int = 1,
     (``tqdm``).
     """
     from hflows_jax import compact  # the exported model is what a budget is spent on
+
+    def seconds(call: Callable) -> float:  # median of warm calls (compile, then time)
+        return compact.median_ms({"call": call}, repeats, warmup=1)["call"] / 1000
 
     params = unwrap_nnx(params)
     fn, example = graph_lib.function_of(fn, example)
@@ -173,8 +164,8 @@ def measure(fn: Any, params: PyTree, example: Any, batch: int = 1,
             params_at = dict(eqn.params)
             if c.depthwise:  # one group per channel
                 params_at["feature_group_count"] = args[c.data].shape[c.data_axes[0]]
-            table[index] = _time(jax.jit(functools.partial(eqn.prim.bind, **params_at)),
-                                 args, repeats)
+            op = jax.jit(functools.partial(eqn.prim.bind, **params_at))
+            table[index] = seconds(lambda: op(*args))
         for axis in range(table.ndim):  # non-decreasing, past the zero row
             inner = (slice(None),) * axis + (slice(1, None),)
             table[inner] = np.maximum.accumulate(table[inner], axis=axis)
@@ -189,7 +180,7 @@ def measure(fn: Any, params: PyTree, example: Any, batch: int = 1,
         kept = {g: jnp.arange(n) < counts[g] for g, n in sizes.items()}
         served = compact.export(fn, params, channels.expand(kept, params), example,
                                 bcsr=False)
-        whole.append(_time(served, [x], repeats))
+        whole.append(seconds(lambda: served(x)))
         summed.append(float(raw.seconds(counts)))
     scale, rest = np.polyfit(summed, whole, 1) if len(calibrate) > 1 else (1.0, 0.0)
     if not scale > 0:  # too few or too noisy points: the layers as measured

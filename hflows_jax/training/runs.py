@@ -135,22 +135,20 @@ def latency_table(cfg: Config, model: nn.Module, params: PyTree, shape: tuple):
     """The run's table of measured latency (``--target=latency``): ``--latency_table``, or
     its workdir's, or measured here now and saved there, so that a resumed run steers by
     the table it started with."""
-    path = latency_table_path(cfg)
+    path, batch = latency_table_path(cfg), cfg.method.latency_batch or 1
 
     def measured():
         if not os.path.exists(path):
-            print(f"measuring the latency of {cfg.model.name}'s layers at batch "
-                  f"{cfg.method.latency_batch or 1} (hf.structured.latency.measure)",
-                  flush=True)
-            table = hf.structured.latency.measure(model, params, shape,
-                                                  batch=cfg.method.latency_batch or 1)
+            print(f"measuring the latency of {cfg.model.name}'s layers at batch {batch} "
+                  "(hf.structured.latency.measure)", flush=True)
+            table = hf.structured.latency.measure(model, params, shape, batch=batch)
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             table.save(path)
     parallel.primary_first(measured)
     table = hf.structured.LatencyTable.load(path)
-    if table.batch != (cfg.method.latency_batch or 1):
+    if table.batch != batch:
         raise ValueError(f"{path} was measured at batch {table.batch}, not at "
-                         f"--latency_batch={cfg.method.latency_batch or 1}.")
+                         f"--latency_batch={batch}.")
     return table
 
 

@@ -295,8 +295,7 @@ def missed_target_message(cfg: Config, removed: float, what: str) -> str:
 def latency_removed(cfg: Config, groups, opt_state) -> float:
     """The fraction of the exported model's latency the run's table predicts removed."""
     table = hf.structured.LatencyTable.load(latency_table_path(cfg))
-    live = groups.live(hf.channel_masks(opt_state))
-    return 1.0 - float(table.fraction({g: jnp.sum(k) for g, k in live.items()}))
+    return 1.0 - float(table.fraction(groups.live_counts(hf.channel_masks(opt_state))))
 
 
 def final_network(setup: Setup, phase: Phase, state: TrainState) -> tuple:
