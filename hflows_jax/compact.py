@@ -700,6 +700,9 @@ def _program(graph, keep, zeros, deltas, static, bcsr, prefix="") -> tuple[dict,
     to ``keep`` (``zeros``: kept channels set to 0), with ``deltas`` added to the readers
     of removed constant channels; array names start with ``prefix``."""
     names = {v: prefix + p for v, p in zip(graph.param_ids, graph.param_paths)}
+    names.update({graph.eqns[c.eqn].ins[c.kernel]:  # a scanned stack's kernel i: "path[i]"
+                  f"{names[c.param]}[{c.layer}]" for c in graph.contractions
+                  if c.layer is not None})
     arrays, program = {}, []
     readers = {r.eqn: r for r in graph.contractions}
     on_cpu = jax.default_backend() == "cpu"
@@ -992,13 +995,11 @@ class Layer:
 
 def _layer_counts(graph, keep, program, arrays, static, sparse) -> tuple:
     by_eqn = {id(step.eqn): step for step in program if isinstance(step, _Step)}
-    names = dict(zip(graph.param_ids, graph.param_paths))
     shape_of = functools.partial(_static_shape, graph, keep)
     layers = []
     for c in graph.contractions:
         eqn = graph.eqns[c.eqn]
-        name = (names[c.param].rsplit("/", 1)[0] if c.param is not None
-                else f"{eqn.name} at {eqn.where}")
+        name = graph.layer_name(c)
         dense = graph_lib.contraction_macs(graph, c, graph.per_example_shape)
         masked = graph_lib.masked_macs(graph, c, np.count_nonzero(static[eqn.ins[c.kernel]]))
         step = by_eqn.get(id(eqn))

@@ -25,12 +25,14 @@ def forward_macs(fn: Callable, params: Any, example: Any, masks: Any = None
     if masks is not None:
         for path, m in jax.tree.leaves_with_path(unwrap_nnx(masks), is_leaf=lambda x: x is None):
             if m is not None:
-                present[keystr(path, simple=True, separator="/")] = int(np.sum(m))
+                present[keystr(path, simple=True, separator="/")] = np.asarray(m)
     paths = dict(zip(graph.param_ids, graph.param_paths))
     dense = masked = 0
     for c in graph.contractions:
         macs = graph_lib.contraction_macs(graph, c, graph.per_example_shape)
         dense += macs
-        path = paths.get(c.param)
-        masked += graph_lib.masked_macs(graph, c, present[path]) if path in present else macs
+        mask = present.get(paths.get(c.param))
+        if mask is not None and c.layer is not None:
+            mask = mask[c.layer]
+        masked += macs if mask is None else graph_lib.masked_macs(graph, c, int(np.sum(mask)))
     return dense, masked

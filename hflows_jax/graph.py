@@ -107,8 +107,6 @@ def _where(source_info, outer: str = UNKNOWN_PLACE) -> str:
 
 # What to do about an op the graph cannot take, by the construct it comes from.
 ADVICE = {
-    "scan": "A loop over layers (nn.scan, lax.scan) is traced once for all its steps; "
-            "stack the blocks with a Python loop over modules instead.",
     "while": "A loop (lax.fori_loop, while_loop) is traced once for all its steps; write "
              "its steps out in Python, or compute it outside fn.",
     "cond": "A branch on a value (lax.cond, lax.switch) picks its layers at run time; "
@@ -209,7 +207,9 @@ class Contraction:
     ``out_axes`` of the kernel index the output channels (none for depthwise);
     ``taps`` are the kernel axes each output entry sums over (in-feature and spatial);
     ``positions`` are the output axes that index the data's positions. ``param`` is the
-    params leaf the kernel is (through dtype casts), or None.
+    params leaf the kernel is (through dtype casts), or None; ``layer``: the kernel is
+    that leaf's slice ``layer`` along its first axis (a scanned block's kernel), whose
+    axes are then the leaf's axes less one (``param_axis``).
     """
 
     eqn: int
@@ -222,6 +222,11 @@ class Contraction:
     positions: tuple
     depthwise: bool
     param: int | None
+    layer: int | None = None
+
+    def param_axis(self, axis: int) -> int:
+        """The params leaf's axis that is ``axis`` of the kernel."""
+        return axis if self.layer is None else axis + 1
 
 
 def _contraction(graph, i: int, eqn: Eqn, data: int, origin: dict) -> Contraction:
@@ -234,7 +239,7 @@ def _contraction(graph, i: int, eqn: Eqn, data: int, origin: dict) -> Contractio
             i, data, kernel, (dn.lhs_spec[1],),
             (dn.rhs_spec[0],) if depthwise else (dn.rhs_spec[1],),
             () if depthwise else (dn.rhs_spec[0],), tuple(dn.rhs_spec[1:]),
-            tuple(dn.out_spec[2:]), depthwise, origin.get(k))
+            tuple(dn.out_spec[2:]), depthwise, *origin.get(k, (None, None)))
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     dc, kc, kb = (lc, rc, rb) if data == 0 else (rc, lc, lb)
     free = tuple(d for d in range(len(graph.shapes[k])) if d not in kc and d not in kb)
@@ -242,7 +247,8 @@ def _contraction(graph, i: int, eqn: Eqn, data: int, origin: dict) -> Contractio
               for a, c, b in zip(eqn.ins, (lc, rc), (lb, rb))]
     start = len(lb) + (0 if data == 0 else n_free[0])
     return Contraction(i, data, kernel, tuple(dc), tuple(kc), free, tuple(kc),
-                       tuple(range(start, start + n_free[data])), False, origin.get(k))
+                       tuple(range(start, start + n_free[data])), False,
+                       *origin.get(k, (None, None)))
 
 
 def _is_depthwise(graph, eqn: Eqn) -> bool:
@@ -295,7 +301,7 @@ class Graph:
 
     def read_axes(self) -> set:
         """(params leaf, axis) pairs that a conv or dense layer contracts: its input side."""
-        return {(c.param, d) for c in self.contractions if c.param is not None
+        return {(c.param, c.param_axis(d)) for c in self.contractions if c.param is not None
                 and not c.depthwise for d in c.read_axes}
 
     def per_example_shape(self, v: int) -> tuple:
@@ -314,7 +320,7 @@ class Graph:
             if c.param is None:
                 continue
             for axis in c.out_axes or c.read_axes:  # depthwise: it writes what it reads
-                for _, s in self.factors(c.param, axis):
+                for _, s in self.factors(c.param, c.param_axis(axis)):
                     if s in groups and s not in names:
                         name = paths[c.param].rsplit("/", 1)[0]  # a second group: + axis
                         names[s] = name if name not in names.values() else f"{name}:{axis}"
@@ -327,6 +333,15 @@ class Graph:
                         name = path.rsplit("/", 1)[0]
                         names[s] = name if name not in names.values() else f"{name}:{axis}"
         return {s: names.get(s, f"group_{s}") for s in groups}
+
+    def layer_name(self, c: Contraction) -> str:
+        """A conv or dense layer's name: its kernel's path without ``/kernel``, with
+        ``[i]`` for layer i of a scanned stack; else the op and where it is."""
+        if c.param is None:
+            eqn = self.eqns[c.eqn]
+            return f"{eqn.name} at {eqn.where}"
+        name = self.param_paths[self.param_ids.index(c.param)].rsplit("/", 1)[0]
+        return name if c.layer is None else f"{name}[{c.layer}]"
 
     def leaf_axes(self) -> dict[str, tuple]:
         """Per param leaf (by path), per axis, the factors ``((size, space), ...)``."""
@@ -383,17 +398,16 @@ def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes,
         ins = [read(a) for a in eqn.invars]
         if eqn.primitive.name in INLINE and _sub_jaxpr(eqn) is not None:
             sub, sub_consts = _sub_jaxpr(eqn)
-            n = len(sub.invars)
-            lifted = []
-            for a in ins[-n:]:  # literals into a sub-program become values of their own
-                if isinstance(a, jex.core.Literal):
-                    vid = new_id(jax.typeof(a.val))
-                    const_ids.append(vid)
-                    const_vals.append(np.asarray(a.val))
-                    a = vid
-                lifted.append(a)
+            lifted = _lifted(ins[-len(sub.invars):], new_id, const_ids, const_vals)
             outs = _flatten(sub, sub_consts, lifted, new_id, eqns, const_ids, const_vals,
                             shapes, dtypes, _where(eqn.source_info, outer))
+            for var, vid in zip(eqn.outvars, outs):
+                bind(var, vid)
+            continue
+        if eqn.primitive.name == "scan":
+            outs = _unroll_scan(eqn, _lifted(ins, new_id, const_ids, const_vals), new_id, eqns,
+                                const_ids, const_vals, shapes, dtypes,
+                                _where(eqn.source_info, outer))
             for var, vid in zip(eqn.outvars, outs):
                 bind(var, vid)
             continue
@@ -403,6 +417,49 @@ def _flatten(jaxpr, consts, in_ids, new_id, eqns, const_ids, const_vals, shapes,
         eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params),
                         _where(eqn.source_info, outer)))
     return [read(a) for a in jaxpr.outvars]
+
+
+def _lifted(ins, new_id, const_ids, const_vals) -> list:
+    """Literals handed to a sub-program become values of their own."""
+    lifted = []
+    for a in ins:
+        if isinstance(a, jex.core.Literal):
+            vid = new_id(jax.typeof(a.val))
+            const_ids.append(vid)
+            const_vals.append(np.asarray(a.val))
+            a = vid
+        lifted.append(a)
+    return lifted
+
+
+def _unroll_scan(eqn, ins, new_id, eqns, const_ids, const_vals, shapes, dtypes, where):
+    """A scan as its steps written out: step i reads slice i of every scanned input (a
+    stacked param's layer i: a kernel of its own), and the outputs it stacks are stacked
+    back. ``nn.scan`` over blocks so becomes blocks in a row, each with its channels."""
+    p = eqn.params
+    body, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+    consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
+
+    def inline(f, avals, args):
+        closed = jax.make_jaxpr(f)(*avals)
+        return _flatten(closed.jaxpr, closed.consts, args, new_id, eqns, const_ids,
+                        const_vals, shapes, dtypes, where)
+
+    ys = []
+    for i in (reversed(range(p["length"])) if p["reverse"] else range(p["length"])):
+        step_xs = [inline(lambda a, i=i: jax.lax.index_in_dim(a, i, keepdims=False),
+                          [jax.ShapeDtypeStruct(shapes[x], dtypes[x])], [x])[0] for x in xs]
+        outs = _flatten(body.jaxpr, body.consts, list(consts) + list(carry) + step_xs, new_id,
+                        eqns, const_ids, const_vals, shapes, dtypes, where)
+        outs = _lifted(outs, new_id, const_ids, const_vals)
+        carry, y = outs[:n_carry], outs[n_carry:]
+        ys.append(y)
+    if p["reverse"]:
+        ys.reverse()
+    stacked = [inline(lambda *parts: jax.numpy.stack(parts),
+                      [jax.ShapeDtypeStruct(shapes[v], dtypes[v]) for v in parts], list(parts))[0]
+               for parts in zip(*ys)] if ys and ys[0] else []
+    return list(carry) + stacked
 
 
 def function_of(fn: Any, example: Any) -> tuple[Callable, jax.Array]:
@@ -761,12 +818,22 @@ def _classify(graph: Graph) -> None:
     """Which values depend on x or carry the batch axis; the contractions with a kernel."""
     depends = {graph.x_id}
     runtime = {graph.x_id}
-    origin = {v: v for v in graph.param_ids}  # value -> the params leaf it is, cast
+    # value -> (the params leaf it is, through casts; None, or the slice of its first axis)
+    origin = {v: (v, None) for v in graph.param_ids}
+    sliced = {}  # value -> (leaf, i): a leaf's entries i:i+1 of its first axis
     sp = graph.spaces
     for i, eqn in enumerate(graph.eqns):
-        if (eqn.name in ("convert_element_type", "copy", "copy_p")
-                and not isinstance(eqn.ins[0], jex.core.Literal) and eqn.ins[0] in origin):
-            origin[eqn.outs[0]] = origin[eqn.ins[0]]
+        first = eqn.ins[0] if eqn.ins and not isinstance(eqn.ins[0], jex.core.Literal) else None
+        if eqn.name in ("convert_element_type", "copy", "copy_p") and first in origin:
+            origin[eqn.outs[0]] = origin[first]
+        elif eqn.name == "slice" and first in origin and origin[first][1] is None:
+            shape, p = graph.shapes[first], eqn.params
+            if (p["limit_indices"][0] - p["start_indices"][0] == 1
+                    and tuple(p["start_indices"][1:]) == (0,) * (len(shape) - 1)
+                    and tuple(p["limit_indices"][1:]) == shape[1:]):
+                sliced[eqn.outs[0]] = (origin[first][0], p["start_indices"][0])
+        elif eqn.name == "squeeze" and first in sliced and tuple(eqn.params["dimensions"]) == (0,):
+            origin[eqn.outs[0]] = sliced[first]
         dyn = [a for a in eqn.ins if not isinstance(a, jex.core.Literal) and a in depends]
         if dyn:
             depends.update(eqn.outs)

@@ -193,10 +193,14 @@ def input_norms(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,
             # read_axes, pairwise; broadcast to the kernel in its own axis order
             by_read = sorted(zip(c.read_axes, c.data_axes))
             sq = jnp.transpose(sq, [sorted(c.data_axes).index(d) for _, d in by_read])
-            shape = [1] * len(graph.shapes[c.param])
+            leaf = graph.shapes[c.param]
+            shape = [1] * len(leaf)
             for (r, _), n in zip(by_read, sq.shape):
-                shape[r] = n
-            sums[c.param] = sums.get(c.param, 0.0) + sq.reshape(shape)
+                shape[c.param_axis(r)] = n
+            sq = sq.reshape(shape)
+            if c.layer is not None:  # layer i of a scanned stack: slot i of the first axis
+                sq = jnp.zeros((leaf[0],) + sq.shape[1:], sq.dtype).at[c.layer].set(sq[0])
+            sums[c.param] = sums.get(c.param, 0.0) + sq
         return sums
 
     total = None
@@ -205,6 +209,18 @@ def input_norms(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,
         total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
     norms = [jnp.sqrt(total[v]) if v in total else None for v in graph.param_ids]
     return jax.tree.unflatten(jax.tree.structure(params), norms)
+
+
+def scanned_leaves(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,
+                   example: Any) -> frozenset:
+    """The paths of the params leaves that are scanned stacks (``nn.scan``): leaf ``[i]``
+    is layer i's kernel, so that a per-layer comparison takes each slice alone."""
+    from hflows_jax import graph as graph_lib
+
+    example = example[0] if isinstance(example, (tuple, list)) else example
+    graph = graph_lib.trace(fn, masking.unwrap_nnx(params), jnp.asarray(example), strict=False)
+    paths = dict(zip(graph.param_ids, graph.param_paths))
+    return frozenset(paths[c.param] for c in graph.contractions if c.layer is not None)
 
 
 def wanda_scores(fn: Callable[[PyTree, jax.Array], Any], params: PyTree,

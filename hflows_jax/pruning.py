@@ -122,11 +122,13 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         distributions.check_sparsity(sparsity)
     if groups is not None:
         groups.check(params)
+    stacked = frozenset()
     if scores == "wanda":
         if groups is not None or fn is None or not batches:
             raise ValueError("'wanda' scores weights from their inputs: pass fn(params, x) "
                              "and batches of inputs, and no groups.")
         scores = importance.wanda_scores(fn, params, batches)
+        stacked = importance.scanned_leaves(fn, params, batches[0])
     elif isinstance(scores, str):
         scores = (importance.weight_scores(scores, params, loss_fn, batches) if groups is None
                   else importance.filter_scores(scores, params, groups, loss_fn, batches))
@@ -141,7 +143,7 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
     except ValueError as e:
         raise ValueError(f"scores must be shaped like params: {e}") from None
     distributions.check_distribution(distribution)
-    return distributions.masks_from_scores(scores, sparsity, distribution)
+    return distributions.masks_from_scores(scores, sparsity, distribution, stacked)
 
 
 def fixed_masks(masks: PyTree) -> optax.GradientTransformationExtraArgs:

@@ -9,12 +9,14 @@ prunable entries together. ``masks_from_scores`` keeps the highest scores.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import keystr
 
 from hflows_jax import masking, n_m
 
@@ -86,16 +88,24 @@ def keep_top_per_output(scores: jax.Array, density) -> jax.Array:
     return (ranks < keep).reshape(scores.shape)
 
 
-def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str) -> Any:
+def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str,
+                      stacked: frozenset = frozenset()) -> Any:
     """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves. An N:M
     ``distribution`` keeps N of every M along each kernel's input axis, whatever
-    ``sparsity`` says (``n_m.tree_masks``)."""
+    ``sparsity`` says (``n_m.tree_masks``). ``stacked``: paths of leaves whose first axis
+    stacks layers (``nn.scan``), compared per layer by ``"per_output"``."""
     pattern = n_m.parse_n_m(distribution)
     if pattern:
         return n_m.tree_masks(scores, *pattern)
     leaves = masking.prunable_leaves(scores)
     if distribution == "per_output":  # Wanda's comparison group: each output unit alike
-        return masking.map_prunable(lambda s: keep_top_per_output(s, 1.0 - sparsity), scores)
+        def per_output(path, s):
+            keep = functools.partial(keep_top_per_output, density=1.0 - sparsity)
+            return jax.vmap(keep)(s) if keystr(path, simple=True, separator="/") in stacked \
+                else keep(s)
+
+        return jax.tree.map_with_path(lambda p, s: None if s is None else per_output(p, s),
+                                      scores, is_leaf=lambda s: s is None)
     if distribution == "global":
         flat = jnp.concatenate([s.ravel().astype(jnp.float32) for s in leaves])
         keep = jnp.round((1.0 - sparsity) * flat.size).astype(jnp.int32)

@@ -243,15 +243,15 @@ def channel_groups(fn: Callable, params: PyTree, example: Any) -> ChannelGroups:
     layers = tuple(_layer_cost(graph, c, roots, names) for c in graph.contractions)
     sizes = {names[s]: n for s, n in sorted(roots.items(), key=lambda kv: names[kv[0]])}
     paths = dict(zip(graph.param_ids, graph.param_paths))
-    writes = {paths[c.param].removesuffix("/kernel"): written
+    writes = {graph.layer_name(c): written
               for c, (_, _, written) in zip(graph.contractions, layers) if c.param in paths}
     writers = {}
     for c in graph.contractions:
         if c.param in paths:
             path = paths[c.param]
             found = tuple(Member(names[space], axis, tuple(n for n, _ in factors), position)
-                          for axis in c.out_axes or c.read_axes  # depthwise: its channels
-                          for factors in (leaf_axes[path][axis],)
+                          for axis in map(c.param_axis, c.out_axes or c.read_axes)
+                          for factors in (leaf_axes[path][axis],)  # depthwise: its channels
                           for position, (_, space) in enumerate(factors) if space in roots)
             writers[path] = tuple(dict.fromkeys(writers.get(path, ()) + found))
     return ChannelGroups(sizes, members, layers, graph.macs(), writes,
