@@ -323,7 +323,8 @@ class Graph:
                 for _, s in self.factors(c.param, c.param_axis(axis)):
                     if s in groups and s not in names:
                         name = paths[c.param].rsplit("/", 1)[0]  # a second group: + axis
-                        names[s] = name if name not in names.values() else f"{name}:{axis}"
+                        names[s] = (name if name not in names.values()
+                                    else f"{name}:{c.param_axis(axis)}")
         kernels = {c.param for c in self.contractions}
         for path, v in sorted(zip(self.param_paths, self.param_ids),  # an embedding's
                               key=lambda pv: pv[1] in kernels):  # table before its readers
@@ -434,9 +435,12 @@ def _lifted(ins, new_id, const_ids, const_vals) -> list:
 
 def _unroll_scan(eqn, ins, new_id, eqns, const_ids, const_vals, shapes, dtypes, where):
     """A scan as its steps written out: step i reads slice i of every scanned input (a
-    stacked param's layer i: a kernel of its own), and the outputs it stacks are stacked
-    back. ``nn.scan`` over blocks so becomes blocks in a row, each with its channels."""
+    stacked param's layer i: a kernel of its own, ``Contraction.layer``), and the outputs
+    it stacks are stacked back. ``nn.scan`` over blocks so becomes blocks in a row; a
+    channel of the stack is one space across its layers (a slice carries its axes)."""
     p = eqn.params
+    if p["length"] < 1:
+        raise GraphError(f"hf.export cannot take a scan of length 0 (at {where}).")
     body, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
     consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
 
@@ -456,9 +460,10 @@ def _unroll_scan(eqn, ins, new_id, eqns, const_ids, const_vals, shapes, dtypes, 
         ys.append(y)
     if p["reverse"]:
         ys.reverse()
-    stacked = [inline(lambda *parts: jax.numpy.stack(parts),
-                      [jax.ShapeDtypeStruct(shapes[v], dtypes[v]) for v in parts], list(parts))[0]
-               for parts in zip(*ys)] if ys and ys[0] else []
+    stack = lambda *parts: jax.lax.concatenate(  # noqa: E731  (ops the graph labels)
+        [jax.lax.expand_dims(a, (0,)) for a in parts], 0)
+    stacked = [inline(stack, [jax.ShapeDtypeStruct(shapes[v], dtypes[v]) for v in parts],
+                      list(parts))[0] for parts in zip(*ys)]
     return list(carry) + stacked
 
 
@@ -829,6 +834,7 @@ def _classify(graph: Graph) -> None:
         elif eqn.name == "slice" and first in origin and origin[first][1] is None:
             shape, p = graph.shapes[first], eqn.params
             if (p["limit_indices"][0] - p["start_indices"][0] == 1
+                    and all(s == 1 for s in p["strides"] or ())
                     and tuple(p["start_indices"][1:]) == (0,) * (len(shape) - 1)
                     and tuple(p["limit_indices"][1:]) == shape[1:]):
                 sliced[eqn.outs[0]] = (origin[first][0], p["start_indices"][0])

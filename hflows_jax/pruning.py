@@ -33,6 +33,7 @@ import optax
 
 from hflows_jax import importance, masking
 from hflows_jax.baselines import distributions
+from hflows_jax.baselines.distributions import PER_LAYER
 from hflows_jax.baselines.oneshot import OneShotState
 from hflows_jax.n_m import check_n_m_sparsity, parse_n_m
 from hflows_jax.structured.channels import ChannelGroups, keep_at_least
@@ -108,7 +109,9 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
         seed code's floor is ``min_fraction=0.05``): a global ranking of unnormalized
         scores would otherwise empty whole layers.
       is_prunable: ``(path, leaf) -> bool`` for weights; default every leaf of rank >= 2.
-      fn: ``fn(params, x)``, the model in eval mode, for ``"wanda"``.
+      fn: ``fn(params, x)``, the model in eval mode, for ``"wanda"``; with ``batches``,
+        also to find the leaves that stack scanned layers (``nn.scan``): a per-layer
+        distribution (``"uniform"``, ``"erk"``, ``"per_output"``) takes each layer alone.
     """
     params = masking.unwrap_nnx(params)
     n_m = parse_n_m(distribution)
@@ -128,10 +131,11 @@ def prune(params: PyTree, scores: PyTree | str, sparsity: float | None = None, *
             raise ValueError("'wanda' scores weights from their inputs: pass fn(params, x) "
                              "and batches of inputs, and no groups.")
         scores = importance.wanda_scores(fn, params, batches)
-        stacked = importance.scanned_leaves(fn, params, batches[0])
     elif isinstance(scores, str):
         scores = (importance.weight_scores(scores, params, loss_fn, batches) if groups is None
                   else importance.filter_scores(scores, params, groups, loss_fn, batches))
+    if fn is not None and batches and groups is None and distribution in PER_LAYER:
+        stacked = importance.scanned_leaves(fn, params, batches[0])
     if groups is not None:
         check_channel_scores(scores, groups)
         return groups.expand(kept_channels(scores, sparsity, distribution, groups,

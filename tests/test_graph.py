@@ -211,6 +211,52 @@ def test_wanda_compares_each_output_unit_of_each_scanned_layer_alone():
         np.testing.assert_array_equal(up[i], want)
 
 
+def test_a_scan_with_stacked_outputs_backwards_and_a_literal_carry_exports_exactly():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 6)), jnp.float32)
+    params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(3, 6, 6)), jnp.float32),
+              "head": jnp.asarray(np.random.default_rng(5).normal(size=(18, 2)), jnp.float32)}
+
+    def fn(p, x):
+        def step(carry, w):
+            h, n = carry
+            h = jnp.tanh(h @ w)
+            return (h, n + 1.0), h * 2.0
+        (h, n), ys = jax.lax.scan(step, (x, 0.0), p["w"], reverse=True)
+        return jnp.concatenate([ys[0], ys[1], h], -1) @ p["head"] + n
+
+    masks = {"w": np.ones((3, 6, 6), bool), "head": np.ones((18, 2), bool)}
+    masks["w"][2, :, 3] = False  # runs first (reverse): unit 3 of its output is dead
+    compact = hf.export(fn, params, masks, x)
+    want = fn(multiply_masks(params, masks), x)
+    np.testing.assert_allclose(compact(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_whole_leading_slice_of_a_param_is_a_layer():
+    x = jnp.ones((2, 4))
+    params = {"w": jnp.ones((3, 4, 4))}
+    strided = graph_lib.trace(lambda p, x: x[:, :2] @ p["w"][0, ::2], params, x, strict=False)
+    (c,) = strided.contractions
+    assert c.layer is None
+    layer = graph_lib.trace(lambda p, x: x @ p["w"][1], params, x, strict=False)
+    (c,) = layer.contractions
+    assert c.layer == 1 and c.param_axis(0) == 1
+
+
+def test_erk_on_a_scanned_stack_is_erk_on_its_blocks_written_out():
+    from hflows_jax.baselines import distributions
+
+    rng = np.random.default_rng(6)
+    stack = jnp.asarray(rng.random((3, 8, 16)), jnp.float32)
+    other = jnp.asarray(rng.random((16, 4)), jnp.float32)
+    stacked = distributions.masks_from_scores({"s": stack, "o": other}, 0.8, "erk",
+                                              frozenset({"s"}))
+    written = distributions.masks_from_scores(
+        {"s0": stack[0], "s1": stack[1], "s2": stack[2], "o": other}, 0.8, "erk")
+    for i in range(3):
+        np.testing.assert_array_equal(stacked["s"][i], written[f"s{i}"])
+    np.testing.assert_array_equal(stacked["o"], written["o"])
+
+
 class LoopedBlocks(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -9,7 +9,6 @@ prunable entries together. ``masks_from_scores`` keeps the highest scores.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Any
@@ -88,32 +87,48 @@ def keep_top_per_output(scores: jax.Array, density) -> jax.Array:
     return (ranks < keep).reshape(scores.shape)
 
 
+# The distributions that decide each layer on its own: a scanned stack's layers one by one.
+PER_LAYER = ("uniform", "erk", "per_output")
+
+
 def masks_from_scores(scores: Any, sparsity: float | jax.Array, distribution: str,
                       stacked: frozenset = frozenset()) -> Any:
     """Masks keeping the highest scores; ``scores`` is None on non-prunable leaves. An N:M
     ``distribution`` keeps N of every M along each kernel's input axis, whatever
     ``sparsity`` says (``n_m.tree_masks``). ``stacked``: paths of leaves whose first axis
-    stacks layers (``nn.scan``), compared per layer by ``"per_output"``."""
+    stacks layers (``nn.scan``): a per-layer distribution takes each slice alone."""
     pattern = n_m.parse_n_m(distribution)
     if pattern:
         return n_m.tree_masks(scores, *pattern)
-    leaves = masking.prunable_leaves(scores)
-    if distribution == "per_output":  # Wanda's comparison group: each output unit alike
-        def per_output(path, s):
-            keep = functools.partial(keep_top_per_output, density=1.0 - sparsity)
-            return jax.vmap(keep)(s) if keystr(path, simple=True, separator="/") in stacked \
-                else keep(s)
 
-        return jax.tree.map_with_path(lambda p, s: None if s is None else per_output(p, s),
+    def is_stacked(path) -> bool:
+        return keystr(path, simple=True, separator="/") in stacked
+
+    leaves = [(is_stacked(p), s) for p, s in jax.tree.leaves_with_path(
+        scores, is_leaf=lambda s: s is None) if s is not None]
+
+    def per_layer(keep):  # keep(scores of one layer, its density) -> its mask
+        densities = iter(layer_densities(  # a stack's layers count one by one
+            [shape for stack, s in leaves for shape in
+             ([s.shape[1:]] * s.shape[0] if stack else [s.shape])], 1.0 - sparsity,
+            distribution if distribution != "per_output" else "uniform"))
+
+        def leaf(path, s):
+            if not is_stacked(path):
+                return keep(s, next(densities))
+            return jax.vmap(keep)(s, jnp.asarray([next(densities) for _ in range(len(s))]))
+        return jax.tree.map_with_path(lambda p, s: None if s is None else leaf(p, s),
                                       scores, is_leaf=lambda s: s is None)
+
+    if distribution == "per_output":  # Wanda's comparison group: each output unit alike
+        return per_layer(keep_top_per_output)
     if distribution == "global":
-        flat = jnp.concatenate([s.ravel().astype(jnp.float32) for s in leaves])
+        flat = jnp.concatenate([s.ravel().astype(jnp.float32) for _, s in leaves])
         keep = jnp.round((1.0 - sparsity) * flat.size).astype(jnp.int32)
         kept = keep_top(flat, keep)
-        sizes = [s.size for s in leaves]
+        sizes = [s.size for _, s in leaves]
         pieces = jnp.split(kept, list(itertools.accumulate(sizes))[:-1])
-        it = iter(p.reshape(s.shape) for p, s in zip(pieces, leaves))
+        it = iter(p.reshape(s.shape) for p, (_, s) in zip(pieces, leaves))
         return masking.map_prunable(lambda _: next(it), scores)
-    densities = iter(layer_densities([s.shape for s in leaves], 1.0 - sparsity, distribution))
-    return masking.map_prunable(
-        lambda s: keep_top(s, jnp.round(next(densities) * s.size).astype(jnp.int32)), scores)
+    return per_layer(lambda s, density: keep_top(s, jnp.round(density * s.size).astype(
+        jnp.int32)))

@@ -88,7 +88,7 @@ class ChannelGroups:
     members: dict[str, tuple[Member, ...]]
     layers: tuple
     dense_macs: int
-    writes: dict[str, tuple[str, ...]]  # layer (kernel path without /kernel) -> its groups
+    writes: dict[str, tuple[str, ...]]  # layer (graph.layer_name) -> its groups
     writers: dict[str, tuple[Member, ...]]
 
     @property
