@@ -14,6 +14,8 @@ x0.125, on the whole CIFAR-10 as JPEG), from one dense model:
 3. each run's exported model (``hf.export``, BatchNorm folded, no BCSR) timed against
    the dense model's export (every channel kept), interleaved, median of ``--repeats``,
    at batches 1, 32 and 256: ``speedup`` measured beside ``predicted`` (the table's).
+   A latency run lands on its exported model's measured speed-up at the table's batch
+   (``hf.structured.land_measured``, in the run): ``landing`` lists the cuts it timed.
 
 The runs resume from OUT/runs. Writes latency_budget.json, .md and .png: per run its
 test accuracy, multiply-adds kept, predicted and measured speed-ups. A speed-up depends
@@ -127,6 +129,12 @@ def markdown(result: dict) -> str:
     lines += ["", f"Dense model: {result['dense_accuracy']:.2%}. Speed-ups: the exported "
               "pruned model over the exported dense model, both BatchNorm-folded, median "
               "of interleaved calls in one process."]
+    for r in result["rows"]:
+        if r.get("landing"):
+            lines += ["", f"{r['run']}, its landing (cuts timed at the land step, batch "
+                      f"{result['batch']}): " + "; ".join(
+                          f"{x['predicted']:.2f}x predicted, {x['measured']:.2f}x measured"
+                          for x in r["landing"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +169,7 @@ def main(argv=None) -> dict:
     rows = [{"run": name, "test_accuracy": reports[name]["test_accuracy"],
              "target": reports[name]["target"],
              "target_removed": reports[name]["target_removed"],
+             "landing": (reports[name].get("measured_landing") or {}).get("readings"),
              **timed(cfg, table, args.repeats)} for name, cfg in configs.items()]
     result = {"setting": args.setting, "batch": args.batch, "speedups": speedups,
               "dense_accuracy": dense["test_accuracy"], "table_machine": table.machine,

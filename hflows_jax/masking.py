@@ -216,6 +216,13 @@ def find_pruner_state(opt_state: PyTree) -> PrunerState:
     return found[0]
 
 
+def replace_pruner_state(opt_state: PyTree, new: PrunerState) -> PyTree:
+    """``opt_state`` with its one pruner state (``find_pruner_state``) replaced by ``new``."""
+    find_pruner_state(opt_state)  # exactly one, or a clear error
+    return jax.tree.map(lambda s: new if _is_pruner_state(s) else s, opt_state,
+                        is_leaf=_is_pruner_state)
+
+
 def masks(opt_state: PyTree) -> PyTree:
     """Boolean masks shaped like params (``None`` for non-prunable leaves)."""
     return find_pruner_state(opt_state).pruning_masks()

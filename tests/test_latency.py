@@ -1,6 +1,9 @@
 """Latency as a channel budget: the table's arithmetic, its measurement on a traced model,
 and channel Hyperflows steering and landing on it."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +78,6 @@ def test_measure_times_every_layer_on_its_groups_grid(measured, tmp_path):
     assert float(again.seconds(half)) == pytest.approx(float(table.seconds(half)))
 
 
-@pytest.mark.slow
 def _macs_table(groups) -> LatencyTable:
     """A table whose seconds are each layer's multiply-adds (1 ns each) on a grid of 0,
     half and all of every group: deterministic, unlike a measured one."""
@@ -127,6 +129,39 @@ def test_channel_hyperflows_lands_on_a_latency_target():
     assert abs(removed - target) < 0.05, removed
 
 
+def test_land_measured_moves_the_cut_onto_the_measured_speedup():
+    """The table mispredicts (a fixed part a third of the dense model's time that the
+    exported model does not have); the reading is the exported models' multiply-add
+    ratio, so that the test does not ride on timings. From all channels kept, the
+    landing must end within 5 % of 2x measured, where the table's own cut for 2x misses."""
+    model, params = _lenet5()
+    groups = channel_groups(model, params, SHAPE)
+    table = _macs_table(groups)
+    table = dataclasses.replace(table, rest_s=0.5 * float(table.seconds(dict(groups.sizes))))
+    tx = channel_hyperflows(groups, hf.pressure.constant(0.0), target="latency",
+                            pressure_by="latency", latency=table)
+    state = tx.init(params)
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    example = np.zeros((2,) + SHAPE, np.float32)
+
+    def macs_ratio(dense, pruned):
+        return dense.macs / pruned.macs
+
+    landed, readings = hf.structured.land_measured(
+        state, groups, fn, params, example, 2.0, table, min_channels=1,
+        speedup=macs_ratio)
+    assert readings[0]["measured"] == pytest.approx(1.0)  # all kept: no speed-up
+    assert abs(readings[1]["measured"] / 2.0 - 1) > 0.05  # the table's cut for 2x misses
+    assert abs(readings[-1]["measured"] / 2.0 - 1) <= 0.05, readings
+    masks = groups.expand(landed.kept, params)  # the state holds the cut measured last
+    compact = hf.export(fn, params, masks, example)
+    assert compact.dense_macs / compact.macs == pytest.approx(readings[-1]["measured"])
+    for got, want in zip(jax.tree.leaves(landed.masks), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="target_speedup"):
+        hf.structured.land_measured(state, groups, fn, params, example, 1.0, table)
+
+
 @pytest.mark.slow
 def test_a_latency_budget_needs_its_table_from_the_same_model(measured):
     model, params, table = measured
@@ -157,3 +192,24 @@ def test_target_speedup_sets_the_latency_removed_and_flags_are_checked(tmp_path)
             base.replace(**flags).validate()
     with pytest.raises(ValueError, match="applies to --method"):
         Config().replace(target="latency", target_speedup=2.0).validate()
+
+
+@pytest.mark.slow
+def test_a_latency_run_lands_on_its_measured_speedup_and_reports_it(mnist_npz, tmp_path):
+    """The training loop's landing (train.land_on_measured): after the land step the cut
+    is timed and moved, the readings kept in landing.json, and the run ends on the cut
+    chosen: the latency its table predicts for the final masks is that cut's."""
+    from tests.helpers import subset_npz
+    from hflows_jax.training import run
+
+    data = subset_npz(mnist_npz, tmp_path / "small_mnist.npz", train=128, test=32)
+    workdir = tmp_path / "run"
+    report = run(Config().replace(
+        dataset=data, model="lenet5", method="hyperflows_channel", target="latency",
+        target_speedup=1.5, dense_epochs=0, pruning_epochs=1, regrowth_epochs=2,
+        batch_size=16, log_every=2, workdir=str(workdir)))
+    landing = json.loads((workdir / "landing.json").read_text())
+    assert landing["measured"] and landing["readings"]
+    assert report["measured_landing"] == landing
+    best = min(landing["readings"], key=lambda r: abs(r["measured"] / 1.5 - 1))
+    assert report["target_removed"] == pytest.approx(1 - best["kept_fraction"], abs=1e-6)

@@ -10,7 +10,8 @@ from hflows_jax.structured.channels import (ChannelGroups, FixedChannelsState, c
                                            fixed_channels)
 from hflows_jax.structured import dhp, ftwt, latency  # noqa: E402  (their pieces)
 from hflows_jax.structured.latency import LatencyTable
+from hflows_jax.structured.measured_landing import land_measured
 
 __all__ = ["ChannelGroups", "ChannelHyperflowsState", "FixedChannelsState", "channel_groups",
-           "channel_hyperflows", "dhp", "fixed_channels", "flops_fraction", "ftwt", "latency",
+           "channel_hyperflows", "dhp", "fixed_channels", "flops_fraction", "ftwt", "land_measured", "latency",
            "LatencyTable"]

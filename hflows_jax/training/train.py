@@ -29,6 +29,7 @@ import hflows_jax as hf
 from hflows_jax.data import normalize, train_batches
 from hflows_jax.flops import forward_macs
 from hflows_jax.training import outputs, parallel, plots
+from hflows_jax.structured.measured_landing import TOLERANCE
 from hflows_jax.training.checkpoint import Checkpoints
 from hflows_jax.training.config import RESUMABLE_CHANGES, Config
 from hflows_jax.training.runs import (Inputs, OpenRun, Phase, latency_table_path, open_run,
@@ -227,6 +228,9 @@ def train_phase(setup: Setup, phase: Phase, state: TrainState, first: int, histo
         placed, means, seconds = train_epoch(setup, train_step, placed, epoch,
                                              phase.label(epoch))
         state = par.get_state(placed)
+        landed = land_on_measured(setup, phase, state)
+        if landed is not state:
+            state, placed = landed, par.put_state(landed)
         evaluate = epoch % cfg.run.eval_every == 0 or epoch == phase.epochs[-1]
         readings = phase.readings(state.opt_state)
         started = time.time()
@@ -298,6 +302,57 @@ def latency_removed(cfg: Config, groups, opt_state) -> float:
     return 1.0 - float(table.fraction(groups.live_counts(hf.channel_masks(opt_state))))
 
 
+def landing_path(cfg: Config) -> str:
+    return os.path.join(cfg.run.workdir, "landing.json")
+
+
+def land_on_measured(setup: Setup, phase: Phase, state: TrainState) -> TrainState:
+    """``--target=latency``: at the first epoch end after the channel budget landed on the
+    table's prediction, the cut moved onto the exported model's measured speed-up here
+    (``hf.structured.land_measured``), once: its readings go to the workdir's
+    landing.json, which a resumed run finds and leaves the state be."""
+    cfg = setup.cfg
+    if (cfg.method.target != "latency" or not phase.masked
+            or os.path.exists(landing_path(cfg))):
+        return state
+    spe = setup.inputs.steps_per_epoch
+    land_step = hf.recipe.presence_frozen_from(cfg.schedule.pruning_epochs * spe,
+                                               cfg.schedule.regrowth_epochs * spe)
+    pruner = hf.masking.find_pruner_state(state.opt_state)
+    if int(pruner.count) <= land_step:
+        return state
+    if jax.process_count() > 1:  # each process would time its own cut: they would differ
+        outputs.write_json(landing_path(cfg), {"readings": [], "measured": False})
+        return state
+    model, variables, _, groups = pruned_network(setup, state, phase)
+    table = hf.structured.LatencyTable.load(latency_table_path(cfg))
+    example = np.zeros((2,) + setup.inputs.data.image_shape, np.float32)
+    landed, readings = hf.structured.land_measured(
+        pruner, groups, lambda p, x: model.apply({**variables, "params": p}, x, train=False),
+        variables["params"], example, cfg.method.target_speedup, table,
+        round_to=cfg.method.round_to or 1)
+    outputs.write_json(landing_path(cfg), {"readings": readings, "measured": True})
+    if parallel.is_primary():
+        print("landing on the measured speed-up (batch {}): {}".format(table.batch, ", ".join(
+            f"{r['predicted']:.2f}x predicted -> {r['measured']:.2f}x measured"
+            for r in readings)), flush=True)
+    return state._replace(opt_state=hf.masking.replace_pruner_state(state.opt_state, landed))
+
+
+def landing_warnings(cfg: Config, landing: dict) -> list[str]:
+    """What keeps a latency run's exported model from its speed-up, measured."""
+    if not landing["measured"]:
+        return ["the landing was not measured (several processes, or the run ended before "
+                "its land step): the speed-up is the latency table's prediction."]
+    best = min(landing["readings"], key=lambda r: abs(r["measured"] / cfg.method.target_speedup
+                                                       - 1))
+    if abs(best["measured"] / cfg.method.target_speedup - 1) <= TOLERANCE:
+        return []
+    return [f"the exported model measured {best['measured']:.2f}x for the "
+            f"{cfg.method.target_speedup:g}x asked (best of {len(landing['readings'])} "
+            "cuts timed at the landing): no cut came nearer on this machine."]
+
+
 def final_network(setup: Setup, phase: Phase, state: TrainState) -> tuple:
     """``(model, variables, masks, groups)`` the run ended with (``state``, of its last
     ``phase``): the pruned network, or the dense one of a ``--dense_only`` run."""
@@ -330,6 +385,13 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
     warnings = list(setup.warnings)
     if missed_by is not None:
         warnings.append(missed_target_message(cfg, removed, what))
+    landing = None
+    if cfg.pruned and cfg.method.target == "latency":
+        landing = {"readings": [], "measured": False}
+        if os.path.exists(landing_path(cfg)):
+            with open(landing_path(cfg)) as f:
+                landing = json.load(f)
+        warnings.extend(landing_warnings(cfg, landing))
     result = {
         "test_accuracy": [r for r in history if r["test_accuracy"] is not None][-1][
             "test_accuracy"],
@@ -340,6 +402,7 @@ def finish(setup: Setup, phase: Phase, state: TrainState, history: list) -> dict
         "target": cfg.method.target or method.target,
         "target_removed": removed,  # the fraction of it removed (weights: the sparsity)
         "target_missed_by": missed_by,  # final - target when over 0.5 points apart, else None
+        "measured_landing": landing,  # --target=latency: the cuts timed (land_on_measured)
         "warnings": warnings,
         "layer_sparsity": layer_sparsity,
         "params_total": params_total,
