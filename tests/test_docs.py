@@ -20,6 +20,7 @@ import pytest
 
 import hflows_jax as hf
 from hflows_jax import models
+from tests.helpers import macs_latency_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -93,9 +94,12 @@ def _cnn_context() -> dict:
 def _structured_context() -> dict:
     scope = _cnn_context()
     model, stats = scope["model"], scope["stats"]
-    return dict(scope, example=jnp.zeros((2, 32, 32, 3)),
-                fn=lambda p, x: model.apply({"params": p, "batch_stats": stats}, x,
-                                            train=False))
+    fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x,  # noqa: E731
+                                  train=False)
+    example = jnp.zeros((2, 32, 32, 3))
+    groups = hf.structured.channel_groups(fn, scope["params"], example)
+    # the page measures its table (latency.measure); a multiply-add one keeps this short
+    return dict(scope, example=example, fn=fn, table=macs_latency_table(groups))
 
 
 CONTEXT = {"getting-started.md": _mlp_context, "importance.md": _cnn_context,

@@ -15,6 +15,7 @@ from hflows_jax import models
 from hflows_jax.structured import LatencyTable, channel_groups, channel_hyperflows, latency
 from hflows_jax.structured.channel_hyperflows import pushes
 from hflows_jax.training import Config
+from tests.helpers import macs_latency_table
 
 SHAPE = (28, 28, 1)
 
@@ -78,28 +79,13 @@ def test_measure_times_every_layer_on_its_groups_grid(measured, tmp_path):
     assert float(again.seconds(half)) == pytest.approx(float(table.seconds(half)))
 
 
-def _macs_table(groups) -> LatencyTable:
-    """A table whose seconds are each layer's multiply-adds (1 ns each) on a grid of 0,
-    half and all of every group: deterministic, unlike a measured one."""
-    points = {g: (0, n // 2, n) for g, n in groups.sizes.items()}
-    layers = []
-    for unit, read, written in groups.layers:
-        names = tuple(dict.fromkeys(read + written))
-        grid = np.zeros([3] * len(names))
-        for index in np.ndindex(*grid.shape):
-            counts = dict(zip(names, (points[g][i] for g, i in zip(names, index))))
-            grid[index] = 1e-9 * unit * np.prod([counts[g] for g in read + written])
-        layers.append((names, grid))
-    return LatencyTable(1, points, tuple(layers), rest_s=1e-5, scale=1.0, machine="macs")
-
-
 def test_channel_hyperflows_lands_on_a_latency_target():
     """Pressure shared by marginal latency, the controller on the predicted latency, and
     the landing on it: the fraction of the predicted latency removed is the target's.
     The table is built from multiply-adds, so that the test does not ride on timings."""
     model, params = _lenet5()
     groups = channel_groups(model, params, SHAPE)
-    table = _macs_table(groups)
+    table = macs_latency_table(groups)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64,) + SHAPE).astype(np.float32)
     y = (x[:, :14].mean(axis=(1, 2, 3)) > x[:, 14:].mean(axis=(1, 2, 3))).astype(np.int32)
@@ -136,7 +122,7 @@ def test_land_measured_moves_the_cut_onto_the_measured_speedup():
     landing must end within 5 % of 2x measured, where the table's own cut for 2x misses."""
     model, params = _lenet5()
     groups = channel_groups(model, params, SHAPE)
-    table = _macs_table(groups)
+    table = macs_latency_table(groups)
     table = dataclasses.replace(table, rest_s=0.5 * float(table.seconds(dict(groups.sizes))))
     tx = channel_hyperflows(groups, hf.pressure.constant(0.0), target="latency",
                             pressure_by="latency", latency=table)
