@@ -401,7 +401,9 @@ class Compact:
         lines = [f"{'layer':<40} {'dense':>12} {'masked':>12} {'compact':>12}"]
         for r in self.layers:
             name = r.name + (" (BCSR)" if r.bcsr else "")
-            lines.append(f"{name[:40]:<40} {r.dense:>12} {r.masked:>12} {r.compact:>12}")
+            if len(name) > 40:  # keep the end: an op's file and line
+                name = "..." + name[-37:]
+            lines.append(f"{name:<40} {r.dense:>12} {r.masked:>12} {r.compact:>12}")
         lines.append(f"{'total':<40} {self.dense_macs:>12} {self.masked_macs:>12} "
                      f"{self.macs:>12}")
         if len(self.routes) > 1 or self.routes[0].name != "compact":
