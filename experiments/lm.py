@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sysconfig
@@ -73,6 +74,14 @@ def stdlib_text(modules: tuple) -> tuple[np.ndarray, list[str]]:
                                 f"experiment reads a fixed list of its modules.")
     data = b"".join(open(p, "rb").read() for p in paths)
     return np.frombuffer(data, np.uint8).astype(np.int32), paths
+
+
+def text_sha256(*texts: np.ndarray) -> str:
+    """One hash of the bytes read (the standard library differs between Pythons)."""
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.astype(np.uint8).tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,6 +325,7 @@ def main(argv=None) -> dict:
     params = model.init(jax.random.key(args.seed), valid[0][:1])["params"]
     result = {"config": vars(args), "size": dataclasses.asdict(size), "rows": [],
               "text": {"train_bytes": len(text), "validation_bytes": len(held_out),
+                       "sha256": text_sha256(text, held_out),
                        "train_files": [os.path.relpath(p, sysconfig.get_paths()["stdlib"])
                                        for p in train_files],
                        "validation_files": [os.path.relpath(

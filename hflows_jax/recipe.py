@@ -131,6 +131,15 @@ def presence_frozen_from(pruning_steps: int, regrowth_steps: int,
     return pruning_steps + -(-frozen_after * regrowth_steps // reference_epochs)
 
 
+def measured_land_step(pruning_steps: int, regrowth_steps: int, steps_per_epoch: int) -> int:
+    """A latency run's land step: the last epoch end at or before ``presence_frozen_from``,
+    so that the cut, moved onto the measured speed-up at that epoch end
+    (``hf.structured.land_measured``), trains for the rest of the run. Landing mid-epoch,
+    a one-epoch regrowth's cut was moved at the run's very end and never trained."""
+    frozen = presence_frozen_from(pruning_steps, regrowth_steps)
+    return max(steps_per_epoch, frozen // steps_per_epoch * steps_per_epoch)
+
+
 def pruning_phase_sparsity(target_sparsity: float, regrowth_allowance: float) -> float:
     """Sparsity to aim the pruning phase at, so that regrowth lands on ``target_sparsity``.
 

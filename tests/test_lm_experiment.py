@@ -55,6 +55,7 @@ def test_target_sparsity_reads_both_spellings():
 def test_a_tiny_run_writes_its_table(tmp_path):
     result = lm.main(["--quick", "--steps=4", "--prune_steps=4", "--regrowth_steps=2",
                       "--validation=8", f"--out={tmp_path}"])
+    assert len(result["text"]["sha256"]) == 64  # the bytes read, hashed
     methods = [(r["method"], r["target"]) for r in result["rows"]]
     assert methods[0] == ("dense", "") and ("wanda", "2:4") in methods
     assert ("hyperflows", "90%") in methods

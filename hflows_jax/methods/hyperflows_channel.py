@@ -40,7 +40,9 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
         controller may pull back (signed). The budget lands where the presence lr reaches 0
         (``recipe.presence_frozen_from``), so the last sixth of the regrowth epochs trains
         the channels it landed on. With ``--target=latency`` the controller steers, and
-        the pressure is shared by, the latency the run's table predicts."""
+        the pressure is shared by, the latency the run's table predicts, and the budget
+        lands at an epoch end (``recipe.measured_land_step``), where the training loop
+        moves it onto the exported model's measured speed-up."""
         by_latency = b.latency is not None
         return hf.structured.channel_hyperflows(
             b.channel_groups(),
@@ -51,7 +53,9 @@ class HyperflowsChannel(ChannelMethod, PressureMethod):
             pressure_by="latency" if by_latency else "macs",
             latency=b.latency() if by_latency else None,
             round_to=b.round_to or 1,
-            land_step=recipe.presence_frozen_from(b.pruning_steps, b.regrowth_steps),
+            land_step=(recipe.measured_land_step(b.pruning_steps, b.regrowth_steps,
+                                                 b.steps_per_epoch) if by_latency else
+                       recipe.presence_frozen_from(b.pruning_steps, b.regrowth_steps)),
             warn=False)  # the run prints its start_warnings, in its flags' words
 
     def scores_pruned(self, target_sparsity: float) -> float:

@@ -307,8 +307,9 @@ def landing_path(cfg: Config) -> str:
 
 
 def land_on_measured(setup: Setup, phase: Phase, state: TrainState) -> TrainState:
-    """``--target=latency``: at the first epoch end after the channel budget landed on the
-    table's prediction, the cut moved onto the exported model's measured speed-up here
+    """``--target=latency``: at the epoch end where the channel budget landed on the
+    table's prediction (``recipe.measured_land_step``), the cut moved onto the exported
+    model's measured speed-up here
     (``hf.structured.land_measured``), once: its readings go to the workdir's
     landing.json, which a resumed run finds and leaves the state be."""
     cfg = setup.cfg
@@ -316,10 +317,10 @@ def land_on_measured(setup: Setup, phase: Phase, state: TrainState) -> TrainStat
             or os.path.exists(landing_path(cfg))):
         return state
     spe = setup.inputs.steps_per_epoch
-    land_step = hf.recipe.presence_frozen_from(cfg.schedule.pruning_epochs * spe,
-                                               cfg.schedule.regrowth_epochs * spe)
+    land_step = hf.recipe.measured_land_step(cfg.schedule.pruning_epochs * spe,
+                                             cfg.schedule.regrowth_epochs * spe, spe)
     pruner = hf.masking.find_pruner_state(state.opt_state)
-    if int(pruner.count) <= land_step:
+    if int(pruner.count) < land_step:  # the update that counts land_step lands
         return state
     if jax.process_count() > 1:  # each process would time its own cut: they would differ
         outputs.write_json(landing_path(cfg), {"readings": [], "measured": False})
