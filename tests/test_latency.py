@@ -146,6 +146,9 @@ def test_land_measured_moves_the_cut_onto_the_measured_speedup():
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="target_speedup"):
         hf.structured.land_measured(state, groups, fn, params, example, 1.0, table)
+    zeroed = hf.multiply_masks(params, masks)  # finalized: the dense export would drop them
+    with pytest.raises(ValueError, match="unmasked params"):
+        hf.structured.land_measured(state, groups, fn, zeroed, example, 2.0, table)
 
 
 @pytest.mark.slow

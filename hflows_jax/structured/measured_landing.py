@@ -36,6 +36,7 @@ def land_measured(state: ChannelHyperflowsState, groups: ChannelGroups,
                   speedup: Callable[[compact.Compact, compact.Compact], float] | None = None,
                   ) -> tuple[ChannelHyperflowsState, list[dict]]:
     """``state`` (landed) with its cut moved until the exported model of ``fn(params, x)``
+    (``params`` unmasked)
     under it runs ``target_speedup`` times faster than the dense export (every channel
     kept) at ``table.batch``, within ``tolerance`` (relative), in at most ``rounds`` more
     cuts; the closest cut measured if none is. Returns the state and one reading per cut
@@ -50,6 +51,10 @@ def land_measured(state: ChannelHyperflowsState, groups: ChannelGroups,
                          groups.expand({g: jnp.ones(n, bool) for g, n in groups.sizes.items()},
                                        params), is_leaf=lambda m: m is None)
     dense = compact.export(fn, params, every, example, bcsr=False)
+    if dense.macs < dense.dense_macs:  # zeroed channels left the "dense" model
+        raise ValueError("land_measured needs the unmasked params (hf.finalize'd ones hold "
+                         "zeros, which the dense export drops: the speed-ups would be read "
+                         "against a pruned model).")
     speedup = speedup or functools.partial(timed_speedup, batch=table.batch)
 
     def table_fraction(kept) -> jax.Array:  # of the dense model's latency, as predicted

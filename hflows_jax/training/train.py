@@ -330,7 +330,7 @@ def land_on_measured(setup: Setup, phase: Phase, state: TrainState) -> TrainStat
     example = np.zeros((2,) + setup.inputs.data.image_shape, np.float32)
     landed, readings = hf.structured.land_measured(
         pruner, groups, lambda p, x: model.apply({**variables, "params": p}, x, train=False),
-        variables["params"], example, cfg.method.target_speedup, table,
+        state.params, example, cfg.method.target_speedup, table,  # unmasked: dense is dense
         round_to=cfg.method.round_to or 1)
     outputs.write_json(landing_path(cfg), {"readings": readings, "measured": True})
     if parallel.is_primary():
